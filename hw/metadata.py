@@ -1,0 +1,76 @@
+"""Per-packet metadata layouts that travel on their own streams next to packet streams.
+
+``PARSER_META`` is what ``hw.parser.Parser`` emits for every frame, in frame order.
+Field meanings are documented in ``docs/packet_pipeline.md`` (generated tables come
+from this declaration). The header sub-structures use the field names of
+``hw.headers`` so that a reader meets one vocabulary everywhere.
+"""
+
+import enum
+
+from amaranth.lib import data
+
+__all__ = ["FrameClass", "PARSER_META", "PARSER_ERRORS", "ERROR_FLAGS"]
+
+
+class FrameClass(enum.IntEnum):
+    """Where a frame belongs. Only ``TCP`` frames are candidates for the offload path."""
+    TCP = 0             # IPv4, protocol 6, not a fragment
+    ARP = 1
+    IPV6 = 2
+    UDP = 3             # IPv4, protocol 17, not a fragment
+    IPV4_OTHER = 4      # IPv4 with any other protocol (ICMP, ...)
+    FRAGMENT = 5        # IPv4 fragment (MF set or fragment offset non-zero), any protocol
+    OTHER = 6           # any other EtherType, or a frame too short to have one
+
+
+#: Error flags. A frame with any flag set is still delivered whole; the dispatcher decides.
+ERROR_FLAGS = {
+    "truncated": "the frame ends before the end of a header, or before the IPv4 total length",
+    "bad_ip_version": "EtherType IPv4 but the version field is not 4",
+    "bad_ihl": "IPv4 IHL below 5, or the IPv4 header is longer than the total length",
+    "bad_data_offset": "TCP data offset below 5, or the TCP header is longer than the segment",
+    "length_mismatch": "the frame carries more bytes than the IPv4 total length and minimum-frame padding explain",
+    "bad_options": "a malformed TCP option list (length byte 0/1, an option crossing the header end, "
+                   "a known option with a wrong length)",
+    "bad_ip_checksum": "the IPv4 header checksum does not verify",
+    "bad_tcp_checksum": "the TCP checksum (pseudo-header included) does not verify",
+    "oversize": "the frame is longer than the parser's max_frame_bytes",
+}
+
+PARSER_ERRORS = data.StructLayout({name: 1 for name in ERROR_FLAGS})
+
+PARSER_META = data.StructLayout({
+    "frame_class": 3,                 # FrameClass
+    "errors": PARSER_ERRORS,
+    "frame_length": 16,               # bytes in the frame (saturates at 65535)
+    "eth": data.StructLayout({
+        "dst": 48, "src": 48,
+        "ethertype": 16,              # after the VLAN tag when there is one
+        "vlan_valid": 1, "vlan_pcp": 3, "vlan_vid": 12,
+    }),
+    "l3_offset": 5,                   # 14, or 18 with a VLAN tag
+    "ip": data.StructLayout({
+        "ihl": 4, "dscp": 6, "ecn": 2, "total_length": 16, "identification": 16,
+        "df": 1, "mf": 1, "frag_offset": 13, "ttl": 8, "protocol": 8, "checksum": 16,
+        "src": 32, "dst": 32,
+    }),
+    "l4_offset": 7,                   # l3_offset + 4 * ihl
+    "tcp": data.StructLayout({
+        "sport": 16, "dport": 16, "seq": 32, "ack": 32, "data_offset": 4, "flags": 8,
+        "window": 16, "checksum": 16, "urgent": 16,
+    }),
+    "opt": data.StructLayout({
+        "mss_valid": 1, "mss": 16,
+        "wscale_valid": 1, "wscale": 8,
+        "sack_perm": 1,
+        "ts_valid": 1, "tsval": 32, "tsecr": 32,
+        "sack_blocks": 3,             # 0..4 SACK blocks
+        "sack_offset": 8,             # frame byte offset of the first block's left edge
+        "unknown": 1,                 # at least one option of an unknown kind was skipped
+    }),
+    "payload_offset": 8,              # frame byte offset of the TCP payload
+    "payload_length": 16,             # TCP payload bytes (from the IPv4 total length)
+    "ip_sum": 16,                     # one's-complement sum of the IPv4 header words, checksum included
+    "tcp_sum": 16,                    # one's-complement sum of the pseudo-header and the segment, checksum included
+})

@@ -1,0 +1,107 @@
+"""Build an Amaranth component into Verilog and run a cocotb module on it.
+
+``run_cocotb(block, params, test_module, sim)`` elaborates ``block(**params)``, writes
+its Verilog, builds it with the chosen simulator once per (block, parameters,
+simulator, Verilog text) and reuses that build for every later run, in this pytest
+session and the next ones, and then runs the cocotb tests of ``test_module``.
+
+Environment:
+  SIM=verilator|icarus|verilator,icarus   simulators to use (default: verilator)
+  WAVES=1                                 dump waveforms (FST on Verilator, VCD on Icarus)
+  ACCELTCP_BUILD=<dir>                    build folder (default: ./build)
+  SEED=<n>                                cocotb random seed (default: fixed per test)
+
+The parameters reach the cocotb module as JSON in ``ACCELTCP_PARAMS``
+(``tb_params()`` reads them back).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from amaranth.back import verilog
+
+__all__ = ["simulators", "run_cocotb", "build_verilog", "build_dir_root", "tb_params"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_dir_root():
+    return Path(os.environ.get("ACCELTCP_BUILD", REPO / "build"))
+
+
+def simulators():
+    names = [s.strip() for s in os.environ.get("SIM", "verilator").replace("both", "verilator,icarus").split(",") if s.strip()]
+    for name in names:
+        if name not in ("verilator", "icarus"):
+            raise ValueError(f"SIM must list verilator and/or icarus, not {name!r}")
+    return names
+
+
+def _key(block, params):
+    text = f"{block.__module__}.{block.__qualname__}:{json.dumps(params, sort_keys=True)}"
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def build_verilog(block, params, toplevel="top"):
+    """Write the Verilog of ``block(**params)``; return (path, text)."""
+    out = build_dir_root() / "verilog" / f"{block.__name__.lower()}_{_key(block, params)}.v"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    component = block(**params)
+    text = verilog.convert(component, name=toplevel, emit_src=False)
+    if not out.exists() or out.read_text() != text:
+        out.write_text(text)
+    return out, text
+
+
+def _sim_tool_check(sim):
+    exe = "verilator" if sim == "verilator" else "iverilog"
+    if shutil.which(exe) is None:
+        raise RuntimeError(f"{exe} is not on PATH; run the tests through `make test`, "
+                           f"which sets up the venv's Verilator (and uses Icarus if installed)")
+
+
+_built = {}
+
+
+def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, extra_env=None,
+               timeout_note=""):
+    """Build (once) and run the cocotb tests in ``test_module`` on ``block(**params)``."""
+    from cocotb_tools.runner import get_runner
+
+    _sim_tool_check(sim)
+    src, text = build_verilog(block, params, toplevel)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    waves = os.environ.get("WAVES", "0") not in ("", "0")
+    build_dir = build_dir_root() / "sim" / f"{block.__name__.lower()}_{_key(block, params)}_{sim}{'_waves' if waves else ''}"
+    runner = get_runner(sim)
+    stamp = build_dir / f".built-{digest}"
+    if not stamp.exists() and (build_dir, digest) not in _built:
+        if build_dir.exists():
+            shutil.rmtree(build_dir)
+        build_args = []
+        if sim == "verilator":
+            build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT",
+                          "--output-split", "20000", "-O2"]
+            if waves:
+                build_args += ["--trace-fst", "--trace-structs"]
+        runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
+                     timescale=("1ns", "1ps"), build_args=build_args, waves=waves,
+                     always=True)
+        stamp.touch()
+    _built[(build_dir, digest)] = True
+    env = {"ACCELTCP_PARAMS": json.dumps(params), "PYTHONPATH": str(REPO)}
+    env.update(extra_env or {})
+    test_dir = build_dir / "run"
+    test_dir.mkdir(exist_ok=True)
+    return runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
+                       test_dir=test_dir, testcase=testcase, extra_env=env, waves=waves,
+                       timescale=("1ns", "1ps"), seed=os.environ.get("SEED", "1"))
+
+
+def tb_params():
+    """Inside a cocotb test: the parameters the design was built with."""
+    return json.loads(os.environ.get("ACCELTCP_PARAMS", "{}"))
