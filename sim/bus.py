@@ -38,6 +38,8 @@ class AmaranthBus:
             obj = self.component
             for part in port.split("__"):
                 obj = getattr(obj, part)
+            if hasattr(obj, "as_value"):     # a lib.data view: talk to its raw bits
+                obj = obj.as_value()
             sig = self._cache[port] = obj
         return sig
 
@@ -45,8 +47,7 @@ class AmaranthBus:
         self.ctx.set(self._signal(port), value)
 
     def get(self, port):
-        value = self.ctx.get(self._signal(port))
-        return value.as_value().value if hasattr(value, "as_value") else int(value)
+        return int(self.ctx.get(self._signal(port)))
 
     async def settle(self):
         pass  # testbench reads in Amaranth always see settled values
