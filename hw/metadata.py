@@ -74,3 +74,28 @@ PARSER_META = data.StructLayout({
     "ip_sum": 16,                     # one's-complement sum of the IPv4 header words, checksum included
     "tcp_sum": 16,                    # one's-complement sum of the pseudo-header and the segment, checksum included
 })
+
+
+# --- TX side ---------------------------------------------------------------------------
+
+#: One frame to build, as ``hw.builder.TxBuilder`` takes it on its ``header`` stream.
+#: The builder fills in everything else (EtherType, IP version/IHL/protocol/total length,
+#: TCP data offset, both checksums, the option layout Linux uses).
+TX_HEADER = data.StructLayout({
+    "eth": data.StructLayout({"dst": 48, "src": 48}),
+    "ip": data.StructLayout({
+        "src": 32, "dst": 32, "ttl": 8, "identification": 16, "df": 1, "dscp": 6, "ecn": 2,
+    }),
+    "tcp": data.StructLayout({
+        "sport": 16, "dport": 16, "seq": 32, "ack": 32, "flags": 8, "window": 16,
+    }),
+    "opt": data.StructLayout({
+        "mss_valid": 1, "mss": 16,
+        "wscale_valid": 1, "wscale": 8,
+        "sack_perm": 1,
+        "ts_valid": 1, "tsval": 32, "tsecr": 32,
+    }),
+    "payload_length": 16,             # TCP payload bytes, taken from the payload stream
+})
+
+__all__ += ["TX_HEADER"]
