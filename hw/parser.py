@@ -187,7 +187,10 @@ class Parser(wiring.Component):
 
         # ---------------------------------------------------------------- stage 2: Ethernet
         # Bytes past the end of the frame read as zero.
-        s1b = [Mux(s1_len > k, byte, 0) for k, byte in enumerate(_bytes(s1_hdr, MAX_HEADER_BYTES))]
+        s1_present = Signal(8 * MAX_HEADER_BYTES)
+        m.d.comb += s1_present.eq(Cat(*[Mux(s1_len > k, byte, 0)
+                                        for k, byte in enumerate(_bytes(s1_hdr, MAX_HEADER_BYTES))]))
+        s1b = _bytes(s1_present, MAX_HEADER_BYTES)
         s2_valid = Signal()
         s2 = Signal(PARSER_META)
         s2_l3 = Signal(8 * L3_BYTES)
@@ -375,8 +378,9 @@ class Parser(wiring.Component):
                      s7_bad.eq(s6_bad), s7_opt_len.eq(s6_opt_len),
                      s7_starts.eq(Cat(s6_starts_lo, hi_starts))]
         # Only positions inside the options area start options (the scan may stop exactly at its end).
-        s7_inside = Cat(*[s7_opt_len > p for p in range(OPT_BYTES)])
-        s7_starts = s7_starts & s7_inside
+        s7_opt_starts = Signal(OPT_BYTES)
+        m.d.comb += s7_opt_starts.eq(s7_starts & Cat(*[s7_opt_len > p for p in range(OPT_BYTES)]))
+        s7_starts = s7_opt_starts
 
         # ---------------------------------------------------------------- stage 8: option values, errors, class
         ob = _bytes(s7_opt, OPT_BYTES + 10)
@@ -392,12 +396,18 @@ class Parser(wiring.Component):
                 ok = 0
                 for allowed in lengths:
                     ok = ok | (ob[p + 1] == allowed)
-                hits.append(s7_starts[p] & (ob[p] == kind) & ok & ~s7_bad[p])
+                hit = Signal(name=f"opt{int(kind)}_at{p}")
+                m.d.comb += hit.eq(s7_starts[p] & (ob[p] == kind) & ok & ~s7_bad[p])
+                hits.append(hit)
             sel = []
             later = Const(0)
             for p in reversed(range(OPT_BYTES)):
-                sel.append((p, hits[p] & ~later))
-                later = later | hits[p]
+                chosen = Signal(name=f"opt{int(kind)}_last_at{p}")
+                m.d.comb += chosen.eq(hits[p] & ~later)
+                sel.append((p, chosen))
+                seen = Signal(name=f"opt{int(kind)}_seen_from{p}")
+                m.d.comb += seen.eq(later | hits[p])
+                later = seen
             return sel, later      # `later` is now "any hit"
 
         def value_at(sel, field_of):
@@ -461,17 +471,24 @@ class Parser(wiring.Component):
             m.d.comb += frame_class.eq(FrameClass.UDP)
         with m.Else():
             m.d.comb += frame_class.eq(FrameClass.IPV4_OTHER)
-        is_tcp = frame_class == FrameClass.TCP
+        is_tcp = Signal()
+        m.d.comb += is_tcp.eq(frame_class == FrameClass.TCP)
 
         ip_hdr_len = Signal(7)
         tcp_hdr_len = Signal(7)
         seg_len = Signal(17)
         m.d.comb += [ip_hdr_len.eq(4 * ipf.ihl), tcp_hdr_len.eq(4 * s7.tcp.data_offset),
                      seg_len.eq(ipf.total_length - ip_hdr_len)]
-        ip_end = l3 + ipf.total_length
-        bad_doff = (s7.tcp.data_offset < 5) | (tcp_hdr_len > seg_len) | seg_len[16]
-        truncated_l2 = eth_short | (s7.eth.vlan_valid & (flen < ETH_LEN + VLAN_LEN))
-        truncated_ip = (flen < l3 + IPV4.size) | (flen < l3 + ip_hdr_len) | (flen < ip_end)
+        ip_end = Signal(17)
+        bad_doff = Signal()
+        truncated_l2 = Signal()
+        truncated_ip = Signal()
+        m.d.comb += [
+            ip_end.eq(l3 + ipf.total_length),
+            bad_doff.eq((s7.tcp.data_offset < 5) | (tcp_hdr_len > seg_len) | seg_len[16]),
+            truncated_l2.eq(eth_short | (s7.eth.vlan_valid & (flen < ETH_LEN + VLAN_LEN))),
+            truncated_ip.eq((flen < l3 + IPV4.size) | (flen < l3 + ip_hdr_len) | (flen < ip_end)),
+        ]
         m.d.sync += [
             s8.frame_class.eq(frame_class),
             s8.errors.truncated.eq(truncated_l2 | (is_ipv4 & truncated_ip)),

