@@ -1,0 +1,39 @@
+"""The registry of synthesizable blocks: name -> how to build one.
+
+Used by ``acceltcp synth``, ``acceltcp bench`` and the synthesis test, so that a new
+block is listed in exactly one place. Classes are named by import path so that a
+listing never imports (or breaks on) a block the command does not use.
+"""
+
+import importlib
+from dataclasses import dataclass, field
+
+__all__ = ["Block", "BLOCKS", "get_block"]
+
+
+@dataclass(frozen=True)
+class Block:
+    path: str                      # "module:Class"
+    params: dict = field(default_factory=dict)   # defaults for synthesis (W=64, 10G)
+    description: str = ""
+
+    def component_class(self):
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+BLOCKS = {
+    "parser": Block("hw.parser:Parser", {"width": 64},
+                    "RX header parser: Ethernet/VLAN, IPv4, TCP, options, checksums"),
+    "builder": Block("hw.builder:TxBuilder", {"width": 64},
+                     "TX frame builder: header descriptor + payload -> checksummed frame"),
+    "checksum_insert": Block("hw.checksum_insert:ChecksumInserter", {"width": 64},
+                             "TX checksum completion for host frames (IPv4 header, TCP)"),
+}
+
+
+def get_block(name):
+    try:
+        return BLOCKS[name]
+    except KeyError:
+        raise KeyError(f"unknown block {name!r}; known blocks: {', '.join(sorted(BLOCKS))}") from None
