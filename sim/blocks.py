@@ -17,6 +17,10 @@ class Block:
     params: dict = field(default_factory=dict)   # defaults for synthesis (W=64, 10G)
     description: str = ""
 
+    def __iter__(self):
+        """``cls, params, description = BLOCKS[name]`` also works."""
+        return iter((self.component_class(), self.params, self.description))
+
     def component_class(self):
         module, name = self.path.split(":")
         return getattr(importlib.import_module(module), name)

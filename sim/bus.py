@@ -104,7 +104,7 @@ class StreamSource:
         self._pos = 0
         self._offering = False
         self.sent = 0
-        self.busy_cycles = 0
+        self.sent_cycles = []          # bus cycle of each accepted beat
         bus.set(f"{name}__valid", 0)
 
     def send(self, payloads):
@@ -125,6 +125,7 @@ class StreamSource:
         if self._offering and self.bus.get(f"{self.name}__ready"):
             self._pos += 1
             self.sent += 1
+            self.sent_cycles.append(self.bus.cycle)
             self._offering = False
             if self._pos > 4096:   # keep the queue short on long runs
                 del self.queue[:self._pos]
@@ -138,6 +139,7 @@ class StreamSink:
         self.bus, self.name, self.stall = bus, name, stall
         self.rng = rng or random.Random(1)
         self.received = []
+        self.received_cycles = []      # bus cycle of each accepted beat
         self._ready = 0
         bus.set(f"{name}__ready", 0)
 
@@ -148,6 +150,7 @@ class StreamSink:
     def sample(self):
         if self._ready and self.bus.get(f"{self.name}__valid"):
             self.received.append(self.bus.get(f"{self.name}__payload"))
+            self.received_cycles.append(self.bus.cycle)
 
 
 async def run_until(bus, agents, done, max_cycles, progress=None):
