@@ -96,6 +96,18 @@ OPTIONS_MAX_BYTES = max(_option_length(*combo) for combo in OPTION_COMBOS)
 HEADER_MAX_BYTES = FIXED_HEADER_BYTES + OPTIONS_MAX_BYTES
 
 
+def _one_of(choices):
+    """The value whose condition holds, 0 if none: an OR of Muxes over (condition, value).
+
+    Used instead of a combinational ``Switch``: Icarus never evaluates a Switch block
+    whose inputs do not change after time 0, which would leave its outputs X.
+    """
+    out = Const(0, 1)
+    for condition, value in choices:
+        out = out | Mux(condition, value, 0)
+    return out
+
+
 def _combo_index(opt):
     return Cat(opt.mss_valid, opt.sack_perm, opt.ts_valid, opt.wscale_valid)
 
@@ -162,30 +174,28 @@ class TxBuilder(wiring.Component):
         for name, value in tcp_fields.items():
             _put(buf, L4_OFFSET, TCP.fields[name], value)
 
-        option_bytes = [Signal(8, name=f"option_byte{i}") for i in range(OPTIONS_MAX_BYTES)]
-        with m.Switch(_combo_index(hdr.opt)):
-            for index, combo in enumerate(OPTION_COMBOS):
-                with m.Case(index):
-                    layout = linux_option_bytes(hdr.opt, *combo)
-                    m.d.comb += [option_bytes[i].eq(byte) for i, byte in enumerate(layout)]
+        # Each option byte is selected from the 16 fixed layouts.
+        combo = _combo_index(hdr.opt)
+        layouts = [linux_option_bytes(hdr.opt, *flags) for flags in OPTION_COMBOS]
+        option_bytes = [_one_of((combo == index, layout[i])
+                                for index, layout in enumerate(layouts) if i < len(layout))
+                        for i in range(OPTIONS_MAX_BYTES)]
         header_bytes = buf + option_bytes + [Const(0, 8)] * (-HEADER_MAX_BYTES % nbytes)
 
         # --- Build one beat -----------------------------------------------------------------
         header_part = Signal(self.width)
-        with m.Switch(beat):
-            for k in range(len(header_bytes) // nbytes):
-                with m.Case(k):
-                    m.d.comb += header_part.eq(Cat(*header_bytes[k * nbytes:(k + 1) * nbytes]))
+        m.d.comb += header_part.eq(_one_of(
+            (beat == k, Cat(*header_bytes[k * nbytes:(k + 1) * nbytes]))
+            for k in range(len(header_bytes) // nbytes)))
 
         # Output beat h + j (h = hdr_len // B) holds the tail of payload beat j - 1 ("prev")
-        # below lane s = hdr_len % B and the head of payload beat j from lane s on.
+        # below lane s = hdr_len % B and the head of payload beat j from lane s on. Only the
+        # rotations that the possible header lengths need are built.
         aligned = Signal(self.width)
         both = Cat(prev, self.payload.payload.data)
-        with m.Switch(hdr_len[:lane_bits]):
-            rotations = sorted({(FIXED_HEADER_BYTES + _option_length(*c)) % nbytes for c in OPTION_COMBOS})
-            for s in rotations:
-                with m.Case(s):
-                    m.d.comb += aligned.eq(both[8 * (nbytes - s):8 * (2 * nbytes - s)])
+        rotations = sorted({(FIXED_HEADER_BYTES + _option_length(*c)) % nbytes for c in OPTION_COMBOS})
+        m.d.comb += aligned.eq(_one_of(
+            (hdr_len[:lane_bits] == s, both[8 * (nbytes - s):8 * (2 * nbytes - s)]) for s in rotations))
 
         pos = Cat(Const(0, lane_bits), beat)    # frame byte offset of lane 0
         beat_data = Signal(self.width)
@@ -217,23 +227,24 @@ class TxBuilder(wiring.Component):
         # padding adds nothing, and both checksum fields are still 0.
         ip_lanes = Signal(nbytes // 2)
         tcp_lanes = Signal(nbytes // 2)
-        with m.Switch(beat):
-            for k in range(-(-L4_OFFSET // nbytes)):
-                with m.Case(k):
-                    offsets = [k * nbytes + 2 * j for j in range(nbytes // 2)]
-                    m.d.comb += [
-                        ip_lanes.eq(sum(1 << j for j, o in enumerate(offsets) if L3_OFFSET <= o < L4_OFFSET)),
-                        tcp_lanes.eq(sum(1 << j for j, o in enumerate(offsets) if o >= L4_OFFSET)),
-                    ]
-            with m.Default():
-                m.d.comb += tcp_lanes.eq(-1)
+        for j in range(nbytes // 2):
+            at = pos + 2 * j
+            m.d.comb += [ip_lanes[j].eq((at >= L3_OFFSET) & (at < L4_OFFSET)),
+                         tcp_lanes[j].eq(at >= L4_OFFSET)]
         ip_acc = Signal(32)
         tcp_acc = Signal(32)
-        ip_total = ip_acc + word_sum(beat_data, ip_lanes)
-        tcp_total = tcp_acc + word_sum(beat_data, tcp_lanes)
+        ip_total = Signal(32)          # the sums including this beat
+        tcp_total = Signal(32)
         tcp_length = (hdr_len - L4_OFFSET + hdr.payload_length)[:16]
-        pseudo_header = (hdr.ip.src[16:] + hdr.ip.src[:16] + hdr.ip.dst[16:] + hdr.ip.dst[:16]
-                         + int(IpProto.TCP) + tcp_length)
+        pseudo_header = Signal(19)
+        tcp_final = Signal(32)
+        m.d.comb += [
+            ip_total.eq(ip_acc + word_sum(beat_data, ip_lanes)),
+            tcp_total.eq(tcp_acc + word_sum(beat_data, tcp_lanes)),
+            pseudo_header.eq(hdr.ip.src[16:] + hdr.ip.src[:16] + hdr.ip.dst[16:] + hdr.ip.dst[:16]
+                             + int(IpProto.TCP) + tcp_length),
+            tcp_final.eq(tcp_total + pseudo_header),
+        ]
         patch = Signal(PATCH)
         m.d.comb += [
             patch.ip.enable.eq(1),
@@ -241,7 +252,7 @@ class TxBuilder(wiring.Component):
             patch.ip.value.eq(~fold(ip_total)),
             patch.tcp.enable.eq(1),
             patch.tcp.offset.eq(L4_OFFSET + TCP.checksum.byte_offset),
-            patch.tcp.value.eq(~fold(tcp_total + pseudo_header)),
+            patch.tcp.value.eq(~fold(tcp_final)),
             buffer.patch.payload.eq(patch),
         ]
 
@@ -270,10 +281,9 @@ class TxBuilder(wiring.Component):
         # --- Take the next header (in the same cycle as the current frame's last beat) -------
         new = self.header.payload
         new_hdr_len = Signal.like(hdr_len)
-        with m.Switch(_combo_index(new.opt)):
-            for index, combo in enumerate(OPTION_COMBOS):
-                with m.Case(index):
-                    m.d.comb += new_hdr_len.eq(FIXED_HEADER_BYTES + _option_length(*combo))
+        header_lengths = [FIXED_HEADER_BYTES + _option_length(*flags) for flags in OPTION_COMBOS]
+        m.d.comb += new_hdr_len.eq(Cat(*[Const(n, len(new_hdr_len)) for n in header_lengths])
+                                   .word_select(_combo_index(new.opt), len(new_hdr_len)))
         new_end = new_hdr_len + new.payload_length
         new_len = Mux(new_end < MIN_FRAME_BYTES, MIN_FRAME_BYTES, new_end)
         m.d.comb += self.header.ready.eq(~active | (advance & is_last))

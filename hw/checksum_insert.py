@@ -177,8 +177,9 @@ class PatchBuffer(wiring.Component):
 class ChecksumInserter(wiring.Component):
     """Writes the right IPv4 and TCP checksums into host frames, whatever they held.
 
-    - IPv4 frames (an optional 802.1Q tag, IHL 5..15) get their header checksum written,
-      unless the parser flags them truncated, bad_ip_version, bad_ihl or oversize.
+    - IPv4 frames (an optional 802.1Q tag, IHL 5..15) get their header checksum written
+      when the whole IPv4 header is in the frame, unless the parser flags them
+      bad_ip_version, bad_ihl or oversize.
     - IPv4 TCP non-fragments (``FrameClass.TCP``) also get their TCP checksum
       (pseudo-header included), unless flagged truncated, bad_ihl, bad_data_offset,
       length_mismatch or oversize.
@@ -225,9 +226,10 @@ class ChecksumInserter(wiring.Component):
         err = meta.errors
         is_ipv4 = meta.frame_class.matches(
             FrameClass.TCP, FrameClass.UDP, FrameClass.IPV4_OTHER, FrameClass.FRAGMENT)
-        ip_ok = is_ipv4 & ~(err.truncated | err.bad_ip_version | err.bad_ihl | err.oversize)
+        header_inside = meta.frame_length >= meta.l4_offset     # the whole IPv4 header is there
+        ip_ok = is_ipv4 & header_inside & ~(err.bad_ip_version | err.bad_ihl | err.oversize)
         tcp_ok = (ip_ok & (meta.frame_class == FrameClass.TCP)
-                  & ~(err.bad_data_offset | err.length_mismatch))
+                  & ~(err.truncated | err.bad_data_offset | err.length_mismatch))
 
         patch = Signal(PATCH)
         m.d.comb += [
