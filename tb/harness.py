@@ -119,7 +119,8 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
     env.update(extra_env or {})
     test_dir = build_dir / "run"
     test_dir.mkdir(exist_ok=True)
-    return runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
+    return runner.test(test_module=test_module, hdl_toplevel=toplevel, hdl_toplevel_lang="verilog",
+                       build_dir=build_dir,
                        test_dir=test_dir, testcase=testcase, extra_env=env, waves=waves,
                        timescale=("1ns", "1ps"), seed=os.environ.get("SEED", "1"))
 
