@@ -1,0 +1,119 @@
+"""Generate the tables in docs/ from the single declarations in ``hw/``.
+
+Pages in ``docs/`` carry blocks like::
+
+    <!-- generated: headers -->
+    ...table...
+    <!-- end generated -->
+
+``python -m sim.docs`` rewrites every such block from the declarations;
+``python -m sim.docs --check`` fails when a page is out of date (the test suite runs it).
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from amaranth.lib import data
+
+from hw.headers import HEADERS, TCP_OPTIONS
+from hw.metadata import ERROR_FLAGS, PARSER_META, TX_HEADER, FrameClass
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+
+
+def headers_table():
+    rows = []
+    for header in HEADERS:
+        rows.append(f"\n**{header.name}** ({header.size} bytes fixed). {header.doc}\n")
+        rows.append("| field | byte offset | bit offset | width (bits) |")
+        rows.append("|---|---:|---:|---:|")
+        for f in header:
+            rows.append(f"| `{f.name}` | {f.byte_offset} | {f.bit_offset} | {f.width} |")
+    rows.append("\n**TCP options** (offsets count from the byte after kind and length)\n")
+    rows.append("| kind | name | total length | value fields |")
+    rows.append("|---:|---|---|---|")
+    for decl in TCP_OPTIONS.values():
+        fields = ", ".join(f"`{f.name}` ({f.width} bits at byte {f.byte_offset})" for f in decl.header) or "none"
+        rows.append(f"| {int(decl.kind)} | {decl.kind.name} | {'/'.join(map(str, decl.length))} | {fields} |")
+    return "\n".join(rows).lstrip("\n") + "\n"
+
+
+def layout_table(layout, prefix=""):
+    rows = []
+    for name, field in layout:
+        if isinstance(field.shape, data.StructLayout):
+            rows += layout_table(field.shape, f"{prefix}{name}.")
+        else:
+            rows.append(f"| `{prefix}{name}` | {field.offset} | {field.width} |")
+    return rows
+
+
+def layout_doc(layout):
+    head = ["| field | bit offset in the payload | width |", "|---|---:|---:|"]
+    return "\n".join(head + layout_table(layout)) + f"\n\nTotal: {layout.size} bits.\n"
+
+
+def classes_table():
+    rows = ["| value | class | meaning |", "|---:|---|---|"]
+    for c in FrameClass:
+        comment = {
+            "TCP": "IPv4, protocol 6, not a fragment: the offload path",
+            "ARP": "EtherType 0x0806", "IPV6": "EtherType 0x86DD",
+            "UDP": "IPv4, protocol 17, not a fragment",
+            "IPV4_OTHER": "IPv4 with another protocol (ICMP, ...)",
+            "FRAGMENT": "IPv4 with MF set or a non-zero fragment offset",
+            "OTHER": "any other EtherType, or a frame shorter than 14 bytes",
+        }[c.name]
+        rows.append(f"| {c.value} | `{c.name}` | {comment} |")
+    return "\n".join(rows) + "\n"
+
+
+def errors_table():
+    rows = ["| flag | set when |", "|---|---|"]
+    rows += [f"| `{name}` | {text} |" for name, text in ERROR_FLAGS.items()]
+    return "\n".join(rows) + "\n"
+
+
+GENERATORS = {
+    "headers": headers_table,
+    "parser_meta": lambda: layout_doc(PARSER_META),
+    "tx_header": lambda: layout_doc(TX_HEADER),
+    "frame_classes": classes_table,
+    "parser_errors": errors_table,
+}
+
+
+def render(text):
+    def replace(match):
+        name = match.group(2)
+        if name not in GENERATORS:
+            raise KeyError(f"unknown generated block {name!r}")
+        return match.group(1) + GENERATORS[name]() + match.group(4)
+    return BLOCK.sub(replace, text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a page is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(page.name)
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run `python -m sim.docs`", file=sys.stderr)
+        return 1
+    if not args.check:
+        print(f"updated: {', '.join(stale) or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
