@@ -67,6 +67,7 @@ class CocotbBus:
         self._read_only = ReadOnly
         self._rising = RisingEdge
         self._handles = {}
+        self._written = {}
         self.cycle = 0
 
     def _handle(self, port):
@@ -76,7 +77,10 @@ class CocotbBus:
         return h
 
     def set(self, port, value):
-        self._handle(port).value = value
+        # Writing through the GPI is the costly part of a cycle: skip unchanged values.
+        if self._written.get(port) != value:
+            self._written[port] = value
+            self._handle(port).value = value
 
     def get(self, port):
         return int(self._handle(port).value)
