@@ -61,11 +61,20 @@ def blocks_help():
     except UsageError as error:
         return f"blocks: none available ({error})"
     lines = ["blocks:"]
+    pad = max(map(len, blocks), default=0)
     for name in sorted(blocks):
-        _cls, params, description = blocks[name]
+        params, description = _params_and_description(blocks[name])
         defaults = ", ".join(f"{k}={v}" for k, v in params.items())
-        lines.append(f"  {name:<12} {description}" + (f" [{defaults}]" if defaults else ""))
+        lines.append(f"  {name:<{pad}}  {description}" + (f" [{defaults}]" if defaults else ""))
     return "\n".join(lines)
+
+
+def _params_and_description(entry):
+    """An entry's defaults and description, without importing its class when possible."""
+    if hasattr(entry, "params") and hasattr(entry, "description"):
+        return entry.params, entry.description
+    _cls, params, description = entry
+    return params, description
 
 
 def check_width(width):

@@ -161,26 +161,10 @@ def run_job(block, params, job, sim="amaranth", job_args=None, waves=None, clock
     return result
 
 
-def _amaranth_bus_class():
-    """``sim.bus.AmaranthBus``, made to accept plain integers for struct ports.
-
-    ``ctx.set`` refuses an integer for a ``lib.data`` view (the stream payload), so the
-    ports are resolved to their underlying value. (To be folded into sim/bus.py.)
-    """
-    from sim.bus import AmaranthBus
-
-    class JobBus(AmaranthBus):
-        def _signal(self, port):
-            sig = super()._signal(port)
-            return sig.as_value() if hasattr(sig, "as_value") else sig
-
-    return JobBus
-
-
 def _run_amaranth(block, params, job, job_args, waves, clock_mhz):
     from amaranth.sim import Simulator
 
-    AmaranthBus = _amaranth_bus_class()
+    from sim.bus import AmaranthBus
 
     if isinstance(job, str):
         job = load_job(job)

