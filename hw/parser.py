@@ -71,7 +71,10 @@ def _fold(m, value, name):
 
 
 class Parser(wiring.Component):
-    LATENCY = 9
+    #: Cycles from the acceptance of a frame's last beat to its record on ``meta``.
+    LATENCY = 11
+    #: Pipeline registers between the input and the record FIFO: frames in flight.
+    STAGES = 9
 
     def __init__(self, width=64, max_frame_bytes=MAX_FRAME_BYTES):
         self.width = width
@@ -89,7 +92,7 @@ class Parser(wiring.Component):
         cap_bytes = cap_beats * nb
 
         # ---------------------------------------------------------------- output FIFO
-        fifo_depth = self.LATENCY + 8
+        fifo_depth = 16
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=PARSER_META.size, depth=fifo_depth)
         m.d.comb += [
             self.meta.valid.eq(fifo.r_rdy),
@@ -98,7 +101,7 @@ class Parser(wiring.Component):
         ]
         # Room for every frame that may be in flight plus the one being accepted.
         room = Signal()
-        m.d.comb += room.eq(fifo.level <= fifo_depth - self.LATENCY - 2)
+        m.d.comb += room.eq(fifo.level <= fifo_depth - self.STAGES - 2)
 
         # ---------------------------------------------------------------- pass-through
         m.d.comb += [
@@ -128,9 +131,13 @@ class Parser(wiring.Component):
             with m.Else():
                 m.d.sync += beat_pos.eq(Mux(beat_pos >= (1 << pos_bits) - nb, beat_pos, beat_pos + nb))
                 m.d.sync += length.eq(Mux(new_length[16], 0xFFFF, new_length))
+            # The first beat of a frame also clears the rest of the capture, so bytes past
+            # the end of a short frame read as zero.
             for b in range(cap_beats):
                 with m.If(beat_pos == b * nb):
                     m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(masked_data)
+                with m.Elif(beat_pos == 0):
+                    m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(0)
 
         # Beat seen one cycle ago, for the checksum, with the frame's length so far.
         d_valid = Signal()
@@ -148,8 +155,9 @@ class Parser(wiring.Component):
         outer_type = ETHERNET.ethertype.extract(lambda k: hb[k])
         has_vlan = Signal()
         m.d.comb += has_vlan.eq(outer_type == EtherType.VLAN)
-        ihl_plain = IPV4.ihl.extract(lambda k: hb[ETH_LEN + k])
-        ihl_vlan = IPV4.ihl.extract(lambda k: hb[ETH_LEN + VLAN_LEN + k])
+        # An IHL below 5 is flagged (bad_ihl); the TCP header is then looked for at 20.
+        ihl_plain = _at_least_5(IPV4.ihl.extract(lambda k: hb[ETH_LEN + k]))
+        ihl_vlan = _at_least_5(IPV4.ihl.extract(lambda k: hb[ETH_LEN + VLAN_LEN + k]))
         tot_plain = IPV4.total_length.extract(lambda k: hb[ETH_LEN + k])
         tot_vlan = IPV4.total_length.extract(lambda k: hb[ETH_LEN + VLAN_LEN + k])
         seg_start = Signal(pos_bits)
@@ -186,11 +194,7 @@ class Parser(wiring.Component):
         m.d.sync += [s1_hdr.eq(hdr[:8 * MAX_HEADER_BYTES]), s1_len.eq(d_length), s1_seg.eq(seg_total)]
 
         # ---------------------------------------------------------------- stage 2: Ethernet
-        # Bytes past the end of the frame read as zero.
-        s1_present = Signal(8 * MAX_HEADER_BYTES)
-        m.d.comb += s1_present.eq(Cat(*[Mux(s1_len > k, byte, 0)
-                                        for k, byte in enumerate(_bytes(s1_hdr, MAX_HEADER_BYTES))]))
-        s1b = _bytes(s1_present, MAX_HEADER_BYTES)
+        s1b = _bytes(s1_hdr, MAX_HEADER_BYTES)
         s2_valid = Signal()
         s2 = Signal(PARSER_META)
         s2_l3 = Signal(8 * L3_BYTES)
@@ -235,15 +239,17 @@ class Parser(wiring.Component):
         # IPv4 header words, counted only below 4*IHL bytes.
         ip_words = [Mux(ip["ihl"] > (w // 2), Cat(l3b[2 * w + 1], l3b[2 * w]), 0)
                     for w in range(IPV4_MAX_LEN // 2)]
-        # The TCP header starts 4*IHL bytes in (IHL below 5 is flagged, and still followed).
-        l4_cases = {n: Cat(*l3b[4 * n:4 * n + TCP_MAX_LEN]) for n in range(16)}
+        # The TCP header starts 4*IHL bytes in (at 20 when IHL is below 5: flagged bad_ihl).
+        ihl_eff = Signal(4)
+        m.d.comb += ihl_eff.eq(_at_least_5(ip["ihl"]))
+        l4_cases = {n: Cat(*l3b[4 * n:4 * n + TCP_MAX_LEN]) for n in range(5, 16)}
         l4_sel = Signal(8 * TCP_MAX_LEN)
-        with m.Switch(ip["ihl"]):
+        with m.Switch(ihl_eff):
             for n, value in l4_cases.items():
                 with m.Case(n):
                     m.d.comb += l4_sel.eq(value)
         pseudo = (ip["src"][16:] + ip["src"][:16] + ip["dst"][16:] + ip["dst"][:16]
-                  + ip["protocol"] + (ip["total_length"] - 4 * ip["ihl"])[:16])
+                  + ip["protocol"] + (ip["total_length"] - 4 * ihl_eff)[:16])
         m.d.sync += [
             s3_valid.eq(s2_valid),
             s3.eq(s2),
@@ -251,7 +257,7 @@ class Parser(wiring.Component):
             s3_version.eq(IPV4.version.extract(lambda k: l3b[k])),
             s3_ip_words.eq(sum(ip_words)),
             s3_seg.eq(s2_seg + pseudo),
-            s3.l4_offset.eq(s2.l3_offset + 4 * ip["ihl"]),
+            s3.l4_offset.eq(s2.l3_offset + 4 * ihl_eff),
         ]
         for name in s3.ip.shape().members:
             m.d.sync += getattr(s3.ip, name).eq(ip[name])
@@ -392,7 +398,8 @@ class Parser(wiring.Component):
         def last_of(kind, lengths):
             """One-hot select of the last well-formed option of ``kind``."""
             hits = []
-            for p in range(OPT_BYTES):
+            # An option of this kind can only be well formed where it fits in the area.
+            for p in range(OPT_BYTES - min(lengths) + 1):
                 ok = 0
                 for allowed in lengths:
                     ok = ok | (ob[p + 1] == allowed)
@@ -401,7 +408,7 @@ class Parser(wiring.Component):
                 hits.append(hit)
             sel = []
             later = Const(0)
-            for p in reversed(range(OPT_BYTES)):
+            for p in reversed(range(len(hits))):
                 chosen = Signal(name=f"opt{int(kind)}_last_at{p}")
                 m.d.comb += chosen.eq(hits[p] & ~later)
                 sel.append((p, chosen))
@@ -478,7 +485,7 @@ class Parser(wiring.Component):
         tcp_hdr_len = Signal(7)
         seg_len = Signal(17)
         m.d.comb += [ip_hdr_len.eq(4 * ipf.ihl), tcp_hdr_len.eq(4 * s7.tcp.data_offset),
-                     seg_len.eq(ipf.total_length - ip_hdr_len)]
+                     seg_len.eq(ipf.total_length - (s7.l4_offset - l3))]
         ip_end = Signal(17)
         bad_doff = Signal()
         truncated_l2 = Signal()
@@ -516,6 +523,10 @@ class Parser(wiring.Component):
 
         m.d.comb += [fifo.w_en.eq(s8_valid), fifo.w_data.eq(s8.as_value())]
         return m
+
+
+def _at_least_5(ihl):
+    return Mux(ihl < 5, 5, ihl)
 
 
 def _select(values, index):

@@ -124,7 +124,9 @@ def parse_frame(frame, max_frame_bytes=MAX_FRAME_BYTES):
                  "frag_offset", "ttl", "protocol", "checksum", "src", "dst"):
         ip[name] = getattr(IPV4, name).get(buf, l3)
     total = ip["total_length"]
-    l4 = l3 + 4 * ihl
+    # An IHL below 5 is flagged; the TCP header is then looked for 20 bytes in.
+    ihl_eff = max(ihl, 5)
+    l4 = l3 + 4 * ihl_eff
     meta["l4_offset"] = l4
     if IPV4.version.get(buf, l3) != 4:
         err["bad_ip_version"] = 1
@@ -154,12 +156,12 @@ def parse_frame(frame, max_frame_bytes=MAX_FRAME_BYTES):
     for name in ("sport", "dport", "seq", "ack", "data_offset", "flags", "window",
                  "checksum", "urgent"):
         tcp[name] = getattr(TCP, name).get(buf, l4)
-    seg_len = (total - 4 * ihl) & 0xFFFF
+    seg_len = (total - 4 * ihl_eff) & 0xFFFF
     doff = tcp["data_offset"]
-    if doff < 5 or 4 * doff > total - 4 * ihl:
+    if doff < 5 or 4 * doff > total - 4 * ihl_eff:
         err["bad_data_offset"] = 1
     meta["payload_offset"] = l4 + 4 * doff
-    meta["payload_length"] = max(0, total - 4 * ihl - 4 * doff)
+    meta["payload_length"] = max(0, total - 4 * ihl_eff - 4 * doff)
     pseudo = (IPV4.src.get(buf, l3) >> 16) + (IPV4.src.get(buf, l3) & 0xFFFF) \
         + (IPV4.dst.get(buf, l3) >> 16) + (IPV4.dst.get(buf, l3) & 0xFFFF) \
         + ip["protocol"] + seg_len
