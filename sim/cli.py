@@ -96,7 +96,7 @@ def print_dict(values, indent=0):
             print_dict(value, indent + 2)
         else:
             if isinstance(value, float):
-                value = f"{value:.4g}"
+                value = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
             print(f"{' ' * indent}{str(key) + ':':<{pad + 1}} {value}")
 
 
@@ -150,6 +150,10 @@ def cmd_bench(args):
     except JobError as error:
         raise UsageError(str(error)) from None
     bench = _import_lead_module("sim.bench", "bench")
+    benches = getattr(bench, "BENCHES", None)
+    if benches is not None and args.block not in benches:
+        raise UsageError(f"no bench for block {args.block!r}; benches exist for: "
+                         f"{', '.join(sorted(benches))}")
     try:
         result = bench.run(args.block, args.width, args.sim)
     except JobError as error:

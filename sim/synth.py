@@ -111,7 +111,8 @@ def _count_cells(netlist_path, top="top"):
     """Counter of cell types in the flattened ``top`` module of a Yosys JSON netlist."""
     netlist = json.loads(Path(netlist_path).read_text())
     cells = netlist["modules"][top]["cells"].values()
-    return Counter(cell["type"] for cell in cells)
+    # $scopeinfo cells only record the hierarchy that flattening removed: not hardware.
+    return Counter(cell["type"] for cell in cells if cell["type"] != "$scopeinfo")
 
 
 def _lut4_count(cells):
