@@ -35,9 +35,10 @@ from hw.checksum_insert import PATCH, PatchBuffer, fold, word_sum
 from hw.headers import (ETHERNET, IPV4, TCP, TCP_OPTIONS, ETH_LEN, IPV4_MIN_LEN, TCP_MIN_LEN,
                         MIN_FRAME_BYTES, MAX_FRAME_BYTES, EtherType, IpProto, TcpOption)
 from hw.metadata import TX_HEADER
-from hw.stream import packet_layout, packet_signature, beat_bytes
+from hw.stream import packet_signature, beat_bytes
 
-__all__ = ["TxBuilder", "linux_option_bytes", "OPTION_COMBOS", "L3_OFFSET", "L4_OFFSET"]
+__all__ = ["TxBuilder", "linux_option_bytes", "header_length", "OPTION_COMBOS",
+           "L3_OFFSET", "L4_OFFSET", "FIXED_HEADER_BYTES"]
 
 L3_OFFSET = ETH_LEN                          # the builder never adds a VLAN tag
 L4_OFFSET = ETH_LEN + IPV4_MIN_LEN           # IHL is always 5
@@ -90,6 +91,11 @@ def _option_length(mss, sack_perm, timestamps, wscale):
     class _Values:                            # any values will do for the length
         mss = tsval = tsecr = wscale = 0
     return len(linux_option_bytes(_Values, mss, sack_perm, timestamps, wscale))
+
+
+def header_length(mss, sack_perm, timestamps, wscale):
+    """Bytes of Ethernet + IPv4 + TCP header the builder writes for these option flags."""
+    return FIXED_HEADER_BYTES + _option_length(mss, sack_perm, timestamps, wscale)
 
 
 OPTIONS_MAX_BYTES = max(_option_length(*combo) for combo in OPTION_COMBOS)
@@ -193,7 +199,7 @@ class TxBuilder(wiring.Component):
         # rotations that the possible header lengths need are built.
         aligned = Signal(self.width)
         both = Cat(prev, self.payload.payload.data)
-        rotations = sorted({(FIXED_HEADER_BYTES + _option_length(*c)) % nbytes for c in OPTION_COMBOS})
+        rotations = sorted({header_length(*flags) % nbytes for flags in OPTION_COMBOS})
         m.d.comb += aligned.eq(_one_of(
             (hdr_len[:lane_bits] == s, both[8 * (nbytes - s):8 * (2 * nbytes - s)]) for s in rotations))
 
@@ -281,7 +287,7 @@ class TxBuilder(wiring.Component):
         # --- Take the next header (in the same cycle as the current frame's last beat) -------
         new = self.header.payload
         new_hdr_len = Signal.like(hdr_len)
-        header_lengths = [FIXED_HEADER_BYTES + _option_length(*flags) for flags in OPTION_COMBOS]
+        header_lengths = [header_length(*flags) for flags in OPTION_COMBOS]
         m.d.comb += new_hdr_len.eq(Cat(*[Const(n, len(new_hdr_len)) for n in header_lengths])
                                    .word_select(_combo_index(new.opt), len(new_hdr_len)))
         new_end = new_hdr_len + new.payload_length

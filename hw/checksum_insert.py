@@ -26,7 +26,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from hw.headers import IPV4, TCP, MAX_FRAME_BYTES
-from hw.metadata import PARSER_META, FrameClass
+from hw.metadata import FrameClass
 from hw.stream import packet_layout, packet_signature, beat_bytes
 
 __all__ = ["ones_add", "fold", "word_sum", "PATCH", "PatchBuffer", "ChecksumInserter"]

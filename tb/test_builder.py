@@ -16,10 +16,10 @@ import socket
 
 import pytest
 
-from hw.builder import TxBuilder, OPTION_COMBOS
-from hw.headers import MIN_FRAME_BYTES
+from hw.builder import TxBuilder, OPTION_COMBOS, FIXED_HEADER_BYTES, header_length
+from hw.headers import MIN_FRAME_BYTES, MAX_FRAME_BYTES
 from hw.metadata import TX_HEADER
-from hw.stream import frame_to_beats, pack_struct, unpack_beat, unpack_struct, packet_layout
+from hw.stream import frame_to_beats, pack_beat, pack_struct, unpack_beat, unpack_struct, packet_layout
 from sim.bus import StreamSink, StreamSource, run_until
 
 try:
@@ -33,10 +33,14 @@ MAX_PAYLOAD = 1460
 # --- Reference model ------------------------------------------------------------------------
 
 def random_header(rng, payload_length=None, combo=None):
-    """A random TX_HEADER as nested dicts (the shape ``pack_struct`` takes)."""
+    """A random TX_HEADER as nested dicts (the shape ``pack_struct`` takes); ``combo`` is
+    a (mss, sack_perm, timestamps, wscale) tuple of ``OPTION_COMBOS``, random if None."""
     mss, sack, ts, ws = combo if combo is not None else rng.choice(OPTION_COMBOS)
     if payload_length is None:
-        payload_length = rng.choice([0, rng.randrange(1, 64), rng.randrange(0, MAX_PAYLOAD + 1)])
+        # Up to 1460 bytes, as long as the frame stays within MAX_FRAME_BYTES (longer
+        # ones are dropped, see ``oversize_dropped``).
+        longest = min(MAX_PAYLOAD, MAX_FRAME_BYTES - header_length(mss, sack, ts, ws))
+        payload_length = rng.choice([0, rng.randrange(1, 64), rng.randrange(0, longest + 1), longest])
     return {
         "eth": {"dst": rng.getrandbits(48), "src": rng.getrandbits(48)},
         "ip": {"src": rng.getrandbits(32), "dst": rng.getrandbits(32), "ttl": rng.getrandbits(8),
@@ -114,7 +118,6 @@ def payload_beats(payload, width, last_on=None):
     if last_on is None:
         return beats
     chunks = [unpack_beat(width, b)[0] for b in beats]
-    from hw.stream import pack_beat
     return [pack_beat(width, c, i == last_on) for i, c in enumerate(chunks)]
 
 
@@ -185,7 +188,7 @@ BENCH_FRAME_SIZES = (60, 64, 128, 256, 512, 1024, 1518)
 async def bench_builder(bus, width, frames_per_size=16, header_only_frames=200):
     """Throughput and latency of a running TxBuilder with an always-ready sink.
 
-    For each frame size (no TCP options, so payload = size - 54 bytes) a batch of
+    For each frame size (no TCP options, so the payload is size - 54 bytes) a batch of
     back-to-back frames is sent; beats per cycle = output beats / cycles from the
     batch's first to its last output beat. Then ``header_only_frames`` back-to-back
     frames without payload. Works on ``AmaranthBus`` and ``CocotbBus``.
@@ -206,13 +209,13 @@ async def bench_builder(bus, width, frames_per_size=16, header_only_frames=200):
     for size, count in batches:
         stamps.header_cycles.clear()
         stamps.out_cycles.clear()
-        payload_length = 0 if size == "header_only" else size - 54
+        payload_length = 0 if size == "header_only" else size - FIXED_HEADER_BYTES
         expect = 0
         for _ in range(count):
             h = random_header(rng, payload_length=payload_length, combo=OPTION_COMBOS[0])
             headers.send([pack_struct(TX_HEADER, **h)])
             payload.send(payload_beats(rng.randbytes(payload_length), width))
-            expect += -(-max(MIN_FRAME_BYTES, 54 + payload_length) // (width // 8))
+            expect += -(-max(MIN_FRAME_BYTES, FIXED_HEADER_BYTES + payload_length) // (width // 8))
         await run_until(bus, agents, lambda: len(stamps.out_cycles) >= expect,
                         max_cycles=10 * expect + 1000)
         first, last = stamps.out_cycles[0], stamps.out_cycles[-1]
@@ -252,7 +255,7 @@ if cocotb is not None:
         """Random headers, all option combinations, payload 0..1460, stalls everywhere."""
         bus = await start(dut)
         width = tb_params()["width"]
-        count = 60 if width == 64 else 100
+        count = 150 if width == 64 else 200
         await drive_and_check(bus, width, random_jobs(random.Random(1), width, count), seed=1)
 
     @cocotb.test()

@@ -19,7 +19,8 @@ import random
 import pytest
 
 from hw.checksum_insert import ChecksumInserter
-from hw.headers import IPV4, TCP, MAX_FRAME_BYTES, MIN_FRAME_BYTES
+from hw.headers import (IPV4, TCP, ETH_LEN, IPV4_MIN_LEN, TCP_MIN_LEN, MAX_FRAME_BYTES,
+                        MIN_FRAME_BYTES, IpProto)
 from hw.metadata import FrameClass
 from hw.stream import frame_to_beats
 from sim.bus import StreamSink, StreamSource, run_until
@@ -97,7 +98,7 @@ def scapy_frames(rng, count):
         "udp": lambda: eth / ip() / UDP(sport=rng.randrange(65536), dport=53) / Raw(rng.randbytes(rng.randrange(0, 300))),
         "icmp": lambda: eth / ip() / ICMP() / Raw(rng.randbytes(rng.randrange(0, 100))),
         "fragment_first": lambda: eth / ip(flags="MF") / tcp(400),
-        "fragment_later": lambda: eth / ip(frag=rng.randrange(1, 100), proto=6) / Raw(rng.randbytes(rng.randrange(8, 400))),
+        "fragment_later": lambda: eth / ip(frag=rng.randrange(1, 100), proto=int(IpProto.TCP)) / Raw(rng.randbytes(rng.randrange(8, 400))),
         "arp": lambda: eth / ARP(psrc="192.0.2.1", pdst="192.0.2.2"),
         "ipv6_tcp": lambda: eth / IPv6(src="2001:db8::1", dst="2001:db8::2") / tcp(1000),
     }
@@ -112,7 +113,7 @@ def spoil_checksums(rng, frame):
     value = 0 if rng.random() < 0.5 else rng.getrandbits(16)
     if meta["frame_class"] in IPV4_CLASSES:
         IPV4.checksum.put(out, value, meta["l3_offset"])
-        if IPV4.protocol.get(out, meta["l3_offset"]) == 6 and IPV4.frag_offset.get(out, meta["l3_offset"]) == 0:
+        if IPV4.protocol.get(out, meta["l3_offset"]) == IpProto.TCP and IPV4.frag_offset.get(out, meta["l3_offset"]) == 0:
             TCP.checksum.put(out, value ^ 0x5A5A, meta["l4_offset"])
     return bytes(out)
 
@@ -135,7 +136,8 @@ def malformed_frames(rng, width):
     out = []
     for frame in good[:8]:
         b = bytearray(frame)
-        l3, l4 = 14, 14 + 4 * IPV4.ihl.get(b, 14)
+        l3 = ETH_LEN
+        l4 = l3 + 4 * IPV4.ihl.get(b, l3)
         out.append(bytes(b[:rng.randrange(1, len(b))]))                          # truncated
         out.append(bytes(b[:rng.randrange(l4 + 1, l4 + 20)]))                    # cut in the TCP header
         c = bytearray(b); IPV4.ihl.put(c, rng.choice([0, 3, 4]), l3); out.append(bytes(c))
@@ -155,9 +157,9 @@ def long_tcp_frame(rng, size):
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
     pkt = (Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="192.0.2.1", dst="192.0.2.2")
-           / ScapyTCP() / Raw(rng.randbytes(size - 54)))
+           / ScapyTCP() / Raw(rng.randbytes(size - ETH_LEN - IPV4_MIN_LEN - TCP_MIN_LEN)))
     frame = bytearray(bytes(pkt))
-    IPV4.checksum.put(frame, 0, 14)
+    IPV4.checksum.put(frame, 0, ETH_LEN)
     return bytes(frame)
 
 
