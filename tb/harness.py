@@ -7,7 +7,7 @@ session and the next ones, and then runs the cocotb tests of ``test_module``.
 
 Environment:
   SIM=verilator|icarus|verilator,icarus   simulators to use (default: verilator)
-  WAVES=1                                 dump waveforms (FST on Verilator, VCD on Icarus)
+  WAVES=1                                 dump waveforms (VCD on Verilator, FST on Icarus)
   ACCELTCP_BUILD=<dir>                    build folder (default: ./build)
   SEED=<n>                                cocotb random seed (default: fixed per test)
 
@@ -108,7 +108,9 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
             build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT", "-Wno-UNSIGNED", "-Wno-CMPCONST",
                           ]
             if waves:
-                build_args += ["--trace-fst", "--trace-structs"]
+                # VCD, not FST: Verilator's FST writer needs lz4.h (liblz4-dev), which a
+                # fresh machine does not have.
+                build_args += ["--trace", "--trace-structs"]
         with _verilator_make_fix(sim):
             runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
                          timescale=("1ns", "1ps"), build_args=build_args, waves=waves,
