@@ -10,11 +10,12 @@ vector; ``pack_beat``/``unpack_beat`` convert between that integer and Python va
 using the field offsets of this same layout.
 """
 
+from amaranth.hdl import Cat, Const, Value
 from amaranth.lib import data, stream
 
 __all__ = ["SUPPORTED_WIDTHS", "packet_layout", "packet_signature",
            "beat_bytes", "frame_to_beats", "beats_to_frame", "pack_beat", "unpack_beat",
-           "pack_struct", "unpack_struct"]
+           "pack_struct", "unpack_struct", "struct_value"]
 
 #: Datapath widths in bits. 64 is 10G at 156.25 MHz, 512 the 100G class at 250 MHz.
 SUPPORTED_WIDTHS = (64, 128, 256, 512)
@@ -47,6 +48,29 @@ def pack_struct(layout, **values):
             value = pack_struct(field.shape, **value) if isinstance(value, dict) else int(value)
         out |= (int(value) & ((1 << field.width) - 1)) << field.offset
     return out
+
+
+def struct_value(layout, values):
+    """An Amaranth value with the bits of ``layout`` built from a dict of field values
+    (nested dicts for nested layouts; missing fields are zero), as one expression.
+
+    Assigning a struct field by field from several places makes Yosys emit one
+    ``always @*`` per field, and Icarus never evaluates those whose inputs never change
+    (they stay X); one expression becomes one assignment.
+    """
+    unknown = set(values) - {name for name, _ in layout}
+    if unknown:
+        raise KeyError(f"no field(s) {sorted(unknown)} in the layout")
+    parts = []
+    for name, field in sorted(layout, key=lambda item: item[1].offset):
+        value = values.get(name, 0)
+        if isinstance(value, dict):
+            value = struct_value(field.shape, value)
+        value = Value.cast(value)
+        if len(value) < field.width:
+            value = Cat(value, Const(0, field.width - len(value)))
+        parts.append(value[:field.width])
+    return Cat(*parts)
 
 
 def unpack_struct(layout, value):

@@ -121,8 +121,8 @@ async def parser_back_to_back(dut):
     frames += [rng.randbytes(size) for size in (60, 61, 64, 65, 127, 128, 129, 1514, 1518)]
     beats = sum(len(frame_to_beats(f, width)) for f in frames)
     cycles = await run_frames(bus, width, frames, stall=0.0)
-    # Beats enter one per cycle; after the last one the pipeline drains in LATENCY cycles.
-    assert cycles <= beats + Parser.LATENCY + 2, f"{beats} beats took {cycles} cycles"
+    # Beats enter one per cycle; after the last one the pipeline drains in `latency` cycles.
+    assert cycles <= beats + Parser(width).latency + 2, f"{beats} beats took {cycles} cycles"
 
 
 @cocotb.test()
