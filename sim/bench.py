@@ -90,10 +90,20 @@ async def parser_bench(bus, width):
     }
 
 
-#: block name -> (async job, extra job arguments)
-BENCHES = {
-    "parser": parser_bench,
-}
+def _bench_job(block):
+    """The async bench job of ``block`` (the TX benches live with their testbenches)."""
+    if block == "parser":
+        return parser_bench
+    if block == "builder":
+        from tb.test_builder import bench_builder
+        return bench_builder
+    if block == "checksum_insert":
+        from tb.test_checksum_insert import bench_inserter
+        return bench_inserter
+    raise KeyError(block)
+
+
+BENCHES = ("parser", "builder", "checksum_insert")
 
 
 def run(block, width=64, sim="amaranth", waves=None):
@@ -104,9 +114,10 @@ def run(block, width=64, sim="amaranth", waves=None):
         raise KeyError(f"no bench for {block!r}; benches exist for: {', '.join(sorted(BENCHES))}")
     entry = get_block(block)
     params = dict(entry.params, width=width)
-    result = run_job(entry.component_class(), params, BENCHES[block], sim=sim,
+    result = run_job(entry.component_class(), params, _bench_job(block), sim=sim,
                      job_args={"width": width}, waves=waves)
-    figures = dict(result.value)
+    figures = {"block": block, "width": width}
+    figures.update(result.value)
     figures["sim"] = sim
     figures["sim_cycles_per_second"] = round(result.cycles_per_second, 1)
     figures["wall_seconds"] = round(result.total_seconds, 2)
