@@ -107,14 +107,14 @@ class Parser(wiring.Component):
     @property
     def latency(self):
         """Cycles from the acceptance of a frame's last beat to its record on ``meta``."""
-        return self.STAGES + 3
+        return self.STAGES + 4
 
     @property
     def record_fifo_depth(self):
         """Deep enough for every frame that can be in flight at line rate (minimum frames)."""
         beats = -(-MIN_FRAME_BYTES // (self.width // 8))
-        in_flight = -(-(self.STAGES + 1) // beats) + 1
-        return 1 << (in_flight + 4).bit_length()
+        in_flight = -(-(self.STAGES + 3) // beats) + 1
+        return 1 << (in_flight + 5).bit_length()
 
     def elaborate(self, platform):
         m = Module()
@@ -127,9 +127,10 @@ class Parser(wiring.Component):
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=PARSER_META.size, depth=depth)
         m.d.comb += [self.meta.valid.eq(fifo.r_rdy), self.meta.payload.eq(fifo.r_data),
                      fifo.r_en.eq(self.meta.ready)]
+        # Registered, so it must leave space for a frame entering in this cycle too.
         room = Signal()
-        in_flight = Signal(range(self.STAGES + 3))
-        m.d.comb += room.eq(fifo.level + in_flight < depth - 1)
+        in_flight = Signal(range(self.STAGES + 4))
+        m.d.sync += room.eq(fifo.level + in_flight + 3 < depth)
         m.d.comb += [self.o.payload.eq(self.i.payload),
                      self.o.valid.eq(self.i.valid & room),
                      self.i.ready.eq(self.o.ready & room)]
@@ -138,36 +139,41 @@ class Parser(wiring.Component):
         beat = self.i.payload
 
         # ------------------------------------------------------------ capture
+        # The accepted beat is registered first ("d"), so that the wide capture register
+        # below is written from flip-flops, not from the input handshake.
         beat_pos = Signal(POS_BITS)                   # frame byte offset of this beat
         length = Signal(16)                           # bytes so far (saturating)
-        hdr = Signal(8 * cap_bytes)
         kept = Signal(range(nb + 1))
         m.d.comb += kept.eq(sum(beat.keep[k] for k in range(nb)))
-        masked = Signal(self.width)
-        m.d.comb += masked.eq(Cat(*[Mux(beat.keep[k], beat.data[8 * k:8 * k + 8], 0)
-                                    for k in range(nb)]))
         new_length = Signal(17)
         m.d.comb += new_length.eq(length + kept)
         saturated = Mux(new_length[16], 0xFFFF, new_length[:16])
+        d_valid, d_last = Signal(), Signal()
+        d_data, d_pos, d_length = Signal(self.width), Signal(POS_BITS), Signal(16)
+        m.d.sync += d_valid.eq(accept)
         with m.If(accept):
+            m.d.sync += [d_last.eq(beat.last), d_pos.eq(beat_pos), d_length.eq(saturated),
+                         d_data.eq(Cat(*[Mux(beat.keep[k], beat.data[8 * k:8 * k + 8], 0)
+                                         for k in range(nb)]))]
             with m.If(beat.last):
                 m.d.sync += [beat_pos.eq(0), length.eq(0)]
             with m.Else():
                 m.d.sync += [beat_pos.eq(Mux(beat_pos >= (1 << POS_BITS) - nb, beat_pos, beat_pos + nb)),
                              length.eq(saturated)]
+        hdr = Signal(8 * cap_bytes)
+        with m.If(d_valid):
             for b in range(cap_beats):
-                with m.If(beat_pos == b * nb):
-                    m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(masked)
-                with m.Elif(beat_pos == 0):                 # a new frame clears the rest
+                with m.If(d_pos == b * nb):
+                    m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(d_data)
+                with m.Elif(d_pos == 0):                    # a new frame clears the rest
                     m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(0)
 
-        # The beat seen one cycle ago ("stage 0" of both pipelines below).
-        d_valid, d_last = Signal(), Signal()
-        d_data, d_pos, d_length = Signal(self.width), Signal(POS_BITS), Signal(16)
-        m.d.sync += d_valid.eq(accept)
-        with m.If(accept):
-            m.d.sync += [d_last.eq(beat.last), d_data.eq(masked), d_pos.eq(beat_pos),
-                         d_length.eq(saturated)]
+        # The beat again, one cycle later: "stage 0" of both pipelines below. In that
+        # cycle `hdr` holds the frame's bytes up to and including this beat.
+        e_valid, e_last = Signal(), Signal()
+        e_data, e_pos, e_length = Signal(self.width), Signal(POS_BITS), Signal(16)
+        m.d.sync += [e_valid.eq(d_valid), e_last.eq(d_last), e_data.eq(d_data), e_pos.eq(d_pos),
+                     e_length.eq(d_length)]
 
         # ------------------------------------------------------------ segment checksum
         # Stage 0: segment offsets from the header bytes captured so far.
@@ -180,10 +186,10 @@ class Parser(wiring.Component):
             return Mux(vlan_now, field.extract(lambda k: hb[ETH_LEN + VLAN_LEN + k]),
                        field.extract(lambda k: hb[ETH_LEN + k]))
         l3_now = Mux(vlan_now, ETH_LEN + VLAN_LEN, ETH_LEN)
-        cs = Pipeline(m, "csum", d_valid)
-        cs.define("last", d_last, 0)
-        cs.define("data", d_data, 0)
-        cs.define("pos", d_pos, 0)
+        cs = Pipeline(m, "csum", e_valid)
+        cs.define("last", e_last, 0)
+        cs.define("data", e_data, 0)
+        cs.define("pos", e_pos, 0)
         cs.define("start", l3_now + 4 * _at_least_5(ip_field(IPV4.ihl)), 0)
         cs.define("end", l3_now + ip_field(IPV4.total_length), 0)
         # Stage 1: keep the bytes inside [start, end); positions are beat-aligned, so
@@ -207,10 +213,10 @@ class Parser(wiring.Component):
         assert acc_stage + 1 == self.csum_stages, (acc_stage, self.csum_stages)
 
         # ------------------------------------------------------------ parse pipeline
-        p = Pipeline(m, "parse", d_valid & d_last)
+        p = Pipeline(m, "parse", e_valid & e_last)
         p.define("hdr", hdr[:8 * MAX_HEADER_BYTES], 0)
         p.define("vlan", vlan_now, 0)
-        p.define("length", d_length, 0)
+        p.define("length", e_length, 0)
         p.inject("seg_total", seg_total, self.csum_stages)
 
         # Stage 1 -> 2: Ethernet, VLAN, the IPv4 header and what follows it.
