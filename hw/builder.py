@@ -31,7 +31,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.checksum_insert import PATCH, PatchBuffer, fold, word_sum
+from hw.ones_complement import fold, word_sum
+from hw.patch_buffer import PATCH, PatchBuffer
 from hw.headers import (ETHERNET, IPV4, TCP, TCP_OPTIONS, ETH_LEN, IPV4_MIN_LEN, TCP_MIN_LEN,
                         MIN_FRAME_BYTES, MAX_FRAME_BYTES, EtherType, IpProto, TcpOption)
 from hw.metadata import TX_HEADER

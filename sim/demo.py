@@ -176,7 +176,7 @@ def _check_reply(frame, header):
 
 
 def _checksums_ok(frame):
-    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet import IP, TCP
     from scapy.layers.l2 import Ether
     pkt = Ether(frame)
     if IP not in pkt:

@@ -28,7 +28,6 @@ The raw cell counts are in ``cells``.
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys

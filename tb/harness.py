@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from amaranth.back import verilog

@@ -1,0 +1,46 @@
+"""One's-complement arithmetic (RFC 1071, RFC 1624) for Amaranth values.
+
+Helpers, not a component: the builder and the patch buffer's users sum 16-bit words
+with them.
+"""
+
+from amaranth.hdl import Cat, Const, Mux
+
+__all__ = ["ones_add", "fold", "tree_sum", "beat_words", "word_sum"]
+
+
+def ones_add(a, b):
+    """One's-complement sum of two 16-bit values (end-around carry)."""
+    total = a + b                       # 17 bits
+    return (total[:16] + total[16])[:16]
+
+
+def fold(value):
+    """Fold a wide sum of 16-bit words into a 16-bit one's-complement sum."""
+    while len(value) > 17:
+        value = value[:16] + value[16:]
+    if len(value) == 17:                # at most 0x1FFFE here, so this cannot carry again
+        value = (value[:16] + value[16])[:16]
+    return value
+
+
+def tree_sum(values):
+    """Sum a list of values with a balanced adder tree (0 for an empty list)."""
+    values = list(values)
+    if not values:
+        return Const(0, 1)
+    while len(values) > 1:
+        pairs = [values[i] + values[i + 1] for i in range(0, len(values) - 1, 2)]
+        values = pairs + values[len(values) - len(values) % 2:]
+    return values[0]
+
+
+def beat_words(beat_data):
+    """The 16-bit big-endian words of a beat: byte 2j is the high byte of word j."""
+    return [Cat(beat_data[16 * j + 8:16 * j + 16], beat_data[16 * j:16 * j + 8])
+            for j in range(len(beat_data) // 16)]
+
+
+def word_sum(beat_data, lane_enable):
+    """Plain (unfolded) sum of the beat's 16-bit words whose bit in ``lane_enable`` is set."""
+    return tree_sum(Mux(lane_enable[j], word, 0) for j, word in enumerate(beat_words(beat_data)))
