@@ -19,8 +19,9 @@ How it works (details and figures in docs/packet_pipeline.md)
     start, then composes those "next" functions over windows of 2, 4, ..., 64 positions
     (a parallel prefix, one level per stage) to find the positions that start an
     option; the last well-formed option of each kind is selected (as Linux does).
-  * Records enter a 16-deep FIFO; the input is held (``i.ready`` low) only when that
-    FIFO could not take the records of the frames in flight.
+  * Records enter a FIFO (``WideFIFO``: lanes with their own pointers); the input is
+    held (``i.ready`` low) only when that FIFO could not take the records of the
+    frames in flight.
 
 Latency: ``LATENCY`` cycles from the cycle a frame's last beat is accepted to the cycle
 its record is valid on ``meta`` (FIFO empty). Throughput: one beat per cycle for any
@@ -40,7 +41,6 @@ bit-exact Python model.
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .headers import (ETHERNET, VLAN, IPV4, TCP, EtherType, IpProto, TcpOption, TCP_OPTIONS,
@@ -49,6 +49,7 @@ from .headers import (ETHERNET, VLAN, IPV4, TCP, EtherType, IpProto, TcpOption, 
 from .metadata import FrameClass, PARSER_META
 from .pipeline import Pipeline, adder_tree
 from .stream import packet_signature, struct_value
+from .wide_fifo import WideFIFO
 
 __all__ = ["Parser"]
 
@@ -124,7 +125,7 @@ class Parser(wiring.Component):
 
         # ------------------------------------------------------------ record FIFO, pass-through
         depth = self.record_fifo_depth
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=PARSER_META.size, depth=depth)
+        m.submodules.fifo = fifo = WideFIFO(width=PARSER_META.size, depth=depth)
         m.d.comb += [self.meta.valid.eq(fifo.r_rdy), self.meta.payload.eq(fifo.r_data),
                      fifo.r_en.eq(self.meta.ready)]
         # Registered, so it must leave space for a frame entering in this cycle too.
