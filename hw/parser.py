@@ -89,7 +89,7 @@ def _any(bits):
 
 class Parser(wiring.Component):
     #: Pipeline registers between a frame's last beat and the write of its record.
-    STAGES = 15
+    STAGES = 16
 
     def __init__(self, width=64, max_frame_bytes=MAX_FRAME_BYTES):
         self.width = width
@@ -280,22 +280,27 @@ class Parser(wiring.Component):
         doff = tcp["data_offset"]
         opt = l4b[TCP.size:] + [Const(0, 8)] * (SCAN_SPAN - OPT_BYTES + 2)
         p.define("opt", Cat(*opt[:OPT_BYTES + 10]), 3)
+        # Per position: small predicates first (stage 3 -> 4), combined in stage 4 -> 5.
         for pos in range(OPT_BYTES):
             kind, olen = opt[pos], opt[pos + 1]
             # In terms of the data offset: the area is 4*doff - 20 bytes long.
-            inside = doff > (pos + 20) // 4
-            length_inside = doff > (pos + 21) // 4
-            fits = (olen + (pos + 20)) <= 4 * doff
+            p.define(f"opt_inside_{pos}", doff > (pos + 20) // 4, 3)
+            p.define(f"opt_len_inside_{pos}", doff > (pos + 21) // 4, 3)
+            p.define(f"opt_fits_{pos}", (olen + (pos + 20)) <= 4 * doff, 3)
+            p.define(f"opt_short_{pos}", olen < 2, 3)
+            p.define(f"opt_eol_{pos}", kind == TcpOption.EOL, 3)
+            p.define(f"opt_nop_{pos}", kind == TcpOption.NOP, 3)
+            p.define(f"opt_after_{pos}", (olen + pos)[:6], 3)
             wrong_len = Const(0)
             for decl in TCP_OPTIONS.values():
                 wrong_len = wrong_len | ((kind == decl.kind) & ~_any(olen == n for n in decl.length))
-            p.define(f"opt_inside_{pos}", inside, 3)
-            p.define(f"opt_ends_{pos}", ~inside | (kind == TcpOption.EOL)
-                     | ((kind != TcpOption.NOP) & (~length_inside | (olen < 2) | ~fits)), 3)
-            p.define(f"opt_nop_{pos}", kind == TcpOption.NOP, 3)
-            p.define(f"opt_after_{pos}", (olen + pos)[:6], 3)
-            p.define(f"opt_bad_{pos}", inside & (kind != TcpOption.EOL) & (kind != TcpOption.NOP)
-                     & (~length_inside | (olen < 2) | ~fits | wrong_len), 3)
+            p.define(f"opt_wrong_len_{pos}", wrong_len, 3)
+        for pos in range(OPT_BYTES):
+            def q(name):
+                return p.get(f"opt_{name}_{pos}", 4)
+            cut = ~q("len_inside") | q("short") | ~q("fits")
+            p.define(f"opt_ends_{pos}", ~q("inside") | q("eol") | (~q("nop") & cut), 4)
+            p.define(f"opt_bad_{pos}", q("inside") & ~q("eol") & ~q("nop") & (cut | q("wrong_len")), 4)
         seg_len = p.get("seg_len", 3)
         p.define("bad_doff", (doff < 5) | (4 * doff > seg_len) | seg_len[16], 3)
         p.define("payload_offset", p.get("l4_offset", 3) + 4 * doff, 3)
@@ -328,15 +333,15 @@ class Parser(wiring.Component):
         # Stage 4 -> 5: where the next option starts, for each position.
         for pos in range(SCAN_SPAN):
             if pos < OPT_BYTES:
-                nxt = Mux(p.get(f"opt_ends_{pos}", 4), STOP,
-                          Mux(p.get(f"opt_nop_{pos}", 4), pos + 1, p.get(f"opt_after_{pos}", 4)))
+                nxt = Mux(p.get(f"opt_ends_{pos}", 5), STOP,
+                          Mux(p.get(f"opt_nop_{pos}", 5), pos + 1, p.get(f"opt_after_{pos}", 5)))
             else:
                 nxt = Const(STOP, 6)
-            p.define(f"scan_w1_{pos}", Cat(Const(1, 1), nxt), 4)   # 1 position: starts, exit
+            p.define(f"scan_w1_{pos}", Cat(Const(1, 1), nxt), 5)   # 1 position: starts, exit
 
         # Stages 5..10: compose the windows' transfer functions: for window size s and
         # entry e, which positions of the window start an option, and the exit cursor.
-        size, stage = 1, 5
+        size, stage = 1, 6
         while size < SCAN_SPAN:
             for base in range(0, SCAN_SPAN, 2 * size):
                 entries = range(2 * size) if 2 * size < SCAN_SPAN else [0]
@@ -356,7 +361,7 @@ class Parser(wiring.Component):
                         exit_ = hi[size:]
                     p.define(f"scan_w{2 * size}_{base + e}", Cat(starts, exit_), stage)
             size, stage = 2 * size, stage + 1
-        scan_stage = stage                                   # 11
+        scan_stage = stage                                   # 12
         starts_all = p.get(f"scan_w{SCAN_SPAN}_0", scan_stage)[:OPT_BYTES]
         inside_all = Cat(*[p.get(f"opt_inside_{pos}", scan_stage) for pos in range(OPT_BYTES)])
         bad_all = Cat(*[p.get(f"opt_bad_{pos}", scan_stage) for pos in range(OPT_BYTES)])
@@ -364,43 +369,43 @@ class Parser(wiring.Component):
         p.define("opt_starts", starts, scan_stage)
         p.define("opt_malformed", (starts & bad_all).any(), scan_stage)
 
-        # Stage 12 -> 13: the well-formed options of each kind; 13 -> 14: the last one.
+        # Stage 13 -> 14: the well-formed options of each kind; 14 -> 15: the last one.
         decls = {d.kind: d for d in TCP_OPTIONS.values()}
-        ob = _bytes(p.get("opt", 12), OPT_BYTES + 10)
-        starts = p.get("opt_starts", 12)
-        bad = Cat(*[p.get(f"opt_bad_{pos}", 12) for pos in range(OPT_BYTES)])
+        ob = _bytes(p.get("opt", 13), OPT_BYTES + 10)
+        starts = p.get("opt_starts", 13)
+        bad = Cat(*[p.get(f"opt_bad_{pos}", 13) for pos in range(OPT_BYTES)])
         for kind, decl in decls.items():
             span = OPT_BYTES - min(decl.length) + 1          # where it can fit at all
             hits = [starts[pos] & (ob[pos] == kind) & _any(ob[pos + 1] == n for n in decl.length) & ~bad[pos]
                     for pos in range(span)]
-            p.define(f"hits_{int(kind)}", Cat(*hits), 12)
+            p.define(f"hits_{int(kind)}", Cat(*hits), 13)
         known = [TcpOption.EOL, TcpOption.NOP] + list(decls)
         p.define("opt_unknown", _any(starts[pos] & ~bad[pos] & ~_any(ob[pos] == k for k in known)
-                                     for pos in range(OPT_BYTES)), 12)
+                                     for pos in range(OPT_BYTES)), 13)
         for kind in decls:
-            hits = p.get(f"hits_{int(kind)}", 13)
+            hits = p.get(f"hits_{int(kind)}", 14)
             last = [hits[pos] & ~hits[pos + 1:].any() if pos + 1 < len(hits) else hits[pos]
                     for pos in range(len(hits))]
-            p.define(f"last_{int(kind)}", Cat(*last), 13)
-            p.define(f"seen_{int(kind)}", hits.any(), 13)
+            p.define(f"last_{int(kind)}", Cat(*last), 14)
+            p.define(f"seen_{int(kind)}", hits.any(), 14)
 
-        # Stage 14 -> 15: option values.
-        ob = _bytes(p.get("opt", 14), OPT_BYTES + 10)
+        # Stage 15 -> 16: option values.
+        ob = _bytes(p.get("opt", 15), OPT_BYTES + 10)
 
         def value_of(kind, field_at):
-            chosen = p.get(f"last_{int(kind)}", 14)
+            chosen = p.get(f"last_{int(kind)}", 15)
             out = 0
             for pos in range(len(chosen)):
                 out = out | Mux(chosen[pos], field_at(pos), 0)
             return out
         mss, ws, ts, sack = (decls[k].header for k in (TcpOption.MSS, TcpOption.WSCALE,
                                                         TcpOption.TIMESTAMP, TcpOption.SACK))
-        p.define("opt_mss", value_of(TcpOption.MSS, lambda q: mss.mss.extract(lambda k: ob[q + 2 + k])), 14)
-        p.define("opt_wscale", value_of(TcpOption.WSCALE, lambda q: ws.shift.extract(lambda k: ob[q + 2 + k])), 14)
-        p.define("opt_tsval", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsval.extract(lambda k: ob[q + 2 + k])), 14)
-        p.define("opt_tsecr", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsecr.extract(lambda k: ob[q + 2 + k])), 14)
-        p.define("opt_sack_blocks", value_of(TcpOption.SACK, lambda q: ((ob[q + 1] - 2) >> 3)[:3]), 14)
-        p.define("opt_sack_pos", value_of(TcpOption.SACK, lambda q: Const(q + 2 + TCP.size, 7)), 14)
+        p.define("opt_mss", value_of(TcpOption.MSS, lambda q: mss.mss.extract(lambda k: ob[q + 2 + k])), 15)
+        p.define("opt_wscale", value_of(TcpOption.WSCALE, lambda q: ws.shift.extract(lambda k: ob[q + 2 + k])), 15)
+        p.define("opt_tsval", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsval.extract(lambda k: ob[q + 2 + k])), 15)
+        p.define("opt_tsecr", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsecr.extract(lambda k: ob[q + 2 + k])), 15)
+        p.define("opt_sack_blocks", value_of(TcpOption.SACK, lambda q: ((ob[q + 1] - 2) >> 3)[:3]), 15)
+        p.define("opt_sack_pos", value_of(TcpOption.SACK, lambda q: Const(q + 2 + TCP.size, 7)), 15)
 
         # Checksums: fold the sums (available by stage 8 at the latest) in two steps.
         ck = max(self.csum_stages, ip_sum_stage, pseudo_stage)
@@ -411,9 +416,10 @@ class Parser(wiring.Component):
             p.define(f"{name}_fold1", wide[:16] + wide[16:], ck + 1)
             once = p.get(f"{name}_fold1", ck + 2)
             p.define(f"{name}_sum", (once[:16] + once[16:])[:16], ck + 2)
-        assert ck + 3 <= self.STAGES
+            p.define(f"{name}_sum_bad", p.get(f"{name}_sum", ck + 3) != 0xFFFF, ck + 3)
+        assert ck + 4 <= self.STAGES
 
-        # Stage 15: the record, as one expression (see hw.stream.struct_value).
+        # Stage 16: the record, as one expression (see hw.stream.struct_value).
         s = self.STAGES
         def g(name):
             return p.get(name, s)
@@ -438,9 +444,9 @@ class Parser(wiring.Component):
                 "bad_ip_version": is_ipv4 & g("version_bad"),
                 "bad_ihl": is_ipv4 & g("bad_ihl"),
                 "length_mismatch": is_ipv4 & g("length_mismatch"),
-                "bad_ip_checksum": is_ipv4 & (ip_sum != 0xFFFF),
+                "bad_ip_checksum": is_ipv4 & g("ip_sum_bad"),
                 "bad_data_offset": is_tcp & g("bad_doff"),
-                "bad_tcp_checksum": is_tcp & (tcp_sum != 0xFFFF),
+                "bad_tcp_checksum": is_tcp & g("tcp_sum_bad"),
                 "bad_options": is_tcp & ~g("bad_doff") & g("opt_malformed"),
             },
             "ip": {name: when(is_ipv4, g(f"ip_{name}")) for name in PARSER_META["ip"].shape.members},
