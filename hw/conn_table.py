@@ -1,0 +1,712 @@
+"""Connection table: a keyed two-choice cuckoo hash of flows, one lookup per clock.
+
+``ConnTable(entries, value_width, stash, max_moves, state_width)`` maps a flow key
+(``FLOW_KEY``: ingress port, IPv4 source/destination, TCP ports) to a value of
+``value_width`` bits and a stable *flow index* (0 .. entries + stash - 1) that addresses
+the per-flow state memory. Design, occupancy argument and figures: docs/conn_table.md.
+
+Organisation
+  * SipHash-2-4 of the key under the host's 128-bit hash key gives bucket ``h[0:k]`` in
+    table 0 and ``h[32:32+k]`` in table 1; each table has ``entries/8`` buckets of 4 ways,
+    one memory per (table, way), so a lookup reads its 8 candidate slots in one cycle.
+    A stash of ``stash`` registers holds entries the cuckoo walk could not place.
+  * Memory words hold valid, pending, key, value, flow index and the entry's bucket in
+    the other table (so a move never re-hashes).
+  * Each memory has three ports: the lookup read port (transparent to the control
+    write, so a lookup never sees a half-written word and never stalls), and the control
+    read and write ports, which share one address (one RAM port).
+
+Lookup (``i`` -> ``o``): one key per cycle, in order, ``LOOKUP_LATENCY`` cycles with a
+ready sink (``lookup_latency`` attribute). ``i.ready`` is a credit check on the result
+FIFO, so only a stalled ``o`` can slow lookups; control commands never do.
+
+Control (``cmd`` -> ``resp``): one command at a time (``Op``), one response each with a
+``Status``. INSERT places the key in the less loaded of its two buckets; when both are
+full it does a random walk (xorshift32 draws): the carried entry takes a random way and
+the entry there becomes the carried one, at most ``max_moves`` times; a homeless carried
+entry goes to the stash, and when the stash is full the walk is undone step by step and
+the answer is FULL with the table unchanged. Each move is one write of the memory and
+one update of the carry register at the same clock edge, and lookups compare the carry
+register too, so every entry is visible at every instant (in exactly one place). The
+inserted entry is written *pending* (invisible to lookups) until the insert succeeds.
+SET_KEY is only accepted while the table is empty (NOT_EMPTY otherwise); to rotate the
+hash key the host reads its flows (READ by slot), CLEARs, sets the key and re-inserts.
+
+Reset: the memories are swept (``entries/8`` cycles) after a reset and on CLEAR; during
+the sweep ``cmd.ready`` is low and lookups miss. A reset drops in-flight lookups and the
+command being executed (no response); the hash key returns to zero.
+
+Ports
+  i      In(stream FLOW_KEY)                     lookup keys
+  o      Out(stream {hit, index, value})         lookup results, in order
+  cmd    In(stream command_layout(...))          control commands
+  resp   Out(stream response_layout(...))        one response per command
+  count  Out                                     entries held (tables + stash)
+  state_raddr/state_rdata, state_waddr/state_wdata/state_we
+         the per-flow state memory (``state_width`` bits per flow index; synchronous
+         read, one cycle), for the engines; the table never touches it.
+"""
+
+from enum import IntEnum
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .pipeline import Pipeline
+from .siphash import siphash_latency, siphash_pipeline
+from .stream import pack_struct, struct_value
+
+__all__ = ["FLOW_KEY", "Op", "Status", "TABLES", "WAYS", "RNG_SEED", "Geometry",
+           "flow_key_bytes", "xorshift32", "ConnTable", "entry_layout", "result_layout",
+           "command_layout", "response_layout"]
+
+#: The flow key: ingress port, IPv4 source and destination, TCP ports. The SipHash
+#: message is this flat value's 13 bytes, little-endian (``flow_key_bytes``).
+FLOW_KEY = data.StructLayout({"port": 8, "src": 32, "dst": 32, "sport": 16, "dport": 16})
+
+TABLES = 2          # two hash choices, one per table
+WAYS = 4            # entries per bucket
+RNG_SEED = 0x2545F491
+
+
+class Op(IntEnum):
+    """Control commands (the ``op`` field of a command)."""
+    INSERT = 0      # key, value -> flow index, slot
+    DELETE = 1      # key
+    UPDATE = 2      # key, value: replace the value
+    READ = 3        # slot -> key, value, flow index of the entry in that slot
+    SET_KEY = 4     # hash_key: only while the table is empty
+    CLEAR = 5       # empty the table (keeps the hash key)
+
+
+class Status(IntEnum):
+    """Response status codes."""
+    OK = 0
+    DUPLICATE = 1   # INSERT of a key already present (index/slot: the existing entry)
+    FULL = 2        # INSERT found no place; the table is unchanged
+    NOT_FOUND = 3   # DELETE/UPDATE of an absent key, READ of an empty slot
+    BAD_INDEX = 4   # READ of a slot >= entries + stash
+    NOT_EMPTY = 5   # SET_KEY while entries are present
+    BAD_OP = 6      # unknown op code
+
+
+def xorshift32(x):
+    """The walk's random generator (one step)."""
+    x ^= (x << 13) & 0xFFFFFFFF
+    x ^= x >> 17
+    x ^= (x << 5) & 0xFFFFFFFF
+    return x
+
+
+def flow_key_bytes(key):
+    """The SipHash message of a flow key (flat integer or dict)."""
+    if isinstance(key, dict):
+        key = pack_struct(FLOW_KEY, **key)
+    return int(key).to_bytes(FLOW_KEY.size // 8, "little")
+
+
+class Geometry:
+    """Sizes and slot numbering of a table of ``entries`` slots plus ``stash``.
+
+    Slot ``s < entries`` is way ``s % 4`` of bucket ``(s // 4) % buckets`` of table
+    ``s // (entries // 2)``; slot ``entries + k`` is stash entry ``k``.
+    """
+
+    def __init__(self, entries, stash=4, max_moves=64):
+        if entries < 16 or entries & (entries - 1):
+            raise ValueError(f"entries must be a power of two >= 16, not {entries}")
+        self.entries, self.stash, self.max_moves = entries, stash, max_moves
+        self.buckets = entries // (TABLES * WAYS)
+        self.bucket_bits = self.buckets.bit_length() - 1
+        self.slots = entries + stash
+        self.capacity = self.slots
+        self.index_bits = max(1, (self.slots - 1).bit_length())
+        self.slot_bits = self.index_bits
+
+    def buckets_of(self, h):
+        """(bucket in table 0, bucket in table 1) of a 64-bit hash."""
+        return h & (self.buckets - 1), (h >> 32) & (self.buckets - 1)
+
+    def slot(self, t, b, w):
+        return (t * self.buckets + b) * WAYS + w
+
+    def position(self, slot):
+        return slot // (self.buckets * WAYS), (slot // WAYS) % self.buckets, slot % WAYS
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def entry_layout(geo, value_width):
+    """One slot of a table memory."""
+    return data.StructLayout({"valid": 1, "pending": 1, "key": FLOW_KEY, "value": value_width,
+                              "index": geo.index_bits, "alt": max(1, geo.bucket_bits)})
+
+
+def result_layout(geo, value_width):
+    """A lookup result: hit, flow index and value (index and value are 0 on a miss)."""
+    return data.StructLayout({"hit": 1, "index": geo.index_bits, "value": value_width})
+
+
+def command_layout(geo, value_width):
+    """A control command; the fields an op does not use are ignored."""
+    return data.StructLayout({"op": 3, "key": FLOW_KEY, "value": value_width,
+                              "slot": geo.slot_bits, "hash_key": 128})
+
+
+def response_layout(geo, value_width):
+    """A control response: the entry concerned (key, value, flow index, slot)."""
+    return data.StructLayout({"status": 3, "op": 3, "index": geo.index_bits,
+                              "slot": geo.slot_bits, "key": FLOW_KEY, "value": value_width})
+
+
+def _first(bits):
+    """(any, index of the lowest set bit) of a list of 1-bit values."""
+    index = Const(0, max(1, (len(bits) - 1).bit_length()))
+    for k in reversed(range(len(bits))):
+        index = Mux(bits[k], k, index)
+    found = Const(0, 1)
+    for b in bits:
+        found = found | b
+    return found, index
+
+
+def _hw_xorshift32(x):
+    x = x ^ (x << 13)[:32]
+    x = x ^ (x >> 17)
+    return x ^ (x << 5)[:32]
+
+
+# ----------------------------------------------------------------------------- the block
+
+class ConnTable(wiring.Component):
+    """The connection table (see the module docstring)."""
+
+    def __init__(self, entries=4096, value_width=32, stash=4, max_moves=256, state_width=64):
+        self.geo = Geometry(entries, stash, max_moves)
+        assert stash >= 1 and max_moves >= 1
+        self.value_width = value_width
+        self.state_width = state_width
+        self.entry = entry_layout(self.geo, value_width)
+        self.hash_latency = siphash_latency(FLOW_KEY.size)
+        self.pipe_latency = self.hash_latency + 4    # accepted key -> result into the FIFO
+        depth = 4
+        while depth < self.pipe_latency + 4:
+            depth *= 2
+        self.fifo_depth = depth
+        self.lookup_latency = self.pipe_latency + 2  # + SyncFIFOBuffered
+        ports = {
+            "i": In(stream.Signature(FLOW_KEY)),
+            "o": Out(stream.Signature(result_layout(self.geo, value_width))),
+            "cmd": In(stream.Signature(command_layout(self.geo, value_width))),
+            "resp": Out(stream.Signature(response_layout(self.geo, value_width))),
+            "count": Out(range(self.geo.slots + 1)),
+        }
+        if state_width:
+            ports.update({"state_raddr": In(self.geo.index_bits), "state_rdata": Out(state_width),
+                          "state_waddr": In(self.geo.index_bits), "state_wdata": In(state_width),
+                          "state_we": In(1)})
+        super().__init__(ports)
+
+    def elaborate(self, platform):
+        m = Module()
+        geo, E = self.geo, self.entry
+        V, IB, BB = self.value_width, geo.index_bits, max(1, geo.bucket_bits)
+        S, M = geo.stash, geo.max_moves
+        H = self.hash_latency
+
+        def bucket_bits(h, t):
+            return h[32 * t:32 * t + geo.bucket_bits] if geo.bucket_bits else Const(0, 1)
+
+        # ---- state shared by both paths ----------------------------------------------
+        hash_key = Signal(128)
+        sweeping = Signal()                 # comb: the SWEEP state
+        stash_valid = [Signal(name=f"stash{s}_valid") for s in range(S)]
+        stash_key = [Signal(FLOW_KEY.size, name=f"stash{s}_key") for s in range(S)]
+        stash_value = [Signal(V, name=f"stash{s}_value") for s in range(S)]
+        stash_index = [Signal(IB, name=f"stash{s}_index") for s in range(S)]
+        carry_valid = Signal()
+        carry_pending = Signal()
+        carry_key = Signal(FLOW_KEY.size)
+        carry_value = Signal(V)
+        carry_index = Signal(IB)
+        carry_t = Signal()
+        carry_b = Signal(BB)
+        carry_alt = Signal(BB)
+
+        ctl_addr = [Signal(BB, name=f"ctl_addr{t}") for t in range(TABLES)]
+        we = Signal()                       # control write of one slot
+        we_t = Signal()
+        we_w = Signal(2)
+        wdata = Signal(E.size)
+        lk_addr = [Signal(BB, name=f"lk_addr{t}") for t in range(TABLES)]
+        lk_data, ctl_data = {}, {}
+        for t in range(TABLES):
+            for w in range(WAYS):
+                mem = Memory(shape=E.size, depth=geo.buckets, init=[])
+                m.submodules[f"mem_t{t}_w{w}"] = mem
+                wr = mem.write_port()
+                lk = mem.read_port(transparent_for=(wr,))
+                ct = mem.read_port()
+                m.d.comb += [
+                    lk.addr.eq(lk_addr[t]),
+                    ct.addr.eq(ctl_addr[t]),
+                    wr.addr.eq(ctl_addr[t]),
+                    wr.data.eq(Mux(sweeping, 0, wdata)),
+                    wr.en.eq(sweeping | (we & (we_t == t) & (we_w == w))),
+                ]
+                lk_data[t, w] = data.View(E, lk.data)
+                ctl_data[t, w] = data.View(E, ct.data)
+
+        # ---- lookup path ---------------------------------------------------------------
+        outstanding = Signal(range(self.fifo_depth + 1))
+        m.submodules.result_fifo = fifo = SyncFIFOBuffered(
+            width=result_layout(geo, V).size, depth=self.fifo_depth)
+        took = self.i.valid & self.i.ready
+        gave = self.o.valid & self.o.ready
+        m.d.comb += self.i.ready.eq(outstanding < self.fifo_depth)
+        m.d.sync += outstanding.eq(outstanding + took - gave)
+        m.d.comb += [self.o.valid.eq(fifo.r_rdy), self.o.payload.eq(fifo.r_data),
+                     fifo.r_en.eq(self.o.ready)]
+
+        lk_key = self.i.payload.as_value()
+        hv, h = siphash_pipeline(m, "lk_hash", took, hash_key, lk_key)
+        p = Pipeline(m, "lk", valid=took)
+        p.inject("key", lk_key, 0)
+        p.inject("hash", h, H)
+        # Stage H: the bucket addresses go to the lookup read ports.
+        for t in range(TABLES):
+            m.d.comb += lk_addr[t].eq(bucket_bits(p.get("hash", H), t))
+        # Stage H+1: the memory words read at the edge ending stage H; the stash and the
+        # carry register as they are after that same edge (one consistent snapshot).
+        key1 = p.get("key", H + 1)
+        for t in range(TABLES):
+            for w in range(WAYS):
+                p.define(f"word{t}{w}", lk_data[t, w].as_value(), H + 1)
+        regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
+        regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
+        for s, (valid, key, value, index) in enumerate(regs):
+            p.define(f"reg_hit{s}", valid & (key == key1), H + 1)
+            p.define(f"reg_val{s}", Cat(value, index), H + 1)
+        p.define("miss", sweeping, H + 1)
+        # Stage H+2: compare the 8 slots.
+        key2 = p.get("key", H + 2)
+        for t in range(TABLES):
+            for w in range(WAYS):
+                word = data.View(E, p.get(f"word{t}{w}", H + 2))
+                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending & (word.key.as_value() == key2), H + 2)
+                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 2)
+        # Stage H+3: select the hit (at most one slot or register holds the key).
+        hits = [p.get(f"slot_hit{t}{w}", H + 3) for t in range(TABLES) for w in range(WAYS)]
+        vals = [p.get(f"slot_val{t}{w}", H + 3) for t in range(TABLES) for w in range(WAYS)]
+        hits += [p.get(f"reg_hit{s}", H + 3) for s in range(S + 1)]
+        vals += [p.get(f"reg_val{s}", H + 3) for s in range(S + 1)]
+        hit = Const(0, 1)
+        sel = Const(0, V + IB)
+        for hb, val in zip(hits, vals):
+            hit = hit | hb
+            sel = sel | Mux(hb, val, 0)
+        miss = p.get("miss", H + 3)
+        p.define("result", struct_value(result_layout(geo, V), {
+            "hit": hit & ~miss, "value": Mux(miss, 0, sel[:V]), "index": Mux(miss, 0, sel[V:])}), H + 3)
+        m.d.comb += [fifo.w_en.eq(p.valid(H + 4)), fifo.w_data.eq(p.get("result", H + 4))]
+        assert H + 4 == self.pipe_latency
+
+        # ---- control path --------------------------------------------------------------
+        C = command_layout(geo, V)
+        R = response_layout(geo, V)
+        cmd = Signal(C)
+        resp = Signal(R)
+        resp_valid = Signal()
+        m.d.comb += [self.resp.valid.eq(resp_valid), self.resp.payload.eq(resp)]
+
+        ctl_start = Signal()
+        cv, ch = siphash_pipeline(m, "ctl_hash", ctl_start, hash_key, cmd.key.as_value())
+        b = [Signal(BB, name=f"b{t}") for t in range(TABLES)]
+
+        rd = {(t, w): Signal(E, name=f"rd_t{t}_w{w}") for t in range(TABLES) for w in range(WAYS)}
+
+        # Flow indices: a LIFO of freed ones, then fresh ones.
+        count = Signal(range(geo.slots + 1))
+        m.d.comb += self.count.eq(count)
+        sp = Signal(range(geo.slots + 1))
+        fresh = Signal(range(geo.slots + 1))
+        stack = Memory(shape=IB, depth=geo.slots, init=[])
+        m.submodules.free_stack = stack
+        push = stack.write_port()
+        top = stack.read_port()
+        m.d.comb += [push.addr.eq(sp), top.addr.eq(sp - 1)]
+        index_new = Signal(IB)
+        m.d.comb += index_new.eq(Mux(sp != 0, top.data, fresh))
+        commit = Signal()
+        release = Signal()
+        release_index = Signal(IB)
+        m.d.comb += [push.en.eq(release), push.data.eq(release_index)]
+        with m.If(commit):
+            m.d.sync += count.eq(count + 1)
+            with m.If(sp != 0):
+                m.d.sync += sp.eq(sp - 1)
+            with m.Else():
+                m.d.sync += fresh.eq(fresh + 1)
+        with m.If(release):
+            m.d.sync += [count.eq(count - 1), sp.eq(sp + 1)]
+
+        rng = Signal(32, init=RNG_SEED)
+        rng_next = _hw_xorshift32(rng)
+        steps = Signal(range(M + 1))
+        path = Memory(shape=2, depth=M, init=[])
+        m.submodules.path = path
+        path_w = path.write_port()
+        path_r = path.read_port(domain="comb")
+        m.d.comb += [path_w.addr.eq(steps), path_r.addr.eq(steps - 1)]
+
+        new_t, new_b, new_w, new_alt = Signal(), Signal(BB), Signal(2), Signal(BB)
+
+        # Find results (registered in CMP, used in DECIDE).
+        f_slot = Signal(TABLES * WAYS)
+        f_stash = Signal(S)
+        used = [Signal(range(WAYS + 1), name=f"used{t}") for t in range(TABLES)]
+        free = [Signal(WAYS, name=f"free{t}") for t in range(TABLES)]
+
+        def slot_number(t, bk, w):
+            return Cat(Const(w, 2) if isinstance(w, int) else w, bk[:geo.bucket_bits],
+                       Const(t, 1) if isinstance(t, int) else t)
+
+        def word(valid, pending, key, value, index, alt):
+            return struct_value(E, {"valid": valid, "pending": pending, "key": key,
+                                    "value": value, "index": index, "alt": alt})
+
+        def respond(status, index=None, slot=None, key=None, value=None):
+            stmts = [resp.status.eq(status)]
+            if index is not None:
+                stmts.append(resp.index.eq(index))
+            if slot is not None:
+                stmts.append(resp.slot.eq(slot))
+            if key is not None:
+                stmts.append(resp.key.eq(key))
+            if value is not None:
+                stmts.append(resp.value.eq(value))
+            return stmts
+
+        phase = Signal(2)                    # what to do with the data of RD/DATA
+        PH_FIND, PH_WALK, PH_UNDO, PH_READ = range(4)
+        read_t, read_w = Signal(), Signal(2)
+        sweep_reply = Signal()
+
+        def bucket_of(t_sig):
+            return [Mux(t_sig, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
+
+        with m.FSM(init="SWEEP") as fsm:
+            with m.State("SWEEP"):
+                m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
+                with m.If(ctl_addr[0] == geo.buckets - 1):
+                    m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
+                    with m.If(sweep_reply):
+                        m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
+                        m.next = "RESPOND"
+                    with m.Else():
+                        m.next = "IDLE"
+
+            with m.State("IDLE"):
+                with m.If(self.cmd.valid):
+                    m.d.sync += cmd.eq(self.cmd.payload)
+                    m.next = "DISPATCH"
+
+            with m.State("DISPATCH"):
+                m.d.sync += [resp.op.eq(cmd.op), resp.key.eq(0), resp.value.eq(0),
+                             resp.index.eq(0), resp.slot.eq(0), resp.status.eq(Status.OK)]
+                with m.Switch(cmd.op):
+                    with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
+                        m.d.comb += ctl_start.eq(1)
+                        m.d.sync += resp.key.eq(cmd.key)
+                        with m.If(cmd.op == Op.INSERT):
+                            m.d.sync += resp.value.eq(cmd.value)
+                        m.next = "HASH"
+                    with m.Case(Op.READ):
+                        m.d.sync += resp.slot.eq(cmd.slot)
+                        with m.If(cmd.slot >= geo.slots):
+                            m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
+                            m.next = "RESPOND"
+                        with m.Elif(cmd.slot >= geo.entries):
+                            with m.Switch(cmd.slot - geo.entries):
+                                for s in range(S):
+                                    with m.Case(s):
+                                        with m.If(stash_valid[s]):
+                                            m.d.sync += [resp.key.eq(stash_key[s]),
+                                                         resp.value.eq(stash_value[s]),
+                                                         resp.index.eq(stash_index[s])]
+                                        with m.Else():
+                                            m.d.sync += resp.status.eq(Status.NOT_FOUND)
+                            m.d.sync += resp_valid.eq(1)
+                            m.next = "RESPOND"
+                        with m.Else():
+                            t_sel = cmd.slot[geo.bucket_bits + 2]
+                            m.d.sync += [read_t.eq(t_sel), read_w.eq(cmd.slot[:2]),
+                                         phase.eq(PH_READ)]
+                            for t in range(TABLES):
+                                with m.If(t_sel == t):
+                                    m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
+                            m.next = "RD"
+                    with m.Case(Op.SET_KEY):
+                        with m.If(count == 0):
+                            m.d.sync += hash_key.eq(cmd.hash_key)
+                        with m.Else():
+                            m.d.sync += resp.status.eq(Status.NOT_EMPTY)
+                        m.d.sync += resp_valid.eq(1)
+                        m.next = "RESPOND"
+                    with m.Case(Op.CLEAR):
+                        m.d.sync += [s.eq(0) for s in stash_valid]
+                        m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
+                                     rng.eq(RNG_SEED), sweep_reply.eq(1)]
+                        m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
+                        m.next = "SWEEP"
+                    with m.Default():
+                        m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
+                        m.next = "RESPOND"
+
+            with m.State("HASH"):
+                with m.If(cv):
+                    for t in range(TABLES):
+                        m.d.sync += [b[t].eq(bucket_bits(ch, t)), ctl_addr[t].eq(bucket_bits(ch, t))]
+                    m.d.sync += phase.eq(PH_FIND)
+                    m.next = "RD"
+
+            with m.State("RD"):                   # the control ports read ctl_addr
+                m.next = "DATA"
+
+            with m.State("DATA"):
+                m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
+                with m.Switch(phase):
+                    with m.Case(PH_FIND):
+                        m.next = "CMP"
+                    with m.Case(PH_WALK):
+                        m.next = "WALK"
+                    with m.Case(PH_UNDO):
+                        m.next = "UNDO"
+                    with m.Case(PH_READ):
+                        m.next = "READ"
+
+            with m.State("READ"):
+                sel = Signal(E)
+                m.d.comb += sel.eq(Mux(read_t, Cat(*[rd[1, w] for w in range(WAYS)]),
+                                       Cat(*[rd[0, w] for w in range(WAYS)])).word_select(read_w, E.size))
+                with m.If(sel.valid):
+                    m.d.sync += respond(Status.OK, sel.index, key=sel.key, value=sel.value)
+                with m.Else():
+                    m.d.sync += resp.status.eq(Status.NOT_FOUND)
+                m.d.sync += resp_valid.eq(1)
+                m.next = "RESPOND"
+
+            with m.State("CMP"):
+                key = cmd.key.as_value()
+                m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & (rd[t, w].key.as_value() == key)
+                                            for t in range(TABLES) for w in range(WAYS)]))
+                m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & (stash_key[s] == key)
+                                             for s in range(S)]))
+                for t in range(TABLES):
+                    m.d.sync += free[t].eq(Cat(*[~rd[t, w].valid for w in range(WAYS)]))
+                    total = Const(0, 3)
+                    for w in range(WAYS):
+                        total = total + rd[t, w].valid
+                    m.d.sync += used[t].eq(total)
+                m.next = "DECIDE"
+
+            with m.State("DECIDE"):
+                any_slot, which = _first([f_slot[k] for k in range(TABLES * WAYS)])
+                any_stash, which_s = _first([f_stash[s] for s in range(S)])
+                ft, fw = which[2], which[:2]
+                found = Signal(E)
+                m.d.comb += found.eq(Cat(*[rd[t, w] for t in range(TABLES)
+                                           for w in range(WAYS)]).word_select(which, E.size))
+                found_index = Signal(IB)
+                found_value = Signal(V)
+                found_slot = Signal(geo.slot_bits)
+                with m.If(any_slot):
+                    m.d.comb += [found_index.eq(found.index), found_value.eq(found.value),
+                                 found_slot.eq(slot_number(ft, Mux(ft, b[1], b[0]), fw))]
+                with m.Else():
+                    with m.Switch(which_s):
+                        for s in range(S):
+                            with m.Case(s):
+                                m.d.comb += [found_index.eq(stash_index[s]),
+                                             found_value.eq(stash_value[s]),
+                                             found_slot.eq(geo.entries + s)]
+                with m.Switch(cmd.op):
+                    with m.Case(Op.INSERT):
+                        with m.If(any_slot | any_stash):
+                            m.d.sync += respond(Status.DUPLICATE, found_index, found_slot,
+                                                value=found_value)
+                            m.d.sync += resp_valid.eq(1)
+                            m.next = "RESPOND"
+                        with m.Elif(count == geo.slots):
+                            m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                            m.next = "RESPOND"
+                        with m.Elif((used[0] < WAYS) | (used[1] < WAYS)):
+                            t_sel = used[1] < used[0]
+                            _, w0 = _first([free[0][w] for w in range(WAYS)])
+                            _, w1 = _first([free[1][w] for w in range(WAYS)])
+                            w_sel = Mux(t_sel, w1, w0)
+                            m.d.comb += [we.eq(1), we_t.eq(t_sel), we_w.eq(w_sel),
+                                         wdata.eq(word(1, 0, cmd.key, cmd.value, index_new,
+                                                       Mux(t_sel, b[0], b[1]))),
+                                         commit.eq(1)]
+                            m.d.sync += respond(Status.OK, index_new,
+                                                slot_number(t_sel, Mux(t_sel, b[1], b[0]), w_sel))
+                            m.d.sync += resp_valid.eq(1)
+                            m.next = "RESPOND"
+                        with m.Else():
+                            t_sel = rng_next[0]
+                            m.d.sync += [rng.eq(rng_next), carry_valid.eq(1), carry_pending.eq(1),
+                                         carry_key.eq(cmd.key), carry_value.eq(cmd.value),
+                                         carry_index.eq(index_new), carry_t.eq(t_sel),
+                                         carry_b.eq(Mux(t_sel, b[1], b[0])),
+                                         carry_alt.eq(Mux(t_sel, b[0], b[1])),
+                                         steps.eq(0), phase.eq(PH_WALK)]
+                            m.next = "RD"        # ctl_addr still holds both buckets
+                    with m.Case(Op.DELETE, Op.UPDATE):
+                        with m.If(any_slot | any_stash):
+                            m.d.sync += respond(Status.OK, found_index, found_slot, value=found_value)
+                            with m.If(cmd.op == Op.UPDATE):
+                                m.d.sync += resp.value.eq(cmd.value)
+                            with m.If(any_slot):
+                                m.d.comb += [we.eq(1), we_t.eq(ft), we_w.eq(fw)]
+                                with m.If(cmd.op == Op.UPDATE):
+                                    m.d.comb += wdata.eq(word(1, 0, found.key, cmd.value,
+                                                              found.index, found.alt))
+                            with m.Else():
+                                with m.Switch(which_s):
+                                    for s in range(S):
+                                        with m.Case(s):
+                                            with m.If(cmd.op == Op.UPDATE):
+                                                m.d.sync += stash_value[s].eq(cmd.value)
+                                            with m.Else():
+                                                m.d.sync += stash_valid[s].eq(0)
+                            with m.If(cmd.op == Op.DELETE):
+                                m.d.comb += [release.eq(1), release_index.eq(found_index)]
+                        with m.Else():
+                            m.d.sync += resp.status.eq(Status.NOT_FOUND)
+                        m.d.sync += resp_valid.eq(1)
+                        m.next = "RESPOND"
+
+            with m.State("WALK"):
+                bucket = bucket_of(carry_t)
+                is_free = [~data.View(E, x).valid for x in bucket]
+                any_free, w_free = _first(is_free)
+                w_evict = rng_next[:2]
+                victim = data.View(E, Signal(E.size, name="victim"))
+                m.d.comb += victim.as_value().eq(Cat(*bucket).word_select(w_evict, E.size))
+                with m.If(any_free | (steps != M)):
+                    m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict))]
+                with m.If(any_free):
+                    # The carried entry lands; if it is not the new one, the new one is
+                    # still pending somewhere: FINALIZE makes it visible.
+                    m.d.comb += wdata.eq(word(1, 0, carry_key, carry_value, carry_index, carry_alt))
+                    m.d.sync += carry_valid.eq(0)
+                    with m.If(carry_pending):
+                        m.d.comb += commit.eq(1)
+                        m.d.sync += respond(Status.OK, carry_index,
+                                            slot_number(carry_t, carry_b, w_free))
+                        m.d.sync += resp_valid.eq(1)
+                        m.next = "RESPOND"
+                    with m.Else():
+                        m.next = "FINALIZE"
+                with m.Elif(steps != M):
+                    m.d.comb += [wdata.eq(word(1, carry_pending, carry_key, carry_value,
+                                               carry_index, carry_alt)),
+                                 path_w.en.eq(1), path_w.data.eq(w_evict)]
+                    with m.If(carry_pending):
+                        m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
+                                     new_alt.eq(carry_alt)]
+                    m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1),
+                                 carry_key.eq(victim.key), carry_value.eq(victim.value),
+                                 carry_index.eq(victim.index), carry_pending.eq(victim.pending),
+                                 carry_t.eq(~carry_t), carry_b.eq(victim.alt), carry_alt.eq(carry_b)]
+                    for t in range(TABLES):
+                        with m.If(carry_t != t):
+                            m.d.sync += ctl_addr[t].eq(victim.alt)
+                    m.next = "RD"
+                with m.Else():
+                    m.next = "HOMELESS"
+
+            with m.State("HOMELESS"):
+                free_s, s_free = _first([~v for v in stash_valid])
+                with m.If(free_s):
+                    with m.Switch(s_free):
+                        for s in range(S):
+                            with m.Case(s):
+                                m.d.sync += [stash_valid[s].eq(1), stash_key[s].eq(carry_key),
+                                             stash_value[s].eq(carry_value),
+                                             stash_index[s].eq(carry_index)]
+                    m.d.sync += carry_valid.eq(0)
+                    with m.If(carry_pending):
+                        m.d.comb += commit.eq(1)
+                        m.d.sync += respond(Status.OK, carry_index, geo.entries + s_free)
+                        m.d.sync += resp_valid.eq(1)
+                        m.next = "RESPOND"
+                    with m.Else():
+                        m.next = "FINALIZE"
+                with m.Else():
+                    # Undo the walk: step k moved into (1 - carry_t, carry_alt, path[k]).
+                    m.d.sync += phase.eq(PH_UNDO)
+                    for t in range(TABLES):
+                        with m.If(carry_t != t):
+                            m.d.sync += ctl_addr[t].eq(carry_alt)
+                    m.next = "RD"
+
+            with m.State("UNDO"):
+                t_u = ~carry_t
+                w_u = path_r.data
+                back = data.View(E, Signal(E.size, name="back"))
+                m.d.comb += back.as_value().eq(Cat(*bucket_of(t_u)).word_select(w_u, E.size))
+                m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u),
+                             wdata.eq(word(1, carry_pending, carry_key, carry_value,
+                                           carry_index, carry_b))]
+                m.d.sync += [carry_key.eq(back.key), carry_value.eq(back.value),
+                             carry_index.eq(back.index), carry_pending.eq(back.pending),
+                             carry_t.eq(t_u), carry_b.eq(carry_alt), carry_alt.eq(back.alt),
+                             steps.eq(steps - 1)]
+                with m.If(steps == 1):
+                    m.d.sync += [carry_valid.eq(0), resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                    m.next = "RESPOND"
+                with m.Else():
+                    # The step before: (carry_t after this one, back.alt) -> set below.
+                    for t in range(TABLES):
+                        with m.If(t_u != t):
+                            m.d.sync += ctl_addr[t].eq(back.alt)
+                    m.next = "RD"
+
+            with m.State("FINALIZE"):
+                for t in range(TABLES):
+                    with m.If(new_t == t):
+                        m.d.sync += ctl_addr[t].eq(new_b)
+                m.next = "FINALIZE_WRITE"
+
+            with m.State("FINALIZE_WRITE"):
+                m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w),
+                             wdata.eq(word(1, 0, cmd.key, cmd.value, index_new, new_alt)),
+                             commit.eq(1)]
+                m.d.sync += respond(Status.OK, index_new, slot_number(new_t, new_b, new_w))
+                m.d.sync += resp_valid.eq(1)
+                m.next = "RESPOND"
+
+            with m.State("RESPOND"):
+                with m.If(self.resp.ready):
+                    m.d.sync += resp_valid.eq(0)
+                    m.next = "IDLE"
+
+        # Outside the states, so that these are plain assignments (Icarus does not run
+        # an ``always @*`` block before one of its inputs changes).
+        m.d.comb += [sweeping.eq(fsm.ongoing("SWEEP")), self.cmd.ready.eq(fsm.ongoing("IDLE"))]
+
+        # ---- per-flow state memory -----------------------------------------------------
+        if self.state_width:
+            state = Memory(shape=self.state_width, depth=geo.slots, init=[])
+            m.submodules.flow_state = state
+            sw = state.write_port()
+            sr = state.read_port()
+            m.d.comb += [sr.addr.eq(self.state_raddr), self.state_rdata.eq(sr.data),
+                         sw.addr.eq(self.state_waddr), sw.data.eq(self.state_wdata),
+                         sw.en.eq(self.state_we)]
+        return m
