@@ -33,6 +33,12 @@ BLOCKS = {
                      "TX frame builder: header descriptor + payload -> checksummed frame"),
     "checksum_insert": Block("hw.checksum_insert:ChecksumInserter", {"width": 64},
                              "TX checksum completion for host frames (IPv4 header, TCP)"),
+    "siphash": Block("hw.siphash:SipHash", {"message_bits": 104},
+                     "SipHash-2-4 of a 13-byte message, one per cycle (keyed hash)"),
+    "conn_table": Block("hw.conn_table:ConnTable",
+                        {"entries": 4096, "value_width": 32, "stash": 4, "max_moves": 256,
+                         "state_width": 64},
+                        "connection table: keyed 2x4-way cuckoo hash, one lookup per cycle"),
 }
 
 
