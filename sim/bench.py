@@ -100,22 +100,30 @@ def _bench_job(block):
     if block == "checksum_insert":
         from tb.test_checksum_insert import bench_inserter
         return bench_inserter
+    if block == "conn_table":
+        from tb.test_conn_table import bench_conn_table
+        return bench_conn_table
     raise KeyError(block)
 
 
-BENCHES = ("parser", "builder", "checksum_insert")
+BENCHES = ("parser", "builder", "checksum_insert", "conn_table")
 
 
-def run(block, width=64, sim="amaranth", waves=None):
+def run(block, width=64, sim="amaranth", waves=None, entries=None):
     """Run the bench of ``block`` and return its figures."""
     from sim.blocks import get_block
     from sim.jobs import run_job
     if block not in BENCHES:
         raise KeyError(f"no bench for {block!r}; benches exist for: {', '.join(sorted(BENCHES))}")
     entry = get_block(block)
-    params = dict(entry.params, width=width)
+    params = dict(entry.params)
+    if "width" in params:                               # table blocks have no width
+        params["width"] = width
+    job_args = {"width": width}
+    if entries is not None:                             # `--entries N` for table blocks
+        params["entries"] = job_args["entries"] = entries
     result = run_job(entry.component_class(), params, _bench_job(block), sim=sim,
-                     job_args={"width": width}, waves=waves)
+                     job_args=job_args, waves=waves)
     figures = {"block": block, "width": width}
     figures.update(result.value)
     figures["sim"] = sim
