@@ -155,7 +155,8 @@ def cmd_bench(args):
         raise UsageError(f"no bench for block {args.block!r}; benches exist for: "
                          f"{', '.join(sorted(benches))}")
     try:
-        result = bench.run(args.block, args.width, args.sim)
+        extra = {"entries": args.entries} if args.entries is not None else {}
+        result = bench.run(args.block, args.width, args.sim, **extra)
     except JobError as error:
         raise RunError(str(error)) from None
     print_dict(result)
@@ -235,6 +236,8 @@ def build_parser():
                        help="datapath width in bits: 64, 128, 256 or 512 (default: 64)")
     bench.add_argument("--sim", choices=SIMS, default="amaranth",
                        help="simulator (default: amaranth)")
+    bench.add_argument("--entries", type=int, default=None, metavar="N",
+                       help="table size, for table blocks such as conn_table (default: the block's)")
     bench.add_argument("--json", action="store_true",
                        help="also print the result as one JSON object on the last line")
     bench.set_defaults(func=cmd_bench)
