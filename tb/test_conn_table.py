@@ -370,11 +370,12 @@ DEFAULTS = {"entries": 4096, "value_width": 32, "stash": 4, "max_moves": 256, "s
 
 def insert_latency_bound(params):
     """Worst-case INSERT latency in cycles (command accepted -> response valid), from the
-    FSM: dispatch, hash, find (4), ``max_moves`` walk steps of 3 cycles, the stash check,
-    ``max_moves`` undo steps of 3 cycles, the response."""
+    FSM: dispatch, the hash, find and decide (``hash + 6`` in all, the latency of every
+    command without a walk), ``max_moves + 1`` walk steps of 3 cycles (read, data, move),
+    the stash check, then ``max_moves`` undo steps of 3 cycles."""
     from hw.siphash import siphash_latency
-    return 1 + siphash_latency(FLOW_KEY.size) + 1 + 4 + 3 * params["max_moves"] + 1 \
-        + 3 * params["max_moves"] + 1
+    moves = params["max_moves"]
+    return siphash_latency(FLOW_KEY.size) + 6 + 3 * (moves + 1) + 1 + 3 * moves
 
 
 async def bench_conn_table(bus, width=64, entries=4096, load=0.9, mix_ops=300, seeds=20):
@@ -418,6 +419,7 @@ async def bench_conn_table(bus, width=64, entries=4096, load=0.9, mix_ops=300, s
     }
     out.update(_latencies(commands, expected, figures))
     out["insert_latency_bound_cycles"] = insert_latency_bound(params)
+    assert out["insert_latency_worst_cycles"] <= out["insert_latency_bound_cycles"], out
     began = time.perf_counter()
     for size in (4096, 65536):
         occ = [fill_to_failure(size, seed, params["stash"], params["max_moves"])[0]
