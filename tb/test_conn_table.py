@@ -439,3 +439,12 @@ def _latencies(commands, expected, figures):
         out[f"{name}_latency_worst_cycles"] = max(values)
         out[f"{name}_latency_mean_cycles"] = round(sum(values) / len(values), 2)
     return out
+
+
+def test_docs_code_tables():
+    """docs/conn_table.md lists every op and status code with the values of hw.conn_table."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "conn_table.md").read_text()
+    for enum in (Op, Status):
+        for code in enum:
+            assert f"| {code.value} | `{code.name}` |" in text, code
