@@ -13,15 +13,17 @@ emits on ``o`` one Ethernet II + IPv4 (IHL 5, DF as given) + TCP frame:
   ``payload_length`` and ``payload_mismatch`` counts it.
 - Frames shorter than 60 bytes are zero-padded to 60 (the IP total length excludes
   the padding).
-- Both checksums are right: the assembled frame is summed as it enters a
-  ``PatchBuffer`` (store and forward, one maximum frame deep) and the checksum bytes
-  are written as the frame leaves.
+- Both checksums are right: the assembled frame is summed (a pipelined adder tree
+  behind the beat builder) as it enters a ``PatchBuffer`` (store and forward, one
+  maximum frame deep) and the checksum bytes are written as the frame leaves.
 - A frame longer than ``max_frame_bytes`` is not sent: its payload beats are consumed
   and dropped and ``oversize_drops`` counts it.
 
-Latency: header accepted -> first output beat = frame beats + 2 cycles (store and forward).
+Latency: header accepted -> first output beat = frame beats + 11 cycles at W=64 (19 for a
+60-byte frame), frame beats + 15 at W=512: two header stages, then store and forward
+while the checksum pipeline (``checksum_stages``, which grows with W) sums the frame.
 Throughput: 1 output beat per cycle for back-to-back frames of any size, header-only ones
-included (the next header is taken in the cycle the current frame's last beat is built).
+included (the next frame is taken in the cycle the current frame's last beat is built).
 
 Ports: ``header`` (In, stream of ``TX_HEADER``), ``payload`` and ``o`` (packet streams,
 ``hw.stream``), ``payload_mismatch`` and ``oversize_drops`` (Out, 32-bit counters).
@@ -31,12 +33,13 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.ones_complement import fold, word_sum
+from hw.ones_complement import beat_words
 from hw.patch_buffer import PATCH, PatchBuffer
 from hw.headers import (ETHERNET, IPV4, TCP, TCP_OPTIONS, ETH_LEN, IPV4_MIN_LEN, TCP_MIN_LEN,
                         MIN_FRAME_BYTES, MAX_FRAME_BYTES, EtherType, IpProto, TcpOption)
 from hw.metadata import TX_HEADER
-from hw.stream import packet_signature, beat_bytes
+from hw.pipeline import Pipeline, adder_tree
+from hw.stream import packet_layout, packet_signature, beat_bytes, struct_value
 
 __all__ = ["TxBuilder", "linux_option_bytes", "header_length", "OPTION_COMBOS",
            "L3_OFFSET", "L4_OFFSET", "FIXED_HEADER_BYTES"]
@@ -119,14 +122,44 @@ def _combo_index(opt):
     return Cat(opt.mss_valid, opt.sack_perm, opt.ts_valid, opt.wscale_valid)
 
 
+def _table(values, index, width):
+    """``values[index]`` for a small constant table, as one expression."""
+    return Cat(*[Const(v, width) for v in values]).word_select(index, width)
+
+
+def _lanes_below(count, lanes):
+    """Lane mask with the lanes ``0 .. count - 1`` set (``count`` may exceed ``lanes``)."""
+    return Cat(*[count > lane for lane in range(lanes)])
+
+
 class TxBuilder(wiring.Component):
     """Builds one Ethernet/IPv4/TCP frame per header beat (see the module docstring).
 
     ``TxBuilder(width=64, max_frame_bytes=1518)``; ``width`` is the datapath width W.
+
+    Inside, five parts run one after the other, each from registers:
+
+    1. ``n0``: the accepted header, with its header length and the sums of lengths
+       that depend on the option flags (one table look-up and one adder each).
+    2. ``n1``: everything the frame needs, precomputed: the header bytes (options laid
+       out), the lane masks of the first beat, beat counts, the pseudo-header sums.
+    3. the beat builder (one beat per cycle): header bytes are shifted out of a
+       register, payload bytes are rotated behind them, lane masks come from
+       registers that count down.
+    4. ``s1``: the built beat, registered; it is written into the ``PatchBuffer``
+       and summed by a never-stalling pipeline (adder tree, per-frame accumulator,
+       fold), whose result is the frame's patch.
+    5. the ``PatchBuffer`` (frames and patches), kept from overflowing with credit
+       counters, so that nothing downstream of the beat builder ever stalls.
     """
 
-    #: Buffer beats on top of one maximum frame (the summing adds no latency of its own).
-    SLACK_BEATS = 8
+    #: Buffer beats on top of one maximum frame: they cover the beats that enter while
+    #: the previous frame waits for its checksums, so that back-to-back maximum frames
+    #: flow without a bubble. At W=64 they come for free in the block RAMs.
+    SLACK_BEATS = 32
+    #: Patches the buffer can hold: more than the frames in flight between the beat
+    #: builder and the output at line rate (one-beat frames at W=512).
+    PATCH_DEPTH = 32
 
     def __init__(self, width=64, max_frame_bytes=MAX_FRAME_BYTES):
         self.width = width
@@ -139,145 +172,262 @@ class TxBuilder(wiring.Component):
             "oversize_drops": Out(32),
         })
 
+    @property
+    def checksum_stages(self):
+        """Cycles from a beat in ``s1`` to its frame's patch (when it is the last beat)."""
+        leaves = self.width // 16 + 3          # words + three pseudo-header terms
+        return (leaves - 1).bit_length() + 3   # adder tree, accumulate, fold, fold
+
     def elaborate(self, platform):
         m = Module()
         nbytes = beat_bytes(self.width)
+        nwords = nbytes // 2
         lane_bits = nbytes.bit_length() - 1
+        beat_bits = 17 - lane_bits
+        ones = (1 << nbytes) - 1
         depth = -(-self.max_frame_bytes // nbytes) + self.SLACK_BEATS
-        m.submodules.buffer = buffer = PatchBuffer(self.width, depth=depth)
+        m.submodules.buffer = buffer = PatchBuffer(self.width, depth=depth,
+                                                   patch_depth=self.PATCH_DEPTH)
         wiring.connect(m, buffer.o, wiring.flipped(self.o))
 
-        # --- Per-frame state, loaded when a header is taken ----------------------------
-        hdr = Signal(TX_HEADER)
-        hdr_len = Signal(range(HEADER_MAX_BYTES + 1))
-        frame_end = Signal(17)         # header + payload bytes
-        frame_len = Signal(17)         # frame_end, padded to the minimum frame
-        last_beat = Signal(17 - lane_bits)
-        payload_left = Signal(17 - lane_bits)   # payload beats still to consume
-        dropping = Signal()            # oversize frame: consume, do not send
-        active = Signal()
-        beat = Signal(17 - lane_bits)  # index of the beat being built
-        prev = Signal(self.width)      # the payload beat consumed before this one
-        mismatch_seen = Signal()
+        header_lengths = [header_length(*flags) for flags in OPTION_COMBOS]
+        image_beats = -(-HEADER_MAX_BYTES // nbytes)
+        image_bytes = image_beats * nbytes
 
-        # --- Header bytes from the registered header -------------------------------------
+        # --- n0: the accepted header and its lengths ---------------------------------------
+        new = self.header.payload
+        new_combo = _combo_index(new.opt)
+        n0_valid = Signal()
+        n0 = Signal(TX_HEADER)
+        n0_end = Signal(17)            # header + payload bytes
+        n0_pay_beats = Signal(beat_bits)
+        n0_total_length = Signal(16)   # IPv4 total length
+        n0_tcp_len6 = Signal(17)       # TCP length + protocol: the pseudo-header's small terms
+        n1_ready = Signal()
+        n0_ready = ~n0_valid | n1_ready
+        m.d.comb += self.header.ready.eq(n0_ready)
+        with m.If(n0_ready):
+            m.d.sync += [
+                n0_valid.eq(self.header.valid),
+                n0.eq(new),
+                n0_end.eq(_table(header_lengths, new_combo, 7) + new.payload_length),
+                n0_pay_beats.eq((new.payload_length + nbytes - 1) >> lane_bits),
+                n0_total_length.eq(_table([n - L3_OFFSET for n in header_lengths], new_combo, 7)
+                                   + new.payload_length),
+                n0_tcp_len6.eq(((_table([n - L4_OFFSET for n in header_lengths], new_combo, 7)
+                                 + new.payload_length)[:16]) + int(IpProto.TCP)),
+            ]
+
+        # --- n1: everything the frame needs, from registers ----------------------------------
+        combo = _combo_index(n0.opt)
+        # Header bytes, options laid out: each option byte is one of the 16 fixed layouts.
         buf = [Const(0, 8)] * FIXED_HEADER_BYTES
-        _put(buf, 0, ETHERNET.dst, hdr.eth.dst)
-        _put(buf, 0, ETHERNET.src, hdr.eth.src)
+        _put(buf, 0, ETHERNET.dst, n0.eth.dst)
+        _put(buf, 0, ETHERNET.src, n0.eth.src)
         _put(buf, 0, ETHERNET.ethertype, EtherType.IPV4)
         ip_fields = {
-            "version": 4, "ihl": IPV4_MIN_LEN // 4, "dscp": hdr.ip.dscp, "ecn": hdr.ip.ecn,
-            "total_length": (hdr_len - L3_OFFSET + hdr.payload_length)[:16],
-            "identification": hdr.ip.identification, "df": hdr.ip.df, "ttl": hdr.ip.ttl,
-            "protocol": IpProto.TCP, "src": hdr.ip.src, "dst": hdr.ip.dst,
+            "version": 4, "ihl": IPV4_MIN_LEN // 4, "dscp": n0.ip.dscp, "ecn": n0.ip.ecn,
+            "total_length": n0_total_length,
+            "identification": n0.ip.identification, "df": n0.ip.df, "ttl": n0.ip.ttl,
+            "protocol": IpProto.TCP, "src": n0.ip.src, "dst": n0.ip.dst,
         }                              # checksum left 0: patched on the way out
         for name, value in ip_fields.items():
             _put(buf, L3_OFFSET, IPV4.fields[name], value)
         tcp_fields = {
-            "sport": hdr.tcp.sport, "dport": hdr.tcp.dport, "seq": hdr.tcp.seq,
-            "ack": hdr.tcp.ack, "data_offset": (hdr_len - L4_OFFSET)[2:6],
-            "flags": hdr.tcp.flags, "window": hdr.tcp.window,
+            "sport": n0.tcp.sport, "dport": n0.tcp.dport, "seq": n0.tcp.seq,
+            "ack": n0.tcp.ack, "flags": n0.tcp.flags, "window": n0.tcp.window,
+            "data_offset": _table([(n - L4_OFFSET) // 4 for n in header_lengths], combo, 4),
         }                              # checksum and urgent pointer 0
         for name, value in tcp_fields.items():
             _put(buf, L4_OFFSET, TCP.fields[name], value)
-
-        # Each option byte is selected from the 16 fixed layouts.
-        combo = _combo_index(hdr.opt)
-        layouts = [linux_option_bytes(hdr.opt, *flags) for flags in OPTION_COMBOS]
+        layouts = [linux_option_bytes(n0.opt, *flags) for flags in OPTION_COMBOS]
         option_bytes = [_one_of((combo == index, layout[i])
                                 for index, layout in enumerate(layouts) if i < len(layout))
                         for i in range(OPTIONS_MAX_BYTES)]
-        header_bytes = buf + option_bytes + [Const(0, 8)] * (-HEADER_MAX_BYTES % nbytes)
+        image = Cat(*buf, *option_bytes, Const(0, 8 * (image_bytes - HEADER_MAX_BYTES)))
 
-        # --- Build one beat -----------------------------------------------------------------
-        header_part = Signal(self.width)
-        m.d.comb += header_part.eq(_one_of(
-            (beat == k, Cat(*header_bytes[k * nbytes:(k + 1) * nbytes]))
-            for k in range(len(header_bytes) // nbytes)))
+        # Lane masks over the header beats: payload from byte hdr_len on; IPv4 header
+        # words; TCP words (every word from L4_OFFSET on, padding adds nothing).
+        starts = [sum(1 << i for i in range(n, image_bytes)) for n in header_lengths]
+        ip_words = sum(1 << j for j in range(image_bytes // 2) if L3_OFFSET <= 2 * j < L4_OFFSET)
+        tcp_words = sum(1 << j for j in range(image_bytes // 2) if 2 * j >= L4_OFFSET)
+        rotations = sorted({n % nbytes for n in header_lengths})
+        # Beat index of the first payload byte, and which rotation realigns the payload.
+        head_beats = _table([n // nbytes for n in header_lengths], combo, 4)
+        rotation = _table([1 << rotations.index(n % nbytes) for n in header_lengths],
+                          combo, len(rotations))
+
+        frame_len_small = n0_end < MIN_FRAME_BYTES     # padded to the minimum frame
+        last_beat = Mux(frame_len_small, (MIN_FRAME_BYTES - 1) >> lane_bits,
+                        (n0_end - 1)[lane_bits:17])
+        last_lanes = Mux(frame_len_small, MIN_FRAME_BYTES % nbytes, n0_end[:lane_bits])
+        end_beat = n0_end[lane_bits:17]
+        tail_mask = _lanes_below(n0_end[:lane_bits], nbytes)
+
+        n1_valid = Signal()
+        n1 = {name: Signal(shape, name=f"n1_{name}") for name, shape in {
+            "image": image_bytes * 8, "start": image_bytes, "rotation": len(rotations),
+            "head_beats": 4, "pay_beats": beat_bits, "last_beat": beat_bits,
+            "end_beat": beat_bits, "tail_mask": nbytes, "last_keep": nbytes,
+            "dropping": 1, "src_sum": 17, "dst_sum": 17, "tcp_len6": 17,
+        }.items()}
+        take = Signal()                # the beat builder takes n1's frame
+        m.d.comb += n1_ready.eq(~n1_valid | take)
+        with m.If(n1_ready):
+            m.d.sync += [
+                n1_valid.eq(n0_valid),
+                n1["image"].eq(image),
+                n1["start"].eq(_table(starts, combo, image_bytes)),
+                n1["rotation"].eq(rotation),
+                n1["head_beats"].eq(head_beats),
+                n1["pay_beats"].eq(n0_pay_beats),
+                n1["last_beat"].eq(last_beat),
+                n1["end_beat"].eq(end_beat),
+                n1["tail_mask"].eq(tail_mask),
+                n1["last_keep"].eq(Mux(last_lanes == 0, ones, _lanes_below(last_lanes, nbytes))),
+                n1["dropping"].eq(n0_end > self.max_frame_bytes),
+                n1["src_sum"].eq(n0.ip.src[16:] + n0.ip.src[:16]),
+                n1["dst_sum"].eq(n0.ip.dst[16:] + n0.ip.dst[:16]),
+                n1["tcp_len6"].eq(n0_tcp_len6),
+            ]
+
+        # --- The beat builder: state of the beat being built --------------------------------
+        active = Signal()
+        hsr = Signal(image_bytes * 8)   # header bytes still to send, from lane 0 of this beat
+        start = Signal(image_bytes)     # payload lanes from the payload's start on (1 = payload)
+        ip_lanes = Signal(image_bytes // 2)
+        tcp_lanes = Signal(image_bytes // 2)
+        rot = Signal(len(rotations))
+        head_left = Signal(4)           # beats before the first payload beat
+        pay_left = Signal(beat_bits)    # payload beats still to consume
+        end_left = Signal(beat_bits)    # beats before the beat holding the payload's end
+        end_mask = Signal(nbytes)       # lanes below the payload's end, in this beat
+        tail_mask = Signal(nbytes)
+        last_left = Signal(beat_bits)   # beats before the last one
+        is_last = Signal()
+        last_keep = Signal(nbytes)
+        consume = Signal()              # this beat takes a payload beat
+        dropping = Signal()             # oversize frame: consume, do not send
+        first = Signal()
+        src_sum, dst_sum, tcp_len6 = Signal(17), Signal(17), Signal(17)
+        prev = Signal(self.width)       # the payload beat consumed before this one
+        mismatch_seen = Signal()
+
+        # Credits: free places in the buffer's frame and patch FIFOs, minus one for safety.
+        room = Signal(range(depth + 1), init=depth - 1)
+        patch_room = Signal(range(self.PATCH_DEPTH + 1), init=self.PATCH_DEPTH - 1)
+        has_room = Signal(init=1)
+        has_patch_room = Signal(init=1)
+
+        advance = Signal()
+        m.d.comb += advance.eq(active & (~consume | self.payload.valid)
+                               & (dropping | (has_room & (~is_last | has_patch_room))))
+        m.d.comb += self.payload.ready.eq(advance & consume)
+        m.d.comb += take.eq(n1_valid & (~active | (advance & is_last)))
 
         # Output beat h + j (h = hdr_len // B) holds the tail of payload beat j - 1 ("prev")
         # below lane s = hdr_len % B and the head of payload beat j from lane s on. Only the
         # rotations that the possible header lengths need are built.
-        aligned = Signal(self.width)
         both = Cat(prev, self.payload.payload.data)
-        rotations = sorted({header_length(*flags) % nbytes for flags in OPTION_COMBOS})
-        m.d.comb += aligned.eq(_one_of(
-            (hdr_len[:lane_bits] == s, both[8 * (nbytes - s):8 * (2 * nbytes - s)]) for s in rotations))
+        aligned = _one_of((rot[k], both[8 * (nbytes - s):8 * (2 * nbytes - s)])
+                          for k, s in enumerate(rotations))
+        pay_lanes = start[:nbytes] & end_mask
+        beat_data = hsr[:self.width] | (aligned & Cat(*[lane.replicate(8) for lane in pay_lanes]))
 
-        pos = Cat(Const(0, lane_bits), beat)    # frame byte offset of lane 0
-        beat_data = Signal(self.width)
-        keep = Signal(nbytes)
-        for lane in range(nbytes):
-            at = pos + lane
-            in_payload = (at >= hdr_len) & (at < frame_end)
-            m.d.comb += [
-                beat_data[8 * lane:8 * lane + 8].eq(
-                    header_part[8 * lane:8 * lane + 8] | Mux(in_payload, aligned[8 * lane:8 * lane + 8], 0)),
-                keep[lane].eq(at < frame_len),
-            ]
-
-        consume = (beat >= hdr_len[lane_bits:]) & (payload_left != 0)
-        is_last = beat == last_beat
-        beat_valid = active & (~consume | self.payload.valid)
-        m.d.comb += [
-            buffer.i.payload.data.eq(beat_data),
-            buffer.i.payload.keep.eq(keep),
-            buffer.i.payload.last.eq(is_last),
-            buffer.i.valid.eq(beat_valid & ~dropping & (~is_last | buffer.patch.ready)),
-            buffer.patch.valid.eq(beat_valid & ~dropping & is_last & buffer.i.ready),
+        # --- s1: the built beat, registered ------------------------------------------------------
+        s1_valid, s1_last, s1_first = Signal(), Signal(), Signal()
+        s1_data = Signal(self.width)
+        s1_keep = Signal(nbytes)
+        s1_ip, s1_tcp = Signal(nwords), Signal(nwords)
+        s1_src, s1_dst, s1_len6 = Signal(17), Signal(17), Signal(17)
+        m.d.sync += [
+            s1_valid.eq(advance & ~dropping),
+            s1_last.eq(is_last),
+            s1_first.eq(first),
+            s1_data.eq(beat_data),
+            s1_keep.eq(Mux(is_last, last_keep, ones)),
+            s1_ip.eq(ip_lanes[:nwords]),
+            s1_tcp.eq(tcp_lanes[:nwords]),
+            s1_src.eq(Mux(first, src_sum, 0)),
+            s1_dst.eq(Mux(first, dst_sum, 0)),
+            s1_len6.eq(Mux(first, tcp_len6, 0)),
         ]
-        advance = beat_valid & (dropping | (buffer.i.ready & (~is_last | buffer.patch.ready)))
-        m.d.comb += self.payload.ready.eq(advance & consume)
+        m.d.comb += [
+            buffer.i.valid.eq(s1_valid),
+            buffer.i.payload.eq(struct_value(packet_layout(self.width),
+                                             {"data": s1_data, "keep": s1_keep, "last": s1_last})),
+        ]
 
-        # --- Checksums of the beats as they are stored --------------------------------------
+        # --- Credits -------------------------------------------------------------------------------
+        # A place is given back one cycle after its beat has left (registered, so that
+        # the output handshake does not reach the credit adders).
+        sent = advance & ~dropping
+        out_beat, out_last = Signal(), Signal()
+        m.d.sync += [out_beat.eq(buffer.o.valid & buffer.o.ready),
+                     out_last.eq(buffer.o.valid & buffer.o.ready & buffer.o.payload.last)]
+        room_next = room - sent + out_beat
+        patch_room_next = patch_room - (sent & is_last) + out_last
+        m.d.sync += [room.eq(room_next), has_room.eq(room_next != 0),
+                     patch_room.eq(patch_room_next), has_patch_room.eq(patch_room_next != 0)]
+
+        # --- Checksums: a never-stalling pipeline behind s1 ---------------------------------------
         # Words below L4_OFFSET are IPv4 header words, the rest TCP segment words; zero
-        # padding adds nothing, and both checksum fields are still 0.
-        ip_lanes = Signal(nbytes // 2)
-        tcp_lanes = Signal(nbytes // 2)
-        for j in range(nbytes // 2):
-            at = pos + 2 * j
-            m.d.comb += [ip_lanes[j].eq((at >= L3_OFFSET) & (at < L4_OFFSET)),
-                         tcp_lanes[j].eq(at >= L4_OFFSET)]
-        ip_acc = Signal(32)
-        tcp_acc = Signal(32)
-        ip_total = Signal(32)          # the sums including this beat
-        tcp_total = Signal(32)
-        tcp_length = (hdr_len - L4_OFFSET + hdr.payload_length)[:16]
-        pseudo_header = Signal(19)
-        tcp_final = Signal(32)
+        # padding adds nothing, and both checksum fields are still 0. The first beat also
+        # carries the pseudo-header.
+        pipe = Pipeline(m, "csum", valid=s1_valid)
+        pipe.inject("last", s1_last, 0)
+        words = beat_words(s1_data)
+        ip_at, ip_name = adder_tree(pipe, "ip", [Mux(s1_ip[j], w, 0) for j, w in enumerate(words)],
+                                    at=0, width=24)
+        tcp_at, tcp_name = adder_tree(
+            pipe, "tcp", [Mux(s1_tcp[j], w, 0) for j, w in enumerate(words)]
+            + [s1_src, s1_dst, s1_len6], at=0, width=24)
+        acc_at = max(ip_at, tcp_at)
+        assert acc_at + 3 == self.checksum_stages
+        acc_valid, acc_last = pipe.valid(acc_at), pipe.get("last", acc_at)
+        for name, beat_sum in (("ip", pipe.get(ip_name, acc_at)), ("tcp", pipe.get(tcp_name, acc_at))):
+            acc = Signal(32, name=f"{name}_acc")
+            total = acc + beat_sum
+            with m.If(acc_valid):
+                m.d.sync += acc.eq(Mux(acc_last, 0, total))
+            folded = pipe.define(f"{name}_total", total[:32], acc_at)
+            half = pipe.define(f"{name}_half", folded[:16] + folded[16:32], acc_at + 1)
+            pipe.define(f"{name}_value", ~(half[:16] + half[16])[:16], acc_at + 2)
+        done = acc_at + 3
         m.d.comb += [
-            ip_total.eq(ip_acc + word_sum(beat_data, ip_lanes)),
-            tcp_total.eq(tcp_acc + word_sum(beat_data, tcp_lanes)),
-            pseudo_header.eq(hdr.ip.src[16:] + hdr.ip.src[:16] + hdr.ip.dst[16:] + hdr.ip.dst[:16]
-                             + int(IpProto.TCP) + tcp_length),
-            tcp_final.eq(tcp_total + pseudo_header),
-        ]
-        patch = Signal(PATCH)
-        m.d.comb += [
-            patch.ip.enable.eq(1),
-            patch.ip.offset.eq(L3_OFFSET + IPV4.checksum.byte_offset),
-            patch.ip.value.eq(~fold(ip_total)),
-            patch.tcp.enable.eq(1),
-            patch.tcp.offset.eq(L4_OFFSET + TCP.checksum.byte_offset),
-            patch.tcp.value.eq(~fold(tcp_final)),
-            buffer.patch.payload.eq(patch),
+            buffer.patch.valid.eq(pipe.valid(done) & pipe.get("last", done)),
+            buffer.patch.payload.eq(struct_value(PATCH, {
+                "ip": {"enable": 1, "offset": L3_OFFSET + IPV4.checksum.byte_offset,
+                       "value": pipe.get("ip_value", done)},
+                "tcp": {"enable": 1, "offset": L4_OFFSET + TCP.checksum.byte_offset,
+                        "value": pipe.get("tcp_value", done)},
+            })),
         ]
 
-        # --- Advance ----------------------------------------------------------------------------
+        # --- Advance to the next beat ---------------------------------------------------------------
         with m.If(advance):
             m.d.sync += [
-                beat.eq(beat + 1),
-                ip_acc.eq(Mux(is_last, 0, ip_total)),
-                tcp_acc.eq(Mux(is_last, 0, tcp_total)),
+                hsr.eq(hsr[self.width:]),
+                start.eq(Cat(start[nbytes:], Const(ones, nbytes))),
+                ip_lanes.eq(ip_lanes[nwords:]),
+                tcp_lanes.eq(Cat(tcp_lanes[nwords:], Const((1 << nwords) - 1, nwords))),
+                head_left.eq(head_left - (head_left != 0)),
+                pay_left.eq(pay_left - consume),
+                consume.eq((head_left <= 1) & Mux(consume, pay_left >= 2, pay_left != 0)),
+                end_left.eq(end_left - (end_left != 0)),
+                end_mask.eq(Mux(end_left == 1, tail_mask, Mux(end_left == 0, 0, ones))),
+                last_left.eq(last_left - 1),
+                is_last.eq(last_left == 1),
+                first.eq(0),
             ]
             with m.If(is_last):
                 m.d.sync += active.eq(0)
             with m.If(dropping & is_last):
                 m.d.sync += self.oversize_drops.eq(self.oversize_drops + 1)
             with m.If(consume):
-                expected_last = payload_left == 1
+                expected_last = pay_left == 1
                 wrong_last = self.payload.payload.last != expected_last
-                m.d.sync += [prev.eq(self.payload.payload.data), payload_left.eq(payload_left - 1)]
+                m.d.sync += prev.eq(self.payload.payload.data)
                 with m.If(expected_last):
                     m.d.sync += mismatch_seen.eq(0)
                     with m.If(mismatch_seen | wrong_last):
@@ -285,27 +435,28 @@ class TxBuilder(wiring.Component):
                 with m.Elif(wrong_last):
                     m.d.sync += mismatch_seen.eq(1)
 
-        # --- Take the next header (in the same cycle as the current frame's last beat) -------
-        new = self.header.payload
-        new_hdr_len = Signal.like(hdr_len)
-        header_lengths = [header_length(*flags) for flags in OPTION_COMBOS]
-        m.d.comb += new_hdr_len.eq(Cat(*[Const(n, len(new_hdr_len)) for n in header_lengths])
-                                   .word_select(_combo_index(new.opt), len(new_hdr_len)))
-        new_end = new_hdr_len + new.payload_length
-        new_len = Mux(new_end < MIN_FRAME_BYTES, MIN_FRAME_BYTES, new_end)
-        m.d.comb += self.header.ready.eq(~active | (advance & is_last))
-        with m.If(self.header.valid & self.header.ready):
+        # --- Take the next frame (in the same cycle as the current frame's last beat) ---------
+        with m.If(take):
             m.d.sync += [
-                hdr.eq(new),
-                hdr_len.eq(new_hdr_len),
-                frame_end.eq(new_end),
-                frame_len.eq(new_len),
-                last_beat.eq((new_len - 1) >> lane_bits),
-                payload_left.eq((new.payload_length + nbytes - 1) >> lane_bits),
-                dropping.eq(new_len > self.max_frame_bytes),
-                beat.eq(0),
                 active.eq(1),
-                ip_acc.eq(0),
-                tcp_acc.eq(0),
+                first.eq(1),
+                hsr.eq(n1["image"]),
+                start.eq(n1["start"]),
+                ip_lanes.eq(ip_words),
+                tcp_lanes.eq(tcp_words),
+                rot.eq(n1["rotation"]),
+                head_left.eq(n1["head_beats"]),
+                pay_left.eq(n1["pay_beats"]),
+                consume.eq((n1["head_beats"] == 0) & (n1["pay_beats"] != 0)),
+                end_left.eq(n1["end_beat"]),
+                end_mask.eq(Mux(n1["end_beat"] == 0, n1["tail_mask"], ones)),
+                tail_mask.eq(n1["tail_mask"]),
+                last_left.eq(n1["last_beat"]),
+                is_last.eq(n1["last_beat"] == 0),
+                last_keep.eq(n1["last_keep"]),
+                dropping.eq(n1["dropping"]),
+                src_sum.eq(n1["src_sum"]),
+                dst_sum.eq(n1["dst_sum"]),
+                tcp_len6.eq(n1["tcp_len6"]),
             ]
         return m

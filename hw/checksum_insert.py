@@ -15,7 +15,7 @@ from hw.metadata import FrameClass
 from hw.ones_complement import ones_add
 from hw.parser import Parser
 from hw.patch_buffer import PATCH, PatchBuffer
-from hw.stream import packet_signature, beat_bytes
+from hw.stream import packet_signature, beat_bytes, struct_value
 
 __all__ = ["ChecksumInserter"]
 
@@ -35,7 +35,8 @@ class ChecksumInserter(wiring.Component):
     parser sums it; the new checksum is ``~(sum + ~old)`` where ``sum`` is the parser's
     one's-complement sum with the old checksum included.
 
-    Latency: parser latency + 2 cycles after the frame's last beat (store and forward).
+    Latency: parser latency + 4 cycles after the frame's last beat (store and forward:
+    the patch register, then the ``PatchBuffer``'s 3 cycles).
     Throughput: 1 beat per cycle for back-to-back frames of any size.
 
     Ports: ``i`` and ``o`` packet streams (``hw.stream``); ``unpatched`` counts frames
@@ -57,8 +58,6 @@ class ChecksumInserter(wiring.Component):
         })
 
     def elaborate(self, platform):
-        # Imported here so that the builder, which shares PatchBuffer, does not need the parser.
-
         m = Module()
         m.submodules.parser = parser = Parser(width=self.width, max_frame_bytes=self.max_frame_bytes)
         m.submodules.buffer = buffer = PatchBuffer(self.width, depth=self.depth)
@@ -76,16 +75,21 @@ class ChecksumInserter(wiring.Component):
         tcp_ok = (ip_ok & (meta.frame_class == FrameClass.TCP)
                   & ~(err.truncated | err.bad_data_offset | err.length_mismatch))
 
-        patch = Signal(PATCH)
+        # The patch is computed from the parser's record and registered (a one-entry
+        # stream register), so that the adders do not reach the patch FIFO's LUT RAM.
+        patch = struct_value(PATCH, {
+            "ip": {"enable": ip_ok, "offset": meta.l3_offset + IPV4.checksum.byte_offset,
+                   "value": ~ones_add(meta.ip_sum, ~meta.ip.checksum)},
+            "tcp": {"enable": tcp_ok, "offset": meta.l4_offset + TCP.checksum.byte_offset,
+                    "value": ~ones_add(meta.tcp_sum, ~meta.tcp.checksum)},
+        })
+        held = Signal(PATCH)
+        held_valid = Signal()
         m.d.comb += [
-            patch.ip.enable.eq(ip_ok),
-            patch.ip.offset.eq(meta.l3_offset + IPV4.checksum.byte_offset),
-            patch.ip.value.eq(~ones_add(meta.ip_sum, ~meta.ip.checksum)),
-            patch.tcp.enable.eq(tcp_ok),
-            patch.tcp.offset.eq(meta.l4_offset + TCP.checksum.byte_offset),
-            patch.tcp.value.eq(~ones_add(meta.tcp_sum, ~meta.tcp.checksum)),
-            buffer.patch.payload.eq(patch),
-            buffer.patch.valid.eq(parser.meta.valid),
-            parser.meta.ready.eq(buffer.patch.ready),
+            parser.meta.ready.eq(~held_valid | buffer.patch.ready),
+            buffer.patch.valid.eq(held_valid),
+            buffer.patch.payload.eq(held),
         ]
+        with m.If(parser.meta.ready):
+            m.d.sync += [held_valid.eq(parser.meta.valid), held.eq(patch)]
         return m

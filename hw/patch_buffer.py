@@ -33,8 +33,12 @@ class PatchBuffer(wiring.Component):
     arrives for it is thrown away (``unpatched`` counts such frames). A frame that fits
     is always patched, so the outcome does not depend on timing.
 
-    Latency: 2 cycles from the later of (last beat in, patch in) to the first beat out.
-    Throughput: 1 beat per cycle, frames back to back.
+    Latency: 3 cycles from the later of (last beat in, patch in) to the first beat out.
+    Throughput: 1 beat per cycle, frames back to back (as long as each frame's patch
+    arrives before the previous frame has left).
+
+    Ports: ``i`` and ``o`` packet streams (``hw.stream``), ``patch`` (In, stream of
+    ``PATCH``, one per frame in frame order), ``unpatched`` (Out, 32-bit counter).
     """
 
     def __init__(self, width=64, depth=256, patch_depth=16):
@@ -64,8 +68,7 @@ class PatchBuffer(wiring.Component):
         ]
 
         head = Signal(packet_layout(self.width))
-        patch = Signal(PATCH)
-        m.d.comb += [head.eq(frames.r_data), patch.eq(patches.r_data)]
+        m.d.comb += head.eq(frames.r_data)
 
         # Complete frames in the FIFO: a frame that does not fit never becomes complete.
         complete = Signal(range(self.depth + 1))
@@ -78,19 +81,37 @@ class PatchBuffer(wiring.Component):
         beat = Signal(16)          # beat index in the frame that is leaving
         owed = Signal(range(self.depth + 1))   # patches of bypassed frames still to drop
 
-        patch_ready = patches.r_rdy & (owed == 0)
-        too_long = (complete == 0) & ~frames.w_rdy
-        may_start = patch_ready | too_long
-        unpatched_now = Mux(in_frame, bypass, ~patch_ready)
+        # The head frame's patch waits in a register ("cur"), the next one in "nxt", so
+        # that the output handshake and the patch FIFO's read depend on flip-flops only.
+        # Patches of bypassed frames are dropped on the way; none is taken while a
+        # bypassed frame is leaving (its own patch may still be on its way).
+        cur, nxt = Signal(PATCH), Signal(PATCH)
+        cur_valid, nxt_valid = Signal(), Signal()
+        pop = patches.r_rdy & ~nxt_valid & ~(in_frame & bypass)
+        keep = pop & (owed == 0)
+        m.d.comb += patches.r_en.eq(pop)
+        release = Signal()         # the patched head frame leaves its last beat
+        with m.If(~cur_valid | release):
+            m.d.sync += [cur.eq(Mux(nxt_valid, nxt, patches.r_data)), cur_valid.eq(nxt_valid | keep),
+                         nxt_valid.eq(0)]
+        with m.Elif(keep):
+            m.d.sync += [nxt.eq(patches.r_data), nxt_valid.eq(1)]
+
+        # The FIFO is full without a complete frame (registered: nothing can enter or
+        # leave while this holds, so it still holds in the next cycle).
+        too_long = Signal()
+        may_start = cur_valid | too_long
         m.d.comb += [
             self.o.valid.eq(frames.r_rdy & (in_frame | may_start)),
             frames.r_en.eq(self.o.ready & (in_frame | may_start)),
         ]
+        m.d.sync += too_long.eq((complete == 0) & ~frames.w_rdy & ~in_frame & ~frames.r_en)
+        unpatched_now = Mux(in_frame, bypass, ~cur_valid)
 
         # Overwrite the two fields in the beat that carries them.
         out = Signal(packet_layout(self.width))
         m.d.comb += out.eq(head)
-        for field in (patch.ip, patch.tcp):
+        for field in (cur.ip, cur.tcp):
             hit = ~unpatched_now & field.enable & (beat == field.offset[lane_bits:])
             for lane in range(0, nbytes, 2):
                 with m.If(hit & (field.offset[:lane_bits] == lane)):
@@ -100,14 +121,13 @@ class PatchBuffer(wiring.Component):
                     ]
         m.d.comb += self.o.payload.eq(out)
 
-        drop_owed = (owed != 0) & patches.r_rdy
         finished_bypass = last_out & unpatched_now
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += [beat.eq(Mux(head.last, 0, beat + 1)), in_frame.eq(~head.last)]
             with m.If(~in_frame):
-                m.d.sync += bypass.eq(~patch_ready)
-        m.d.comb += patches.r_en.eq(drop_owed | (last_out & ~unpatched_now))
-        m.d.sync += owed.eq(owed + finished_bypass - drop_owed)
+                m.d.sync += bypass.eq(~cur_valid)
+        m.d.comb += release.eq(last_out & ~unpatched_now)
+        m.d.sync += owed.eq(owed + finished_bypass - (pop & (owed != 0)))
         with m.If(finished_bypass):
             m.d.sync += self.unpatched.eq(self.unpatched + 1)
         return m
