@@ -149,24 +149,29 @@ class Parser(wiring.Component):
         new_length = Signal(17)
         m.d.comb += new_length.eq(length + kept)
         saturated = Mux(new_length[16], 0xFFFF, new_length[:16])
+        # Which capture slot this beat goes to, one-hot (the top bit: past the capture).
+        slot = Signal(cap_beats + 1, init=1)
         d_valid, d_last = Signal(), Signal()
         d_data, d_pos, d_length = Signal(self.width), Signal(POS_BITS), Signal(16)
+        d_slot = Signal(cap_beats + 1)
         m.d.sync += d_valid.eq(accept)
         with m.If(accept):
             m.d.sync += [d_last.eq(beat.last), d_pos.eq(beat_pos), d_length.eq(saturated),
+                         d_slot.eq(slot),
                          d_data.eq(Cat(*[Mux(beat.keep[k], beat.data[8 * k:8 * k + 8], 0)
                                          for k in range(nb)]))]
             with m.If(beat.last):
-                m.d.sync += [beat_pos.eq(0), length.eq(0)]
+                m.d.sync += [beat_pos.eq(0), length.eq(0), slot.eq(1)]
             with m.Else():
                 m.d.sync += [beat_pos.eq(Mux(beat_pos >= (1 << POS_BITS) - nb, beat_pos, beat_pos + nb)),
-                             length.eq(saturated)]
+                             length.eq(saturated),
+                             slot.eq(Mux(slot[cap_beats], slot, slot << 1))]
         hdr = Signal(8 * cap_bytes)
         with m.If(d_valid):
             for b in range(cap_beats):
-                with m.If(d_pos == b * nb):
+                with m.If(d_slot[b]):
                     m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(d_data)
-                with m.Elif(d_pos == 0):                    # a new frame clears the rest
+                with m.Elif(d_slot[0]):                     # a new frame clears the rest
                     m.d.sync += hdr[8 * nb * b:8 * nb * (b + 1)].eq(0)
 
         # The beat again, one cycle later: "stage 0" of both pipelines below. In that
@@ -281,12 +286,13 @@ class Parser(wiring.Component):
         opt = l4b[TCP.size:] + [Const(0, 8)] * (SCAN_SPAN - OPT_BYTES + 2)
         p.define("opt", Cat(*opt[:OPT_BYTES + 10]), 3)
         # Per position: small predicates first (stage 3 -> 4), combined in stage 4 -> 5.
+        # The area is 4*doff - 20 bytes long; an option at `pos` with length byte `olen`
+        # fits when olen <= 4*doff - 20 - pos, a threshold that depends on doff alone.
         for pos in range(OPT_BYTES):
             kind, olen = opt[pos], opt[pos + 1]
-            # In terms of the data offset: the area is 4*doff - 20 bytes long.
             p.define(f"opt_inside_{pos}", doff > (pos + 20) // 4, 3)
             p.define(f"opt_len_inside_{pos}", doff > (pos + 21) // 4, 3)
-            p.define(f"opt_fits_{pos}", (olen + (pos + 20)) <= 4 * doff, 3)
+            p.define(f"opt_room_{pos}", Mux(doff > (pos + 20) // 4, 4 * doff - 20 - pos, 0)[:6], 3)
             p.define(f"opt_short_{pos}", olen < 2, 3)
             p.define(f"opt_eol_{pos}", kind == TcpOption.EOL, 3)
             p.define(f"opt_nop_{pos}", kind == TcpOption.NOP, 3)
@@ -295,10 +301,12 @@ class Parser(wiring.Component):
             for decl in TCP_OPTIONS.values():
                 wrong_len = wrong_len | ((kind == decl.kind) & ~_any(olen == n for n in decl.length))
             p.define(f"opt_wrong_len_{pos}", wrong_len, 3)
+        opt4 = _bytes(p.get("opt", 4), OPT_BYTES + 10)
         for pos in range(OPT_BYTES):
             def q(name):
                 return p.get(f"opt_{name}_{pos}", 4)
-            cut = ~q("len_inside") | q("short") | ~q("fits")
+            fits = opt4[pos + 1] <= q("room")
+            cut = ~q("len_inside") | q("short") | ~fits
             p.define(f"opt_ends_{pos}", ~q("inside") | q("eol") | (~q("nop") & cut), 4)
             p.define(f"opt_bad_{pos}", q("inside") & ~q("eol") & ~q("nop") & (cut | q("wrong_len")), 4)
         seg_len = p.get("seg_len", 3)
