@@ -235,12 +235,27 @@ class ConnTable(wiring.Component):
         carry_t = Signal()
         carry_b = Signal(BB)
         carry_alt = Signal(BB)
+        cn_load = Signal()
+        cn_valid, cn_pending, cn_t = Signal(), Signal(), Signal()
+        cn_key, cn_value, cn_index = Signal(FLOW_KEY.size), Signal(V), Signal(IB)
+        cn_b, cn_alt = Signal(BB), Signal(BB)
+        m.d.sync += cn_load.eq(0)
+        with m.If(cn_load):
+            m.d.sync += [carry_valid.eq(cn_valid), carry_pending.eq(cn_pending),
+                         carry_t.eq(cn_t), carry_key.eq(cn_key), carry_value.eq(cn_value),
+                         carry_index.eq(cn_index), carry_b.eq(cn_b), carry_alt.eq(cn_alt)]
 
         ctl_addr = [Signal(BB, name=f"ctl_addr{t}") for t in range(TABLES)]
-        we = Signal()                       # control write of one slot
+        # Control writes are decided in one cycle (we, we_t, we_w, wdata) and done in the
+        # next from registers (wq_*), at the same edge as the carry register update they
+        # go with (cn_* -> carry_*), which keeps every entry visible exactly once.
+        we = Signal()
         we_t = Signal()
         we_w = Signal(2)
         wdata = Signal(E.size)
+        wq_en = Signal(TABLES * WAYS)
+        wq_data = Signal(E.size)
+        m.d.sync += [wq_en.eq(Mux(we, 1 << Cat(we_w, we_t), 0)), wq_data.eq(wdata)]
         lk_addr = [Signal(BB, name=f"lk_addr{t}") for t in range(TABLES)]
         lk_data, ctl_data = {}, {}
         for t in range(TABLES):
@@ -254,8 +269,8 @@ class ConnTable(wiring.Component):
                     lk.addr.eq(lk_addr[t]),
                     ct.addr.eq(ctl_addr[t]),
                     wr.addr.eq(ctl_addr[t]),
-                    wr.data.eq(Mux(sweeping, 0, wdata)),
-                    wr.en.eq(sweeping | (we & (we_t == t) & (we_w == w))),
+                    wr.data.eq(wq_data),            # zero during a sweep
+                    wr.en.eq(sweeping | wq_en[t * WAYS + w]),
                 ]
                 lk_data[t, w] = data.View(E, lk.data)
                 ctl_data[t, w] = data.View(E, ct.data)
@@ -511,28 +526,39 @@ class ConnTable(wiring.Component):
                     for w in range(WAYS):
                         total = total + rd[t, w].valid
                     m.d.sync += used[t].eq(total)
+                m.next = "SELECT"
+
+            # Registered results of SELECT, used by DECIDE.
+            any_slot, any_stash = Signal(), Signal()
+            which, which_s = Signal(3), Signal(range(max(2, S)))
+            found = Signal(E)
+            found_index = Signal(IB)
+            found_value = Signal(V)
+            found_slot = Signal(geo.slot_bits)
+            ft, fw = which[2], which[:2]
+
+            with m.State("SELECT"):
+                c_any_slot, c_which = _first([f_slot[k] for k in range(TABLES * WAYS)])
+                c_any_stash, c_which_s = _first([f_stash[s] for s in range(S)])
+                c_found = data.View(E, Cat(*[rd[t, w] for t in range(TABLES)
+                                             for w in range(WAYS)]).word_select(c_which, E.size))
+                m.d.sync += [any_slot.eq(c_any_slot), which.eq(c_which),
+                             any_stash.eq(c_any_stash), which_s.eq(c_which_s),
+                             found.eq(c_found)]
+                with m.If(c_any_slot):
+                    m.d.sync += [found_index.eq(c_found.index), found_value.eq(c_found.value),
+                                 found_slot.eq(slot_number(c_which[2], Mux(c_which[2], b[1], b[0]),
+                                                           c_which[:2]))]
+                with m.Else():
+                    with m.Switch(c_which_s):
+                        for s in range(S):
+                            with m.Case(s):
+                                m.d.sync += [found_index.eq(stash_index[s]),
+                                             found_value.eq(stash_value[s]),
+                                             found_slot.eq(geo.entries + s)]
                 m.next = "DECIDE"
 
             with m.State("DECIDE"):
-                any_slot, which = _first([f_slot[k] for k in range(TABLES * WAYS)])
-                any_stash, which_s = _first([f_stash[s] for s in range(S)])
-                ft, fw = which[2], which[:2]
-                found = Signal(E)
-                m.d.comb += found.eq(Cat(*[rd[t, w] for t in range(TABLES)
-                                           for w in range(WAYS)]).word_select(which, E.size))
-                found_index = Signal(IB)
-                found_value = Signal(V)
-                found_slot = Signal(geo.slot_bits)
-                with m.If(any_slot):
-                    m.d.comb += [found_index.eq(found.index), found_value.eq(found.value),
-                                 found_slot.eq(slot_number(ft, Mux(ft, b[1], b[0]), fw))]
-                with m.Else():
-                    with m.Switch(which_s):
-                        for s in range(S):
-                            with m.Case(s):
-                                m.d.comb += [found_index.eq(stash_index[s]),
-                                             found_value.eq(stash_value[s]),
-                                             found_slot.eq(geo.entries + s)]
                 with m.Switch(cmd.op):
                     with m.Case(Op.INSERT):
                         with m.If(any_slot | any_stash):
@@ -558,11 +584,12 @@ class ConnTable(wiring.Component):
                             m.next = "RESPOND"
                         with m.Else():
                             t_sel = rng_next[0]
-                            m.d.sync += [rng.eq(rng_next), carry_valid.eq(1), carry_pending.eq(1),
-                                         carry_key.eq(cmd.key), carry_value.eq(cmd.value),
-                                         carry_index.eq(index_new), carry_t.eq(t_sel),
-                                         carry_b.eq(Mux(t_sel, b[1], b[0])),
-                                         carry_alt.eq(Mux(t_sel, b[0], b[1])),
+                            m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
+                                         cn_pending.eq(1),
+                                         cn_key.eq(cmd.key), cn_value.eq(cmd.value),
+                                         cn_index.eq(index_new), cn_t.eq(t_sel),
+                                         cn_b.eq(Mux(t_sel, b[1], b[0])),
+                                         cn_alt.eq(Mux(t_sel, b[0], b[1])),
                                          steps.eq(0), phase.eq(PH_WALK)]
                             m.next = "RD"        # ctl_addr still holds both buckets
                     with m.Case(Op.DELETE, Op.UPDATE):
@@ -603,7 +630,7 @@ class ConnTable(wiring.Component):
                     # The carried entry lands; if it is not the new one, the new one is
                     # still pending somewhere: FINALIZE makes it visible.
                     m.d.comb += wdata.eq(word(1, 0, carry_key, carry_value, carry_index, carry_alt))
-                    m.d.sync += carry_valid.eq(0)
+                    m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
                     with m.If(carry_pending):
                         m.d.comb += commit.eq(1)
                         m.d.sync += respond(Status.OK, carry_index,
@@ -619,10 +646,11 @@ class ConnTable(wiring.Component):
                     with m.If(carry_pending):
                         m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
                                      new_alt.eq(carry_alt)]
-                    m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1),
-                                 carry_key.eq(victim.key), carry_value.eq(victim.value),
-                                 carry_index.eq(victim.index), carry_pending.eq(victim.pending),
-                                 carry_t.eq(~carry_t), carry_b.eq(victim.alt), carry_alt.eq(carry_b)]
+                    m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), cn_load.eq(1),
+                                 cn_valid.eq(1),
+                                 cn_key.eq(victim.key), cn_value.eq(victim.value),
+                                 cn_index.eq(victim.index), cn_pending.eq(victim.pending),
+                                 cn_t.eq(~carry_t), cn_b.eq(victim.alt), cn_alt.eq(carry_b)]
                     for t in range(TABLES):
                         with m.If(carry_t != t):
                             m.d.sync += ctl_addr[t].eq(victim.alt)
@@ -639,7 +667,8 @@ class ConnTable(wiring.Component):
                                 m.d.sync += [stash_valid[s].eq(1), stash_key[s].eq(carry_key),
                                              stash_value[s].eq(carry_value),
                                              stash_index[s].eq(carry_index)]
-                    m.d.sync += carry_valid.eq(0)
+                    # One cycle in both the stash and the carry register: same entry.
+                    m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
                     with m.If(carry_pending):
                         m.d.comb += commit.eq(1)
                         m.d.sync += respond(Status.OK, carry_index, geo.entries + s_free)
@@ -663,12 +692,13 @@ class ConnTable(wiring.Component):
                 m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u),
                              wdata.eq(word(1, carry_pending, carry_key, carry_value,
                                            carry_index, carry_b))]
-                m.d.sync += [carry_key.eq(back.key), carry_value.eq(back.value),
-                             carry_index.eq(back.index), carry_pending.eq(back.pending),
-                             carry_t.eq(t_u), carry_b.eq(carry_alt), carry_alt.eq(back.alt),
+                m.d.sync += [cn_load.eq(1), cn_valid.eq(steps != 1),
+                             cn_key.eq(back.key), cn_value.eq(back.value),
+                             cn_index.eq(back.index), cn_pending.eq(back.pending),
+                             cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(back.alt),
                              steps.eq(steps - 1)]
                 with m.If(steps == 1):
-                    m.d.sync += [carry_valid.eq(0), resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                    m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                     m.next = "RESPOND"
                 with m.Else():
                     # The step before: (carry_t after this one, back.alt) -> set below.
