@@ -89,7 +89,7 @@ def _any(bits):
 
 class Parser(wiring.Component):
     #: Pipeline registers between a frame's last beat and the write of its record.
-    STAGES = 16
+    STAGES = 17
 
     def __init__(self, width=64, max_frame_bytes=MAX_FRAME_BYTES):
         self.width = width
@@ -256,14 +256,23 @@ class Parser(wiring.Component):
         p.define("fragment", ip["mf"] | (ip["frag_offset"] != 0), 2)
         p.define("proto_tcp", ip["protocol"] == IpProto.TCP, 2)
         p.define("proto_udp", ip["protocol"] == IpProto.UDP, 2)
+        # The TCP header starts 4*IHL bytes in (at 20 when IHL is below 5: flagged
+        # bad_ihl). The shift is done in two steps, 16 then 4 bytes at a time.
         ihl_eff = _at_least_5(ip["ihl"])
-        l4 = Signal(8 * TCP_MAX_LEN)
-        with m.Switch(ip["ihl"]):                     # IHL below 5: flagged, TCP read at 20
-            for n in range(16):
+        coarse = Signal(8 * (TCP_MAX_LEN + 12))
+        with m.Switch(ihl_eff[2:4]):
+            for n in range(4):
                 with m.Case(n):
-                    k = max(n, 5)
-                    m.d.comb += l4.eq(Cat(*l3b[4 * k:4 * k + TCP_MAX_LEN]))
-        p.define("l4", l4, 2)
+                    m.d.comb += coarse.eq(Cat(*l3b[16 * n:16 * n + TCP_MAX_LEN + 12]))
+        p.define("l4_coarse", coarse, 2)
+        p.define("l4_fine", ihl_eff[:2], 2)
+        cb = _bytes(p.get("l4_coarse", 3), TCP_MAX_LEN + 12)
+        fine = Signal(8 * TCP_MAX_LEN)
+        with m.Switch(p.get("l4_fine", 3)):
+            for n in range(4):
+                with m.Case(n):
+                    m.d.comb += fine.eq(Cat(*cb[4 * n:4 * n + TCP_MAX_LEN]))
+        p.define("l4", fine, 3)
         l3_offset = p.get("l3_offset", 2)
         p.define("l4_offset", l3_offset + 4 * ihl_eff, 2)
         p.define("ip_end", l3_offset + ip["total_length"], 2)
@@ -277,79 +286,80 @@ class Parser(wiring.Component):
                   ip["protocol"], (ip["total_length"] - 4 * ihl_eff)[:16]]
         pseudo_stage, pseudo_name = adder_tree(p, "pseudo", pseudo, at=2, width=19)
 
-        # Stage 3 -> 4: TCP fields, per-position option decode, length and class checks.
-        l4b = _bytes(p.get("l4", 3), TCP_MAX_LEN)
+        # Stage T -> T+1: TCP fields, per-position option decode, length and class checks.
+        T = 4
+        l4b = _bytes(p.get("l4", T), TCP_MAX_LEN)
         tcp = {f.name: f.extract(lambda k: l4b[k]) for f in TCP}
         for name in PARSER_META["tcp"].shape.members:
-            p.define(f"tcp_{name}", tcp[name], 3)
+            p.define(f"tcp_{name}", tcp[name], T)
         doff = tcp["data_offset"]
         opt = l4b[TCP.size:] + [Const(0, 8)] * (SCAN_SPAN - OPT_BYTES + 2)
-        p.define("opt", Cat(*opt[:OPT_BYTES + 10]), 3)
-        # Per position: small predicates first (stage 3 -> 4), combined in stage 4 -> 5.
+        p.define("opt", Cat(*opt[:OPT_BYTES + 10]), T)
+        # Per position: small predicates first (stage T), combined in stage T + 1.
         # The area is 4*doff - 20 bytes long; an option at `pos` with length byte `olen`
         # fits when olen <= 4*doff - 20 - pos, a threshold that depends on doff alone.
         for pos in range(OPT_BYTES):
             kind, olen = opt[pos], opt[pos + 1]
-            p.define(f"opt_inside_{pos}", doff > (pos + 20) // 4, 3)
-            p.define(f"opt_len_inside_{pos}", doff > (pos + 21) // 4, 3)
-            p.define(f"opt_room_{pos}", Mux(doff > (pos + 20) // 4, 4 * doff - 20 - pos, 0)[:6], 3)
-            p.define(f"opt_short_{pos}", olen < 2, 3)
-            p.define(f"opt_eol_{pos}", kind == TcpOption.EOL, 3)
-            p.define(f"opt_nop_{pos}", kind == TcpOption.NOP, 3)
-            p.define(f"opt_after_{pos}", (olen + pos)[:6], 3)
+            p.define(f"opt_inside_{pos}", doff > (pos + 20) // 4, T)
+            p.define(f"opt_len_inside_{pos}", doff > (pos + 21) // 4, T)
+            p.define(f"opt_room_{pos}", Mux(doff > (pos + 20) // 4, 4 * doff - 20 - pos, 0)[:6], T)
+            p.define(f"opt_short_{pos}", olen < 2, T)
+            p.define(f"opt_eol_{pos}", kind == TcpOption.EOL, T)
+            p.define(f"opt_nop_{pos}", kind == TcpOption.NOP, T)
+            p.define(f"opt_after_{pos}", (olen + pos)[:6], T)
             wrong_len = Const(0)
             for decl in TCP_OPTIONS.values():
                 wrong_len = wrong_len | ((kind == decl.kind) & ~_any(olen == n for n in decl.length))
-            p.define(f"opt_wrong_len_{pos}", wrong_len, 3)
-        opt4 = _bytes(p.get("opt", 4), OPT_BYTES + 10)
+            p.define(f"opt_wrong_len_{pos}", wrong_len, T)
+        opt4 = _bytes(p.get("opt", T + 1), OPT_BYTES + 10)
         for pos in range(OPT_BYTES):
             def q(name):
-                return p.get(f"opt_{name}_{pos}", 4)
+                return p.get(f"opt_{name}_{pos}", T + 1)
             fits = opt4[pos + 1] <= q("room")
             cut = ~q("len_inside") | q("short") | ~fits
-            p.define(f"opt_ends_{pos}", ~q("inside") | q("eol") | (~q("nop") & cut), 4)
-            p.define(f"opt_bad_{pos}", q("inside") & ~q("eol") & ~q("nop") & (cut | q("wrong_len")), 4)
-        seg_len = p.get("seg_len", 3)
-        p.define("bad_doff", (doff < 5) | (4 * doff > seg_len) | seg_len[16], 3)
-        p.define("payload_offset", p.get("l4_offset", 3) + 4 * doff, 3)
-        p.define("payload_length", Mux((4 * doff > seg_len) | seg_len[16], 0, seg_len - 4 * doff), 3)
-        flen = p.get("length", 3)
-        l3_offset = p.get("l3_offset", 3)
-        ip_end = p.get("ip_end", 3)
-        p.define("truncated_ip", (flen < l3_offset + IPV4_MIN_LEN) | (flen < p.get("ip_hdr_end", 3))
-                 | (flen < ip_end), 3)
-        p.define("length_mismatch", (flen > ip_end) & (flen > MIN_FRAME_BYTES), 3)
+            p.define(f"opt_ends_{pos}", ~q("inside") | q("eol") | (~q("nop") & cut), T + 1)
+            p.define(f"opt_bad_{pos}", q("inside") & ~q("eol") & ~q("nop") & (cut | q("wrong_len")), T + 1)
+        seg_len = p.get("seg_len", T)
+        p.define("bad_doff", (doff < 5) | (4 * doff > seg_len) | seg_len[16], T)
+        p.define("payload_offset", p.get("l4_offset", T) + 4 * doff, T)
+        p.define("payload_length", Mux((4 * doff > seg_len) | seg_len[16], 0, seg_len - 4 * doff), T)
+        flen = p.get("length", T)
+        l3_offset = p.get("l3_offset", T)
+        ip_end = p.get("ip_end", T)
+        p.define("truncated_ip", (flen < l3_offset + IPV4_MIN_LEN) | (flen < p.get("ip_hdr_end", T))
+                 | (flen < ip_end), T)
+        p.define("length_mismatch", (flen > ip_end) & (flen > MIN_FRAME_BYTES), T)
         frame_class = Signal(FrameClass)
-        with m.If(p.get("eth_short", 3)):
+        with m.If(p.get("eth_short", T)):
             m.d.comb += frame_class.eq(FrameClass.OTHER)
-        with m.Elif(p.get("is_arp", 3)):
+        with m.Elif(p.get("is_arp", T)):
             m.d.comb += frame_class.eq(FrameClass.ARP)
-        with m.Elif(p.get("is_ipv6", 3)):
+        with m.Elif(p.get("is_ipv6", T)):
             m.d.comb += frame_class.eq(FrameClass.IPV6)
-        with m.Elif(~p.get("is_ipv4", 3)):
+        with m.Elif(~p.get("is_ipv4", T)):
             m.d.comb += frame_class.eq(FrameClass.OTHER)
-        with m.Elif(p.get("fragment", 3)):
+        with m.Elif(p.get("fragment", T)):
             m.d.comb += frame_class.eq(FrameClass.FRAGMENT)
-        with m.Elif(p.get("proto_tcp", 3)):
+        with m.Elif(p.get("proto_tcp", T)):
             m.d.comb += frame_class.eq(FrameClass.TCP)
-        with m.Elif(p.get("proto_udp", 3)):
+        with m.Elif(p.get("proto_udp", T)):
             m.d.comb += frame_class.eq(FrameClass.UDP)
         with m.Else():
             m.d.comb += frame_class.eq(FrameClass.IPV4_OTHER)
-        p.define("frame_class", frame_class, 3)
+        p.define("frame_class", frame_class, T)
 
         # Stage 4 -> 5: where the next option starts, for each position.
         for pos in range(SCAN_SPAN):
             if pos < OPT_BYTES:
-                nxt = Mux(p.get(f"opt_ends_{pos}", 5), STOP,
-                          Mux(p.get(f"opt_nop_{pos}", 5), pos + 1, p.get(f"opt_after_{pos}", 5)))
+                nxt = Mux(p.get(f"opt_ends_{pos}", T + 2), STOP,
+                          Mux(p.get(f"opt_nop_{pos}", T + 2), pos + 1, p.get(f"opt_after_{pos}", T + 2)))
             else:
                 nxt = Const(STOP, 6)
-            p.define(f"scan_w1_{pos}", Cat(Const(1, 1), nxt), 5)   # 1 position: starts, exit
+            p.define(f"scan_w1_{pos}", Cat(Const(1, 1), nxt), T + 2)   # 1 position: starts, exit
 
         # Stages 5..10: compose the windows' transfer functions: for window size s and
         # entry e, which positions of the window start an option, and the exit cursor.
-        size, stage = 1, 6
+        size, stage = 1, T + 3
         while size < SCAN_SPAN:
             for base in range(0, SCAN_SPAN, 2 * size):
                 entries = range(2 * size) if 2 * size < SCAN_SPAN else [0]
@@ -369,7 +379,7 @@ class Parser(wiring.Component):
                         exit_ = hi[size:]
                     p.define(f"scan_w{2 * size}_{base + e}", Cat(starts, exit_), stage)
             size, stage = 2 * size, stage + 1
-        scan_stage = stage                                   # 12
+        scan_stage = stage                                   # T + 9
         starts_all = p.get(f"scan_w{SCAN_SPAN}_0", scan_stage)[:OPT_BYTES]
         inside_all = Cat(*[p.get(f"opt_inside_{pos}", scan_stage) for pos in range(OPT_BYTES)])
         bad_all = Cat(*[p.get(f"opt_bad_{pos}", scan_stage) for pos in range(OPT_BYTES)])
@@ -377,43 +387,43 @@ class Parser(wiring.Component):
         p.define("opt_starts", starts, scan_stage)
         p.define("opt_malformed", (starts & bad_all).any(), scan_stage)
 
-        # Stage 13 -> 14: the well-formed options of each kind; 14 -> 15: the last one.
+        # The well-formed options of each kind, then the last one of each kind.
         decls = {d.kind: d for d in TCP_OPTIONS.values()}
-        ob = _bytes(p.get("opt", 13), OPT_BYTES + 10)
-        starts = p.get("opt_starts", 13)
-        bad = Cat(*[p.get(f"opt_bad_{pos}", 13) for pos in range(OPT_BYTES)])
+        ob = _bytes(p.get("opt", T + 10), OPT_BYTES + 10)
+        starts = p.get("opt_starts", T + 10)
+        bad = Cat(*[p.get(f"opt_bad_{pos}", T + 10) for pos in range(OPT_BYTES)])
         for kind, decl in decls.items():
             span = OPT_BYTES - min(decl.length) + 1          # where it can fit at all
             hits = [starts[pos] & (ob[pos] == kind) & _any(ob[pos + 1] == n for n in decl.length) & ~bad[pos]
                     for pos in range(span)]
-            p.define(f"hits_{int(kind)}", Cat(*hits), 13)
+            p.define(f"hits_{int(kind)}", Cat(*hits), T + 10)
         known = [TcpOption.EOL, TcpOption.NOP] + list(decls)
         p.define("opt_unknown", _any(starts[pos] & ~bad[pos] & ~_any(ob[pos] == k for k in known)
-                                     for pos in range(OPT_BYTES)), 13)
+                                     for pos in range(OPT_BYTES)), T + 10)
         for kind in decls:
-            hits = p.get(f"hits_{int(kind)}", 14)
+            hits = p.get(f"hits_{int(kind)}", T + 11)
             last = [hits[pos] & ~hits[pos + 1:].any() if pos + 1 < len(hits) else hits[pos]
                     for pos in range(len(hits))]
-            p.define(f"last_{int(kind)}", Cat(*last), 14)
-            p.define(f"seen_{int(kind)}", hits.any(), 14)
+            p.define(f"last_{int(kind)}", Cat(*last), T + 11)
+            p.define(f"seen_{int(kind)}", hits.any(), T + 11)
 
-        # Stage 15 -> 16: option values.
-        ob = _bytes(p.get("opt", 15), OPT_BYTES + 10)
+        # Option values.
+        ob = _bytes(p.get("opt", T + 12), OPT_BYTES + 10)
 
         def value_of(kind, field_at):
-            chosen = p.get(f"last_{int(kind)}", 15)
+            chosen = p.get(f"last_{int(kind)}", T + 12)
             out = 0
             for pos in range(len(chosen)):
                 out = out | Mux(chosen[pos], field_at(pos), 0)
             return out
         mss, ws, ts, sack = (decls[k].header for k in (TcpOption.MSS, TcpOption.WSCALE,
                                                         TcpOption.TIMESTAMP, TcpOption.SACK))
-        p.define("opt_mss", value_of(TcpOption.MSS, lambda q: mss.mss.extract(lambda k: ob[q + 2 + k])), 15)
-        p.define("opt_wscale", value_of(TcpOption.WSCALE, lambda q: ws.shift.extract(lambda k: ob[q + 2 + k])), 15)
-        p.define("opt_tsval", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsval.extract(lambda k: ob[q + 2 + k])), 15)
-        p.define("opt_tsecr", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsecr.extract(lambda k: ob[q + 2 + k])), 15)
-        p.define("opt_sack_blocks", value_of(TcpOption.SACK, lambda q: ((ob[q + 1] - 2) >> 3)[:3]), 15)
-        p.define("opt_sack_pos", value_of(TcpOption.SACK, lambda q: Const(q + 2 + TCP.size, 7)), 15)
+        p.define("opt_mss", value_of(TcpOption.MSS, lambda q: mss.mss.extract(lambda k: ob[q + 2 + k])), T + 12)
+        p.define("opt_wscale", value_of(TcpOption.WSCALE, lambda q: ws.shift.extract(lambda k: ob[q + 2 + k])), T + 12)
+        p.define("opt_tsval", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsval.extract(lambda k: ob[q + 2 + k])), T + 12)
+        p.define("opt_tsecr", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsecr.extract(lambda k: ob[q + 2 + k])), T + 12)
+        p.define("opt_sack_blocks", value_of(TcpOption.SACK, lambda q: ((ob[q + 1] - 2) >> 3)[:3]), T + 12)
+        p.define("opt_sack_pos", value_of(TcpOption.SACK, lambda q: Const(q + 2 + TCP.size, 7)), T + 12)
 
         # Checksums: fold the sums (available by stage 8 at the latest) in two steps.
         ck = max(self.csum_stages, ip_sum_stage, pseudo_stage)
@@ -427,7 +437,7 @@ class Parser(wiring.Component):
             p.define(f"{name}_sum_bad", p.get(f"{name}_sum", ck + 3) != 0xFFFF, ck + 3)
         assert ck + 4 <= self.STAGES
 
-        # Stage 16: the record, as one expression (see hw.stream.struct_value).
+        # The last stage: the record, as one expression (see hw.stream.struct_value).
         s = self.STAGES
         def g(name):
             return p.get(name, s)
