@@ -375,7 +375,8 @@ class ConnTable(wiring.Component):
         m.submodules.path = path
         path_w = path.write_port()
         path_r = path.read_port(domain="comb")
-        m.d.comb += [path_w.addr.eq(steps), path_r.addr.eq(steps - 1)]
+        last = Signal(range(M))              # steps - 1, kept as a register
+        m.d.comb += [path_w.addr.eq(steps), path_r.addr.eq(last)]
 
         new_t, new_b, new_w, new_alt = Signal(), Signal(BB), Signal(2), Signal(BB)
 
@@ -540,8 +541,12 @@ class ConnTable(wiring.Component):
             with m.State("SELECT"):
                 c_any_slot, c_which = _first([f_slot[k] for k in range(TABLES * WAYS)])
                 c_any_stash, c_which_s = _first([f_stash[s] for s in range(S)])
-                c_found = data.View(E, Cat(*[rd[t, w] for t in range(TABLES)
-                                             for w in range(WAYS)]).word_select(c_which, E.size))
+                # At most one slot matches: select it with an AND-OR (shallower than a mux).
+                c_found_raw = Const(0, E.size)
+                for t in range(TABLES):
+                    for w in range(WAYS):
+                        c_found_raw = c_found_raw | Mux(f_slot[t * WAYS + w], rd[t, w].as_value(), 0)
+                c_found = data.View(E, c_found_raw)
                 m.d.sync += [any_slot.eq(c_any_slot), which.eq(c_which),
                              any_stash.eq(c_any_stash), which_s.eq(c_which_s),
                              found.eq(c_found)]
@@ -590,7 +595,7 @@ class ConnTable(wiring.Component):
                                          cn_index.eq(index_new), cn_t.eq(t_sel),
                                          cn_b.eq(Mux(t_sel, b[1], b[0])),
                                          cn_alt.eq(Mux(t_sel, b[0], b[1])),
-                                         steps.eq(0), phase.eq(PH_WALK)]
+                                         steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK)]
                             m.next = "RD"        # ctl_addr still holds both buckets
                     with m.Case(Op.DELETE, Op.UPDATE):
                         with m.If(any_slot | any_stash):
@@ -646,7 +651,7 @@ class ConnTable(wiring.Component):
                     with m.If(carry_pending):
                         m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
                                      new_alt.eq(carry_alt)]
-                    m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), cn_load.eq(1),
+                    m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), last.eq(steps), cn_load.eq(1),
                                  cn_valid.eq(1),
                                  cn_key.eq(victim.key), cn_value.eq(victim.value),
                                  cn_index.eq(victim.index), cn_pending.eq(victim.pending),
@@ -696,7 +701,7 @@ class ConnTable(wiring.Component):
                              cn_key.eq(back.key), cn_value.eq(back.value),
                              cn_index.eq(back.index), cn_pending.eq(back.pending),
                              cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(back.alt),
-                             steps.eq(steps - 1)]
+                             steps.eq(steps - 1), last.eq(last - 1)]
                 with m.If(steps == 1):
                     m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                     m.next = "RESPOND"
