@@ -398,8 +398,9 @@ class Parser(wiring.Component):
                     for pos in range(span)]
             p.define(f"hits_{int(kind)}", Cat(*hits), T + 10)
         known = [TcpOption.EOL, TcpOption.NOP] + list(decls)
-        p.define("opt_unknown", _any(starts[pos] & ~bad[pos] & ~_any(ob[pos] == k for k in known)
-                                     for pos in range(OPT_BYTES)), T + 10)
+        p.define("opt_unknown_at", Cat(*[starts[pos] & ~bad[pos] & ~_any(ob[pos] == k for k in known)
+                                         for pos in range(OPT_BYTES)]), T + 10)
+        p.define("opt_unknown", p.get("opt_unknown_at", T + 11).any(), T + 11)
         for kind in decls:
             hits = p.get(f"hits_{int(kind)}", T + 11)
             last = [hits[pos] & ~hits[pos + 1:].any() if pos + 1 < len(hits) else hits[pos]

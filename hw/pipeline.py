@@ -11,11 +11,15 @@ registers in between are made on demand. Each stage is one clock cycle::
     p.define("ihl", ihl, at=1)                       # available at stage 2
     total = p.get("ihl", 7)                          # carried through stages 3..7
 
-``p.valid(k)`` is stage ``k``'s valid bit. ``p.inject(name, signal, at)`` adds a value that
+Values carried over many stages go through small LUT-RAM delay lines (16 deep, in
+lanes of 64 bits with their own pointers) instead of chains of flip-flops: a wide
+pipeline then stays small and its routing short. ``p.valid(k)`` is stage ``k``'s valid
+bit. ``p.inject(name, signal, at)`` adds a value that
 another pipeline computes and that belongs to stage ``at``.
 """
 
-from amaranth.hdl import Module, Shape, Signal, Value
+from amaranth.hdl import Module, Shape, Signal, Value, unsigned
+from amaranth.lib.memory import Memory
 
 __all__ = ["Pipeline", "adder_tree"]
 
@@ -47,6 +51,12 @@ class Pipeline:
         self._values[name] = {at: signal}
         return signal
 
+    #: Carry a value in a LUT-RAM delay line when it is this wide and goes this far.
+    DELAY_MIN_BITS = 8
+    DELAY_MIN_STAGES = 4
+    DELAY_MAX_STAGES = 16
+    LANE_BITS = 64
+
     def get(self, name, at):
         """``name`` as seen by stage ``at``."""
         chain = self._values[name]
@@ -54,13 +64,40 @@ class Pipeline:
         if at < first:
             raise ValueError(f"pipeline {self._name}: {name!r} is defined at stage {first}, "
                              f"read at stage {at}")
-        last = max(chain)
+        if at in chain:
+            return chain[at]
+        last = max(stage for stage in chain if stage < at)
+        source = chain[last]
+        distance = at - last
+        if (len(Value.cast(source)) >= self.DELAY_MIN_BITS
+                and self.DELAY_MIN_STAGES <= distance <= self.DELAY_MAX_STAGES):
+            chain[at] = self._delay_line(source, distance, f"{name}_s{last}_to_s{at}")
+            return chain[at]
         while last < at:
             reg = Signal(Shape.cast(chain[last].shape()), name=f"{self._name}_{name}_s{last + 1}")
             self._m.d.sync += reg.eq(chain[last])
             chain[last + 1] = reg
             last += 1
         return chain[at]
+
+    def _delay_line(self, value, cycles, name):
+        """``value`` delayed by ``cycles`` (2..16) clock cycles, through LUT RAM: written
+        every cycle at a running pointer, read ``cycles - 1`` entries behind it, and
+        registered."""
+        value = Value.cast(value)
+        out = Signal(len(value), name=f"{self._name}_{name}")
+        for lo in range(0, len(value), self.LANE_BITS):
+            width = min(self.LANE_BITS, len(value) - lo)
+            mem = Memory(shape=unsigned(width), depth=self.DELAY_MAX_STAGES, init=[])
+            self._m.submodules[f"{self._name}_{name}_mem{lo}"] = mem
+            write = mem.write_port()
+            read = mem.read_port(domain="comb")
+            pointer = Signal(range(self.DELAY_MAX_STAGES), name=f"{self._name}_{name}_ptr{lo}")
+            self._m.d.sync += pointer.eq(pointer + 1)
+            self._m.d.comb += [write.addr.eq(pointer), write.data.eq(value[lo:lo + width]),
+                               write.en.eq(1), read.addr.eq(pointer - (cycles - 1))]
+            self._m.d.sync += out[lo:lo + width].eq(read.data)
+        return out
 
     def valid(self, at):
         last = max(self._valids)
