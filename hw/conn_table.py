@@ -374,7 +374,7 @@ class ConnTable(wiring.Component):
         path = Memory(shape=2, depth=M, init=[])
         m.submodules.path = path
         path_w = path.write_port()
-        path_r = path.read_port(domain="comb")
+        path_r = path.read_port()           # synchronous: ``last`` is set cycles before use
         last = Signal(range(M))              # steps - 1, kept as a register
         m.d.comb += [path_w.addr.eq(steps), path_r.addr.eq(last)]
 
@@ -656,10 +656,7 @@ class ConnTable(wiring.Component):
                                  cn_key.eq(victim.key), cn_value.eq(victim.value),
                                  cn_index.eq(victim.index), cn_pending.eq(victim.pending),
                                  cn_t.eq(~carry_t), cn_b.eq(victim.alt), cn_alt.eq(carry_b)]
-                    for t in range(TABLES):
-                        with m.If(carry_t != t):
-                            m.d.sync += ctl_addr[t].eq(victim.alt)
-                    m.next = "RD"
+                    m.next = "SETUP"
                 with m.Else():
                     m.next = "HOMELESS"
 
@@ -684,10 +681,7 @@ class ConnTable(wiring.Component):
                 with m.Else():
                     # Undo the walk: step k moved into (1 - carry_t, carry_alt, path[k]).
                     m.d.sync += phase.eq(PH_UNDO)
-                    for t in range(TABLES):
-                        with m.If(carry_t != t):
-                            m.d.sync += ctl_addr[t].eq(carry_alt)
-                    m.next = "RD"
+                    m.next = "SETUP"
 
             with m.State("UNDO"):
                 t_u = ~carry_t
@@ -706,11 +700,17 @@ class ConnTable(wiring.Component):
                     m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                     m.next = "RESPOND"
                 with m.Else():
-                    # The step before: (carry_t after this one, back.alt) -> set below.
-                    for t in range(TABLES):
-                        with m.If(t_u != t):
-                            m.d.sync += ctl_addr[t].eq(back.alt)
-                    m.next = "RD"
+                    m.next = "SETUP"
+
+            with m.State("SETUP"):
+                # The next bucket to read, from registers: a walk goes to the carried
+                # entry's bucket, an undo to the slot the carried entry was taken from.
+                for t in range(TABLES):
+                    with m.If((phase == PH_WALK) & (cn_t == t)):
+                        m.d.sync += ctl_addr[t].eq(cn_b)
+                    with m.If((phase == PH_UNDO) & (cn_t != t)):
+                        m.d.sync += ctl_addr[t].eq(cn_alt)
+                m.next = "RD"
 
             with m.State("FINALIZE"):
                 for t in range(TABLES):

@@ -370,12 +370,12 @@ DEFAULTS = {"entries": 4096, "value_width": 32, "stash": 4, "max_moves": 256, "s
 
 def insert_latency_bound(params):
     """Worst-case INSERT latency in cycles (command accepted -> response valid), from the
-    FSM: dispatch, the hash, find and decide (``hash + 6`` in all, the latency of every
-    command without a walk), ``max_moves + 1`` walk steps of 3 cycles (read, data, move),
-    the stash check, then ``max_moves`` undo steps of 3 cycles."""
+    FSM: dispatch, the hash, find, select and decide (``hash + 7`` in all, the latency of
+    every command without a walk), the first walk step (3 cycles), ``max_moves`` more of
+    4 cycles (set-up, read, data, move), the stash check, ``max_moves`` undo steps of 4."""
     from hw.siphash import siphash_latency
     moves = params["max_moves"]
-    return siphash_latency(FLOW_KEY.size) + 6 + 3 * (moves + 1) + 1 + 3 * moves
+    return siphash_latency(FLOW_KEY.size) + 7 + 3 + 4 * moves + 1 + 4 * moves
 
 
 async def bench_conn_table(bus, width=64, entries=4096, load=0.9, mix_ops=300, seeds=20):
