@@ -411,8 +411,13 @@ class ConnTable(wiring.Component):
         read_t, read_w = Signal(), Signal(2)
         sweep_reply = Signal()
 
-        def bucket_of(t_sig):
-            return [Mux(t_sig, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
+        # The control read data, registered every cycle (no enable: a wide enable net is
+        # slow); ``bkt`` is the bucket of table ``bkt_sel``, for the walk and its undo.
+        bkt_sel = Signal()
+        bkt = [Signal(E.size, name=f"bkt_w{w}") for w in range(WAYS)]
+        m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
+        m.d.sync += [bkt[w].eq(Mux(bkt_sel, ctl_data[1, w].as_value(), ctl_data[0, w].as_value()))
+                     for w in range(WAYS)]
 
         with m.FSM(init="SWEEP") as fsm:
             with m.State("SWEEP"):
@@ -493,7 +498,6 @@ class ConnTable(wiring.Component):
                 m.next = "DATA"
 
             with m.State("DATA"):
-                m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
                 with m.Switch(phase):
                     with m.Case(PH_FIND):
                         m.next = "CMP"
@@ -595,7 +599,8 @@ class ConnTable(wiring.Component):
                                          cn_index.eq(index_new), cn_t.eq(t_sel),
                                          cn_b.eq(Mux(t_sel, b[1], b[0])),
                                          cn_alt.eq(Mux(t_sel, b[0], b[1])),
-                                         steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK)]
+                                         steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
+                                         bkt_sel.eq(t_sel)]
                             m.next = "RD"        # ctl_addr still holds both buckets
                     with m.Case(Op.DELETE, Op.UPDATE):
                         with m.If(any_slot | any_stash):
@@ -623,7 +628,7 @@ class ConnTable(wiring.Component):
                         m.next = "RESPOND"
 
             with m.State("WALK"):
-                bucket = bucket_of(carry_t)
+                bucket = bkt                         # table carry_t
                 is_free = [~data.View(E, x).valid for x in bucket]
                 any_free, w_free = _first(is_free)
                 w_evict = rng_next[:2]
@@ -687,7 +692,7 @@ class ConnTable(wiring.Component):
                 t_u = ~carry_t
                 w_u = path_r.data
                 back = data.View(E, Signal(E.size, name="back"))
-                m.d.comb += back.as_value().eq(Cat(*bucket_of(t_u)).word_select(w_u, E.size))
+                m.d.comb += back.as_value().eq(Cat(*bkt).word_select(w_u, E.size))   # table t_u
                 m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u),
                              wdata.eq(word(1, carry_pending, carry_key, carry_value,
                                            carry_index, carry_b))]
@@ -705,6 +710,7 @@ class ConnTable(wiring.Component):
             with m.State("SETUP"):
                 # The next bucket to read, from registers: a walk goes to the carried
                 # entry's bucket, an undo to the slot the carried entry was taken from.
+                m.d.sync += bkt_sel.eq(Mux(phase == PH_WALK, cn_t, ~cn_t))
                 for t in range(TABLES):
                     with m.If((phase == PH_WALK) & (cn_t == t)):
                         m.d.sync += ctl_addr[t].eq(cn_b)
