@@ -282,9 +282,12 @@ class Parser(wiring.Component):
         ip_words = [Mux(ip["ihl"] > (w // 2), _word(l3b[2 * w], l3b[2 * w + 1]), 0)
                     for w in range(IPV4_MAX_LEN // 2)]
         ip_sum_stage, ip_sum_name = adder_tree(p, "ip_words", ip_words, at=2, width=21)
-        pseudo = [ip["src"][16:], ip["src"][:16], ip["dst"][16:], ip["dst"][:16],
-                  ip["protocol"], (ip["total_length"] - 4 * ihl_eff)[:16]]
-        pseudo_stage, pseudo_name = adder_tree(p, "pseudo", pseudo, at=2, width=19)
+        # Pseudo-header: addresses and protocol now, the TCP length (seg_len) once registered.
+        pseudo = [ip["src"][16:], ip["src"][:16], ip["dst"][16:], ip["dst"][:16], ip["protocol"]]
+        pseudo_stage, pseudo_part = adder_tree(p, "pseudo", pseudo, at=2, width=19)
+        p.define("pseudo", p.get(pseudo_part, pseudo_stage) + p.get("seg_len", pseudo_stage)[:16],
+                 pseudo_stage)
+        pseudo_stage, pseudo_name = pseudo_stage + 1, "pseudo"
 
         # Stage T -> T+1: TCP fields, per-position option decode, length and class checks.
         T = 4
