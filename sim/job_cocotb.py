@@ -3,7 +3,7 @@
 ``run_job`` starts cocotb on this module with three environment variables:
 
   ACCELTCP_JOB          the job to run, as "module:qualname"
-  ACCELTCP_JOB_ARGS     its keyword arguments, as a JSON object
+  ACCELTCP_JOB_ARGS_FILE  a file holding its keyword arguments, as a JSON object
   ACCELTCP_JOB_RESULT   the file where this module writes the outcome, as JSON:
                         {"ok": true, "value": <job's dict>, "cycles": n, "seconds": s}
                         or {"ok": false, "error": "<traceback>"}
@@ -31,7 +31,8 @@ def _write(record):
 async def run_job_in_cocotb(dut):
     try:
         job = load_job(os.environ["ACCELTCP_JOB"])
-        job_args = json.loads(os.environ.get("ACCELTCP_JOB_ARGS", "{}"))
+        with open(os.environ["ACCELTCP_JOB_ARGS_FILE"]) as args:
+            job_args = json.load(args)
         bus = await start(dut)                 # clock running, reset done
         began = time.perf_counter()
         value = await job(bus, **job_args)

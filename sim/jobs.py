@@ -216,7 +216,10 @@ def _run_cocotb(block, params, job, sim, job_args, waves):
     fd, result_file = tempfile.mkstemp(prefix="job-", suffix=".json", dir=jobs_dir)
     os.close(fd)
     result_file = Path(result_file)
-    env = {"ACCELTCP_JOB": path, "ACCELTCP_JOB_ARGS": args_json,
+    # The arguments go in a file: a traffic mix is far larger than the environment allows.
+    args_file = result_file.with_suffix(".args.json")
+    args_file.write_text(args_json)
+    env = {"ACCELTCP_JOB": path, "ACCELTCP_JOB_ARGS_FILE": str(args_file),
            "ACCELTCP_JOB_RESULT": str(result_file), "PYTHONPATH": os.pathsep.join(pythonpath)}
 
     saved_waves = os.environ.get("WAVES")
@@ -225,13 +228,14 @@ def _run_cocotb(block, params, job, sim, job_args, waves):
     results_xml, exit_note = None, ""
     try:
         results_xml = run_cocotb(block, params, "sim.job_cocotb", sim,
-                                 testcase="run_job_in_cocotb", extra_env=env)
+                                 testcase="run_job_in_cocotb", extra_env=env, quiet=True)
     except SystemExit as stop:       # cocotb's runner exits on simulator or test failure
         exit_note = f" (simulator exit status {stop.code})"
     except RuntimeError as error:    # the Verilog build failed (compiler output is above)
         result_file.unlink(missing_ok=True)
+        args_file.unlink(missing_ok=True)
         raise JobError(f"building {getattr(block, '__name__', block)} for {sim} failed: "
-                       f"{error}; the compiler's output is above") from None
+                       f"{error}; the end of the compiler's log is above") from None
     finally:
         if waves:
             if saved_waves is None:
@@ -243,8 +247,9 @@ def _run_cocotb(block, params, job, sim, job_args, waves):
         record = json.loads(result_file.read_text() or "{}")
     finally:
         result_file.unlink(missing_ok=True)
+        args_file.unlink(missing_ok=True)
     if not record.get("ok"):
-        detail = record.get("error") or "the job wrote no result; see the simulator output above"
+        detail = record.get("error") or "the job wrote no result; see the simulator's log (run/test.log in its build folder)"
         raise JobError(f"job {path} failed on {sim}{exit_note}:\n{detail}")
     if results_xml is not None:
         from cocotb_tools.check_results import get_results

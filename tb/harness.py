@@ -93,8 +93,12 @@ def _verilator_make_fix(sim):
 
 
 def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, extra_env=None,
-               timeout_note=""):
-    """Build (once) and run the cocotb tests in ``test_module`` on ``block(**params)``."""
+               quiet=False):
+    """Build (once) and run the cocotb tests in ``test_module`` on ``block(**params)``.
+
+    ``quiet``: send the compiler's and the simulator's output to ``build.log`` and
+    ``run/test.log`` in the build folder instead of the terminal (the CLI does this;
+    on a failed build the tail of the log is printed)."""
     from cocotb_tools.runner import get_runner
 
     _sim_tool_check(sim)
@@ -115,10 +119,20 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
                 # VCD, not FST: Verilator's FST writer needs lz4.h (liblz4-dev), which a
                 # fresh machine does not have.
                 build_args += ["--trace", "--trace-structs"]
-        with _verilator_make_fix(sim):
-            runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
-                         timescale=("1ns", "1ps"), build_args=build_args, waves=waves,
-                         always=True)
+        build_log = build_dir / "build.log" if quiet else None
+        if quiet:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            print(f"  building the {sim} model of {block.__name__} (once per configuration) ...",
+                  flush=True)
+        try:
+            with _verilator_make_fix(sim):
+                runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
+                             timescale=("1ns", "1ps"), build_args=build_args, waves=waves,
+                             always=True, log_file=build_log)
+        except Exception:
+            if build_log is not None and build_log.exists():
+                print("".join(build_log.read_text().splitlines(True)[-30:]), flush=True)
+            raise
         stamp.touch()
     _built[(build_dir, digest)] = True
     env = {"ACCELTCP_PARAMS": json.dumps(params), "PYTHONPATH": str(REPO)}
@@ -128,7 +142,8 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
     return runner.test(test_module=test_module, hdl_toplevel=toplevel, hdl_toplevel_lang="verilog",
                        build_dir=build_dir,
                        test_dir=test_dir, testcase=testcase, extra_env=env, waves=waves,
-                       timescale=("1ns", "1ps"), seed=os.environ.get("SEED", "1"))
+                       timescale=("1ns", "1ps"), seed=os.environ.get("SEED", "1"),
+                       log_file=test_dir / "test.log" if quiet else None)
 
 
 def tb_params():
