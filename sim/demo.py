@@ -77,53 +77,51 @@ async def rx_job(bus, width, frames):
             "cycles": cycles}
 
 
+class _Frames:
+    """Cuts the beats a sink received into frames (hex), as they arrive."""
+
+    def __init__(self, sink, width):
+        self.sink, self.width = sink, width
+        self.frames, self._beats = [], []
+
+    def count(self):
+        while self.sink.received:
+            beat = self.sink.received.pop(0)
+            self._beats.append(beat)
+            if beat >> (self.width + self.width // 8) & 1:          # `last`
+                self.frames.append(beats_to_frame(self._beats, self.width).hex())
+                self._beats.clear()
+        return len(self.frames)
+
+    def result(self, cycles):
+        stamps = self.sink.received_cycles
+        return {"frames": self.frames, "beats": len(stamps), "first_cycle": stamps[0],
+                "last_cycle": stamps[-1], "cycles": cycles}
+
+
 async def tx_build_job(bus, width, headers, payloads):
     """TX builder: header records (ints) and payloads (hex) in; frames (hex) out."""
     hdr = StreamSource(bus, "header")
     pay = StreamSource(bus, "payload")
-    out = StreamSink(bus, "o")
+    out = _Frames(StreamSink(bus, "o"), width)
     hdr.send(headers)
     for p in payloads:
         if p:
             pay.send(frame_to_beats(bytes.fromhex(p), width))
-    frames, current = [], []
-
-    def count():
-        while out.received:
-            beat = out.received.pop(0)
-            current.append(beat)
-            if beat >> (width + width // 8) & 1:          # `last`
-                frames.append(beats_to_frame(current, width).hex())
-                current.clear()
-        return len(frames)
-
-    out_cycles = out.received_cycles
-    cycles = await _run_stream_job(bus, [hdr, pay], [out], count, len(headers), "TX builder", "frames")
-    return {"frames": frames, "beats": len(out_cycles), "first_cycle": out_cycles[0],
-            "last_cycle": out_cycles[-1], "cycles": cycles}
+    cycles = await _run_stream_job(bus, [hdr, pay], [out.sink], out.count, len(headers),
+                                   "TX builder", "frames")
+    return out.result(cycles)
 
 
 async def tx_complete_job(bus, width, frames):
     """Checksum inserter: host frames (hex) in, completed frames (hex) out."""
     src = StreamSource(bus, "i")
-    out = StreamSink(bus, "o")
+    out = _Frames(StreamSink(bus, "o"), width)
     for f in frames:
         src.send(frame_to_beats(bytes.fromhex(f), width))
-    done_frames, current = [], []
-
-    def count():
-        while out.received:
-            beat = out.received.pop(0)
-            current.append(beat)
-            if beat >> (width + width // 8) & 1:
-                done_frames.append(beats_to_frame(current, width).hex())
-                current.clear()
-        return len(done_frames)
-
-    cycles = await _run_stream_job(bus, [src], [out], count, len(frames), "TX checksum insert", "frames")
-    return {"frames": done_frames, "beats": len(out.received_cycles),
-            "first_cycle": out.received_cycles[0], "last_cycle": out.received_cycles[-1],
-            "cycles": cycles}
+    cycles = await _run_stream_job(bus, [src], [out.sink], out.count, len(frames),
+                                   "TX checksum insert", "frames")
+    return out.result(cycles)
 
 
 def reply_header(meta, payload_len=0):
