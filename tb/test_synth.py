@@ -15,21 +15,10 @@ from sim.synth import SynthError, _run_tool, find_tool, synth
 from tb.test_jobs import StreamRegister
 
 
-def registered_blocks():
-    try:
-        from sim.blocks import BLOCKS
-    except ModuleNotFoundError as error:
-        if error.name != "sim.blocks":
-            raise
-        return None
-    return BLOCKS
+from sim.blocks import BLOCKS
 
 
-BLOCKS = registered_blocks()
-
-
-@pytest.mark.skipif(BLOCKS is None, reason="sim/blocks.py (the block registry) does not exist yet")
-@pytest.mark.parametrize("name", sorted(BLOCKS or {}))
+@pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_block_synthesizes(name, tmp_path):
     block, params, _description = BLOCKS[name]
     result = synth(block, params, place_and_route=False, workdir=tmp_path, progress=lambda _: None)
