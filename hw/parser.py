@@ -103,7 +103,7 @@ class Parser(wiring.Component):
     @property
     def csum_stages(self):
         """Checksum stage holding a frame's segment sum (the adder tree grows with W)."""
-        return 2 + (self.width // 16 - 1).bit_length()
+        return 3 + (self.width // 16 - 1).bit_length()
 
     @property
     def latency(self):
@@ -188,25 +188,33 @@ class Parser(wiring.Component):
         vlan_now = Signal()
         m.d.comb += vlan_now.eq(outer == EtherType.VLAN)
 
-        def ip_field(field):
-            return Mux(vlan_now, field.extract(lambda k: hb[ETH_LEN + VLAN_LEN + k]),
-                       field.extract(lambda k: hb[ETH_LEN + k]))
-        l3_now = Mux(vlan_now, ETH_LEN + VLAN_LEN, ETH_LEN)
         cs = Pipeline(m, "csum", e_valid)
         cs.define("last", e_last, 0)
         cs.define("data", e_data, 0)
         cs.define("pos", e_pos, 0)
-        cs.define("start", l3_now + 4 * _at_least_5(ip_field(IPV4.ihl)), 0)
-        cs.define("end", l3_now + ip_field(IPV4.total_length), 0)
-        # Stage 1: keep the bytes inside [start, end); positions are beat-aligned, so
+        # Both candidate IPv4 headers (with and without a VLAN tag) are registered as they
+        # are, so that the EtherType compare and the additions below are in separate cycles.
+        cs.define("vlan", vlan_now, 0)
+        for tag, at in (("plain", ETH_LEN), ("vlan", ETH_LEN + VLAN_LEN)):
+            cs.define(f"ihl_{tag}", IPV4.ihl.extract(lambda k: hb[at + k]), 0)
+            cs.define(f"total_length_{tag}", IPV4.total_length.extract(lambda k: hb[at + k]), 0)
+        # Stage 1: the segment's byte range [start, end) in the frame.
+        def offsets(tag, l3):
+            return (l3 + 4 * _at_least_5(cs.get(f"ihl_{tag}", 1)),
+                    l3 + cs.get(f"total_length_{tag}", 1))
+        plain, tagged = offsets("plain", ETH_LEN), offsets("vlan", ETH_LEN + VLAN_LEN)
+        vlan_1 = cs.get("vlan", 1)
+        cs.define("start", Mux(vlan_1, tagged[0], plain[0]), 1)
+        cs.define("end", Mux(vlan_1, tagged[1], plain[1]), 1)
+        # Stage 2: keep the bytes inside [start, end); positions are beat-aligned, so
         # pos + i is pos | i.
-        pos, start, end = cs.get("pos", 1), cs.get("start", 1), cs.get("end", 1)
-        db = _bytes(cs.get("data", 1), nb)
+        pos, start, end = cs.get("pos", 2), cs.get("start", 2), cs.get("end", 2)
+        db = _bytes(cs.get("data", 2), nb)
         inside = [(start <= (pos | i)) & ((pos | i) < end) for i in range(nb)]
         words = [_word(Mux(inside[2 * w], db[2 * w], 0), Mux(inside[2 * w + 1], db[2 * w + 1], 0))
                  for w in range(nb // 2)]
         sum_width = 16 + (nb // 2).bit_length()
-        sum_stage, sum_name = adder_tree(cs, "beat_sum", words, at=1, width=sum_width)
+        sum_stage, sum_name = adder_tree(cs, "beat_sum", words, at=2, width=sum_width)
         acc_stage = sum_stage
         beat_sum = cs.get(sum_name, acc_stage)
         acc = Signal(32)

@@ -2,7 +2,7 @@
 
     acceltcp demo  [--sim amaranth|verilator] [--frames N] [--seed S] [--waves FILE]
     acceltcp bench BLOCK [--width W] [--sim amaranth|verilator|icarus] [--json]
-    acceltcp synth BLOCK [--width W] [--freq MHZ] [--no-pnr] [--json]
+    acceltcp synth BLOCK [--width W] [--freq MHZ] [--seed N] [--no-pnr] [--json]
 
 The blocks are those of the registry ``sim.blocks.BLOCKS`` (name -> (component class,
 default parameters, description)). ``demo`` and ``bench`` hand over to ``sim.demo.main``
@@ -130,7 +130,8 @@ def cmd_synth(args):
         print(line, file=sys.stderr, flush=True)
 
     try:
-        result = synth(block, params, freq_mhz=args.freq, place_and_route=not args.no_pnr,
+        result = synth(block, params, freq_mhz=args.freq, seed=args.seed,
+                       place_and_route=not args.no_pnr,
                        progress=progress)
     except SynthError as error:
         raise RunError(str(error)) from None
@@ -255,6 +256,9 @@ def build_parser():
                        help="datapath width, for blocks that have one (default: the block's)")
     synth.add_argument("--freq", type=float, default=156.25, metavar="MHZ",
                        help="target clock frequency in MHz (default: 156.25)")
+    synth.add_argument("--seed", type=int, default=1, metavar="N",
+                       help="nextpnr placement seed (default: 1); Fmax varies a few %% "
+                            "from seed to seed")
     synth.add_argument("--no-pnr", action="store_true",
                        help="stop after Yosys: resource counts only, no place and route, no Fmax")
     synth.add_argument("--json", action="store_true",
