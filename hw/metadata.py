@@ -99,3 +99,33 @@ TX_HEADER = data.StructLayout({
 })
 
 __all__ += ["TX_HEADER"]
+
+
+# --- Host side: events ----------------------------------------------------------------
+
+class EventKind(enum.IntEnum):
+    """What an event on an engine's ``event`` stream reports."""
+    ESTABLISHED = 1     # a connection completed its handshake on the NIC (passive or active open)
+    FAILED = 2          # an active open failed (RST or timeout)
+
+
+#: One event for the host. Fields an event kind does not use are 0.
+#: ``peer_wscale`` / ``local_wscale`` are valid when ``wscale_ok``; ``ts_recent`` (the
+#: peer's last TSval) and ``ts_echo`` (the TSval of ours it echoed) when ``ts_ok``.
+EVENT = data.StructLayout({
+    "kind": 4,                        # EventKind
+    "ingress": 8,                     # the port the segment came in on
+    "listener": 4,                    # listen-table entry that accepted the connection
+    "eth": data.StructLayout({"peer": 48, "local": 48}),
+    "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
+    "iss": 32,                        # our initial sequence number
+    "irs": 32,                        # the peer's initial sequence number
+    "mss": 16,                        # the peer's MSS (from the cookie's table)
+    "wscale_ok": 1, "peer_wscale": 4, "local_wscale": 4,
+    "sack_ok": 1,
+    "ts_ok": 1, "ts_recent": 32, "ts_echo": 32,
+    "window": 16,                     # the window field of the peer's segment (unscaled)
+    "payload_length": 16,             # bytes the segment carried (the frame goes to the host)
+})
+
+__all__ += ["EventKind", "EVENT"]
