@@ -55,6 +55,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from hw.headers import TcpFlags
 from hw.listen_table import LISTEN_ENTRY, ListenTable
 from hw.metadata import EVENT, PARSER_META, TX_HEADER, EventKind, FrameClass
 from hw.pipeline import Pipeline
@@ -64,15 +65,7 @@ from hw.syn_cookie import (COOKIE_ISS, COOKIE_MESSAGE, DEFAULT_MSS, MAX_WSCALE, 
                            TS_OPTION_BITS, TS_SACK, WSCALE_NONE)
 
 __all__ = ["HandshakeEngine", "HANDSHAKE_IN", "VERDICT", "Reason", "ControlOp",
-           "control_layout", "TcpFlag", "REPLY_TTL"]
-
-
-class TcpFlag(enum.IntFlag):
-    FIN = 0x01
-    SYN = 0x02
-    RST = 0x04
-    PSH = 0x08
-    ACK = 0x10
+           "control_layout", "REPLY_TTL"]
 
 
 class Reason(enum.IntEnum):
@@ -247,8 +240,8 @@ class HandshakeEngine(wiring.Component):
         m1 = r1.meta
         m.d.comb += [listen.lookup_ip.eq(m1.ip.dst), listen.lookup_port.eq(m1.tcp.dport)]
         flags = m1.tcp.flags
-        syn, ack, rst, fin = (flags & f != 0 for f in (TcpFlag.SYN, TcpFlag.ACK, TcpFlag.RST,
-                                                        TcpFlag.FIN))
+        syn, ack, rst, fin = (flags & f != 0 for f in (TcpFlags.SYN, TcpFlags.ACK, TcpFlags.RST,
+                                                        TcpFlags.FIN))
         p.define("is_tcp", m1.frame_class == FrameClass.TCP, 1)
         p.define("errored", m1.errors.as_value().any(), 1)
         p.define("vlan", m1.eth.vlan_valid, 1)
@@ -369,9 +362,9 @@ class HandshakeEngine(wiring.Component):
                                Mux(cls_d == _Class.CLOSED_SYN, 0, c.ack)),
                     "ack": Mux(send_synack, c.seq + 1,
                                Mux(cls_d == _Class.CLOSED_SYN, rst_ack, 0)),
-                    "flags": Mux(send_synack, TcpFlag.SYN | TcpFlag.ACK,
-                                 Mux(cls_d == _Class.CLOSED_SYN, TcpFlag.RST | TcpFlag.ACK,
-                                     TcpFlag.RST)),
+                    "flags": Mux(send_synack, TcpFlags.SYN | TcpFlags.ACK,
+                                 Mux(cls_d == _Class.CLOSED_SYN, TcpFlags.RST | TcpFlags.ACK,
+                                     TcpFlags.RST)),
                     "window": Mux(send_synack, c.l_window, 0)},
             "opt": Mux(send_synack, struct_value(TX_HEADER["opt"].shape, {
                 "mss_valid": 1, "mss": c.l_mss, "wscale_valid": wscale_ok,

@@ -8,7 +8,8 @@ RTL sets. The cookie is ``hw.syn_cookie`` (bit-exact); ``keys`` holds the key st
 the coarse counter, ``ts_clock`` the timestamp clock, as the RTL's inputs would.
 """
 
-from hw.handshake import REPLY_TTL, Reason, TcpFlag
+from hw.handshake import REPLY_TTL, Reason
+from hw.headers import TcpFlags
 from hw.metadata import EventKind, FrameClass
 from hw.syn_cookie import (DEFAULT_MSS, MAX_WSCALE, MSS_TABLE, TS_OPTION_BITS, TS_SACK,
                            WSCALE_NONE, CookieKeys, mss_index)
@@ -51,8 +52,8 @@ class HandshakeModel:
     def _decide(self, meta, ingress, flow_hit):
         tcp, ip, opt = meta["tcp"], meta["ip"], meta["opt"]
         flags = tcp["flags"]
-        syn, ack, rst, fin = (bool(flags & f) for f in (TcpFlag.SYN, TcpFlag.ACK, TcpFlag.RST,
-                                                         TcpFlag.FIN))
+        syn, ack, rst, fin = (bool(flags & f) for f in (TcpFlags.SYN, TcpFlags.ACK, TcpFlags.RST,
+                                                         TcpFlags.FIN))
 
         def host(reason):
             return {"to_host": 1, "reason": reason}, None, None
@@ -73,7 +74,7 @@ class HandshakeModel:
             if syn and not ack and not rst:
                 ack_no = (tcp["seq"] + 1 + meta["payload_length"] + fin) & MASK32
                 return drop(Reason.CLOSED_PORT,
-                            self._reply(meta, seq=0, ack=ack_no, flags=TcpFlag.RST | TcpFlag.ACK))
+                            self._reply(meta, seq=0, ack=ack_no, flags=TcpFlags.RST | TcpFlags.ACK))
             return host(Reason.NO_LISTENER)
         if not entry["offload"]:
             return host(Reason.NOT_OFFLOADED)
@@ -90,7 +91,7 @@ class HandshakeModel:
                                     ts_options=options, **connection)
             tsval = (self.ts_clock & ~((1 << TS_OPTION_BITS) - 1) & MASK32) | options
             reply = self._reply(meta, seq=cookie, ack=(tcp["seq"] + 1) & MASK32,
-                                flags=TcpFlag.SYN | TcpFlag.ACK, window=entry["window"])
+                                flags=TcpFlags.SYN | TcpFlags.ACK, window=entry["window"])
             reply["opt"] = {"mss_valid": 1, "mss": entry["mss"],
                             "wscale_valid": int(ts_ok and options & 0xF != WSCALE_NONE),
                             "wscale": entry["wscale"],
@@ -104,7 +105,7 @@ class HandshakeModel:
             index_mss = self.keys.check(iss, peer_isn=(tcp["seq"] - 1) & MASK32, ts_ok=ts_ok,
                                         ts_options=options, **connection)
             if index_mss is None:
-                reply = (self._reply(meta, seq=tcp["ack"], ack=0, flags=TcpFlag.RST)
+                reply = (self._reply(meta, seq=tcp["ack"], ack=0, flags=TcpFlags.RST)
                          if self.rst_bad_cookie else None)
                 return drop(Reason.COOKIE_BAD, reply)
             wscale_ok = ts_ok and (options & 0xF) != WSCALE_NONE
@@ -124,7 +125,7 @@ class HandshakeModel:
             return {"to_host": to_host, "reason": Reason.COOKIE_OK}, None, event
         if syn and ack and not rst:
             return drop(Reason.LISTEN_SYNACK,
-                        self._reply(meta, seq=tcp["ack"], ack=0, flags=TcpFlag.RST))
+                        self._reply(meta, seq=tcp["ack"], ack=0, flags=TcpFlags.RST))
         return drop(Reason.LISTEN_DISCARD)
 
     @staticmethod
