@@ -103,10 +103,16 @@ def _bench_job(block):
     if block == "conn_table":
         from tb.test_conn_table import bench_conn_table
         return bench_conn_table
+    if block == "handshake":
+        from tb.test_nic import bench_handshake
+        return bench_handshake
     raise KeyError(block)
 
 
-BENCHES = ("parser", "builder", "checksum_insert", "conn_table")
+BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake")
+
+#: Benches that measure a block inside the NIC: the component they run on.
+IN_NIC = {"handshake": ("hw.nic:Nic", {"width": 64, "entries": 4096})}
 
 
 def run(block, width=64, sim="amaranth", waves=None, entries=None):
@@ -115,7 +121,11 @@ def run(block, width=64, sim="amaranth", waves=None, entries=None):
     from sim.jobs import run_job
     if block not in BENCHES:
         raise KeyError(f"no bench for {block!r}; benches exist for: {', '.join(sorted(BENCHES))}")
-    entry = get_block(block)
+    if block in IN_NIC:
+        from sim.blocks import Block
+        entry = Block(*IN_NIC[block])
+    else:
+        entry = get_block(block)
     params = dict(entry.params)
     if "width" in params:                               # table blocks have no width
         params["width"] = width

@@ -214,3 +214,74 @@ async def nic_handshakes(dut):
 def test_nic_rtl(sim, width):
     from tb.harness import run_cocotb
     run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_nic", sim)
+
+
+# ----------------------------------------------------------------------------- bench
+
+#: Clock of each datapath width (MHz) and the minimum-frame line rate it serves (Mpps).
+CLOCK_MHZ = {64: 156.25, 512: 250.0}
+LINE_RATE_MPPS = {64: 14.88, 512: 148.8}
+
+
+async def bench_handshake(bus, width, entries=4096, syns=200, forged=2000, seed=5):
+    """Back-to-back SYNs (60-byte frames, MSS option only, and 74-byte Linux SYNs) at
+    line rate with always-ready sinks, then forged ACKs; returns the figures of
+    ``acceltcp bench handshake``."""
+    bench = NicBench(bus, width, 0.0, seed)
+    bench.entries = entries
+    rng = bench.rng
+    await bench.setup()
+    figures = {"width": width, "clock_mhz": CLOCK_MHZ.get(width),
+               "line_rate_mpps": LINE_RATE_MPPS.get(width)}
+    first_beats = []                      # mac_tx cycle of each frame's first beat
+    sink = bench.mac_tx.sink
+    original_sample = bench.mac_tx.sample
+
+    def sample():
+        starting = not bench.mac_tx._beats
+        before = len(sink.received_cycles)
+        original_sample()
+        if starting and len(sink.received_cycles) > before:
+            first_beats.append(sink.received_cycles[before])
+    bench.mac_tx.sample = sample
+    for layout in ("mss_only", "linux"):
+        clients = [Client(rng, 80, layout=layout) for _ in range(syns)]
+        frames = [c.syn() for c in clients]
+        sent_before = len(bench.mac_rx.sent_cycles)
+        out_before = len(bench.mac_tx.frames)
+        first_before = len(first_beats)
+        bench.send(frames)
+        await bench.until(lambda: len(bench.mac_tx.frames) == out_before + syns,
+                          max_cycles=100 * syns + 2000)
+        await bench.until(lambda: bench.mac_tx.sink.received_cycles[-1] + 200 < bus.cycle,
+                          max_cycles=400)
+        in_cycles = bench.mac_rx.sent_cycles[sent_before:]
+        outs = first_beats[first_before:]
+        beats_per_frame = len(in_cycles) // syns
+        in_rate = syns / (in_cycles[-1] - in_cycles[0] + beats_per_frame)
+        out_rate = syns / (outs[-1] - outs[0] + (outs[1] - outs[0] if syns > 1 else 1))
+        synacks = len(bench.mac_tx.frames) - out_before
+        key = "min" if layout == "mss_only" else "linux"
+        figures[f"synack_per_syn_{key}"] = round(synacks / syns, 3)
+        figures[f"syn_frame_bytes_{key}"] = len(frames[0])
+        figures[f"syns_per_cycle_{key}"] = round(in_rate, 4)
+        figures[f"synacks_per_cycle_{key}"] = round(out_rate, 4)
+        if width in CLOCK_MHZ:
+            figures[f"syn_rate_mpps_{key}"] = round(min(in_rate, out_rate) * CLOCK_MHZ[width], 2)
+        figures[f"latency_cycles_{key}"] = outs[0] - in_cycles[0]
+    tx_segments(bench.mac_tx.frames[:20])
+    figures["synack_per_syn"] = figures["synack_per_syn_min"]
+    figures["syn_rate_mpps"] = figures.get("syn_rate_mpps_min")
+    figures["latency_cycles"] = figures["latency_cycles_min"]
+
+    events_before = len(bench.event.received)
+    bench.send([Client(rng, 80, layout="none").frame("A", rng.getrandbits(32),
+                                                      ack=rng.getrandbits(32))
+                for _ in range(forged)])
+    await bench.until(lambda: bench.mac_rx.idle, max_cycles=100 * forged + 2000)
+    await bench.until(lambda: bus.get("counters") >> (32 * Reason.COOKIE_BAD) & 0xFFFFFFFF
+                      == forged, max_cycles=2000)
+    figures["forged_acks"] = forged
+    figures["forged_accepted"] = len(bench.event.received) - events_before
+    figures["state_left_by_syns"] = bus.get("flows")
+    return figures
