@@ -1,6 +1,6 @@
-"""The handshake engine: passive open with SYN cookies, decided per frame, at line rate.
+"""The handshake engine: passive open with SYN cookies and active open, at line rate.
 
-``HandshakeEngine(listeners=16)`` takes one record per received frame (the parser's
+``HandshakeEngine(listeners=16, connects=8)`` takes one record per received frame (the parser's
 ``PARSER_META`` plus the ingress port and the connection-table verdict) and decides,
 in frame order, what happens to the frame and whether the NIC answers it:
 
@@ -31,6 +31,24 @@ accepted for two more cookie periods. ``cookie_period`` (cycles per tick of the 
 counter) and ``ts_period`` (cycles per tick of the timestamp clock) are inputs; 0 stops
 the counter.
 
+Active open: ``CONNECT`` on ``control`` takes one of ``connects`` slots (none free: a
+FAILED event with status BUSY at once) and sends the SYN with the requested options.
+A slot's timer is looked at every ``connects`` cycles: the SYN is sent again after
+``syn_rto`` cycles, then 2, 4, ... times that, ``syn_retries`` times, then the slot is
+freed with a FAILED/TIMEOUT event. Segments of a connecting 4-tuple (matched before the
+listeners):
+
+====================================================  =====================================
+SYN+ACK acknowledging our ISS                         ACK sent, *established* event, slot freed
+SYN+ACK with another ACK number                       RST sent (SEQ = its ACK), slot kept
+RST acknowledging our ISS                             FAILED/RESET event, slot freed
+anything else (including an unacceptable RST)         dropped
+====================================================  =====================================
+
+All of these frames are dropped (not given to the host). A slot freed by its timer while
+a segment for it is in the pipeline makes that segment a plain drop (each slot carries
+a generation number). The host must not CONNECT a 4-tuple that is already connecting.
+
 Latency: ``latency`` (29) cycles from an accepted record to its verdict, SYN-ACK header
 and event on the output streams (the SipHash pipeline is 22 of them).
 Throughput: one record per cycle while the outputs are read; ``rx.ready`` is a credit
@@ -40,32 +58,36 @@ Ports
   rx         In(stream of HANDSHAKE_IN)   one record per received frame, in frame order
   verdict    Out(stream of VERDICT)       one per record, in order: to the host or dropped
   tx         Out(stream of TX_HEADER)     SYN-ACKs and RSTs, for ``hw.builder.TxBuilder``
-  event      Out(stream of EVENT)         *established* events
-  control    In(stream of CONTROL)        WRITE_LISTENER, SET_KEY; always ready
+  event      Out(stream of EVENT)         *established* and *failed* events
+  control    In(stream of CONTROL)        WRITE_LISTENER, SET_KEY, CONNECT; ready unless a
+                                          CONNECT's SYN or event is still waiting
+  syn_rto    In(32), syn_retries In(4)    active open: first timeout (cycles), retransmissions
   cookie_period, ts_period   In(32)       cycles per counter tick (0: stopped)
   rst_bad_cookie             In(1)        answer a bad cookie ACK with RST instead of dropping it
   cookie_count, ts_clock     Out(32)      the counters (for tests and diagnostics)
-  counters   Out(array of 32-bit)         frames per ``Reason``
+  counters   Out(32 * len(Reason))        frames per ``Reason``: bits 32*r .. 32*r+31 count r
+                                          (a flat vector: Yosys' abc9 trips on array ports)
 """
 
 import enum
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from hw.headers import TcpFlags
 from hw.listen_table import LISTEN_ENTRY, ListenTable
-from hw.metadata import EVENT, PARSER_META, TX_HEADER, EventKind, FrameClass
+from hw.metadata import EVENT, PARSER_META, TX_HEADER, EventKind, FailStatus, FrameClass
 from hw.pipeline import Pipeline
 from hw.siphash import siphash_latency, siphash_pipeline
-from hw.stream import struct_value
+from hw.stream import lowest_set, struct_value
 from hw.syn_cookie import (COOKIE_ISS, COOKIE_MESSAGE, DEFAULT_MSS, MAX_WSCALE, MSS_TABLE,
                            TS_OPTION_BITS, TS_SACK, WSCALE_NONE)
 
 __all__ = ["HandshakeEngine", "HANDSHAKE_IN", "VERDICT", "Reason", "ControlOp",
-           "control_layout", "REPLY_TTL"]
+           "CONNECT_REQUEST", "DEFAULT_CONNECTS", "DEFAULT_RECENT", "FLOW_TUPLE", "control_layout",
+           "REPLY_TTL"]
 
 
 class Reason(enum.IntEnum):
@@ -82,11 +104,33 @@ class Reason(enum.IntEnum):
     COOKIE_BAD = 9          # dropped (RST sent when rst_bad_cookie)
     LISTEN_DISCARD = 10     # dropped: RST, SYN+FIN, or no SYN/ACK/RST to a listener
     LISTEN_SYNACK = 11      # dropped, RST sent: a SYN+ACK to a listener
+    ACTIVE_ESTABLISHED = 12  # dropped, ACK sent, established event: the SYN-ACK of a CONNECT
+    ACTIVE_RESET = 13       # dropped, failed event: an acceptable RST to a CONNECT
+    ACTIVE_BAD_ACK = 14     # dropped, RST sent: a SYN-ACK to a CONNECT with a wrong ACK
+    ACTIVE_DISCARD = 15     # dropped: anything else to a connecting 4-tuple
 
 
 class ControlOp(enum.IntEnum):
     WRITE_LISTENER = 1      # listen-table entry ``index`` := ``entry``
     SET_KEY = 2             # rotate: ``key`` becomes the current cookie key
+    CONNECT = 3             # active open of ``connect``
+
+
+#: An active open, as the host asks for it. ``window`` is our receive window in bytes
+#: (sent unscaled in the SYN, scaled by ``wscale`` afterwards when both sides scale).
+CONNECT_REQUEST = data.StructLayout({
+    "ingress": 8,
+    "peer_mac": 48, "local_mac": 48,
+    "local_ip": 32, "peer_ip": 32, "local_port": 16, "peer_port": 16,
+    "iss": 32,
+    "mss": 16, "wscale_ok": 1, "wscale": 4, "sack_ok": 1, "ts_ok": 1,
+    "window": 16,
+})
+
+#: A connect slot: the request, and its retransmission state.
+_SLOT = data.StructLayout({
+    "active": 1, "gen": 4, "retries": 4, "deadline": 32, "req": CONNECT_REQUEST,
+})
 
 
 #: One record per received frame.
@@ -102,6 +146,12 @@ VERDICT = data.StructLayout({
     "reason": 4,                      # Reason
 })
 
+#: Connect slots (active opens in progress) by default.
+DEFAULT_CONNECTS = 8
+
+#: Recently established connections remembered by default.
+DEFAULT_RECENT = 16
+
 #: TTL of the segments the NIC sends.
 REPLY_TTL = 64
 
@@ -112,6 +162,7 @@ def control_layout(listeners):
         "index": range(listeners),
         "entry": LISTEN_ENTRY,
         "key": 128,
+        "connect": CONNECT_REQUEST,
     })
 
 
@@ -123,11 +174,23 @@ class _Class(enum.IntEnum):
     CHECK_ACK = 3
     DISCARD = 4
     SYNACK = 5
+    ACTIVE_EST = 6
+    ACTIVE_RST = 7
+    ACTIVE_BAD = 8
+    ACTIVE_DISCARD = 9
 
+
+#: A connection's identity (as in the connection table's key).
+FLOW_TUPLE = data.StructLayout({
+    "ingress": 8, "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
+})
+
+#: A recently established connection.
+_RECENT = data.StructLayout({"valid": 1, "tuple": FLOW_TUPLE, "expires": 32})
 
 #: Everything stage 3 hands to the output stage, carried past the hash in LUT RAM.
 _CARRY = data.StructLayout({
-    "cls": 3, "reason": 4, "ingress": 8, "listener": 4,
+    "cls": 4, "reason": 4, "ingress": 8, "listener": 8, "slot_gen": 4, "a_mss": 16,
     "eth_peer": 48, "eth_local": 48,
     "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
     "seq": 32, "ack": 32, "fin": 1, "window": 16, "payload_length": 16,
@@ -145,8 +208,16 @@ class HandshakeEngine(wiring.Component):
     #: Depth of each output FIFO (more than the records in flight).
     FIFO_DEPTH = 64
 
-    def __init__(self, listeners=16):
+    #: How long a newly established connection's segments bypass the cookie check
+    #: (cycles): longer than the connection table takes to insert it (25 cycles
+    #: typically, 2077 at worst) plus the records queued before the engine.
+    RECENT_CYCLES = 4096
+
+    def __init__(self, listeners=16, connects=DEFAULT_CONNECTS, recent=DEFAULT_RECENT):
+        assert listeners <= 256 and connects <= 256, "the event's listener field is 8 bits"
         self.listeners = listeners
+        self.connects = connects
+        self.recent = recent
         super().__init__({
             "rx": In(stream.Signature(HANDSHAKE_IN)),
             "verdict": Out(stream.Signature(VERDICT)),
@@ -156,9 +227,11 @@ class HandshakeEngine(wiring.Component):
             "cookie_period": In(32),
             "ts_period": In(32),
             "rst_bad_cookie": In(1),
+            "syn_rto": In(32),
+            "syn_retries": In(4),
             "cookie_count": Out(32),
             "ts_clock": Out(32),
-            "counters": Out(data.ArrayLayout(32, len(Reason))),
+            "counters": Out(32 * len(Reason)),
         })
 
     #: Stage of the hash input (after the input register and the listen table).
@@ -181,6 +254,7 @@ class HandshakeEngine(wiring.Component):
         # ------------------------------------------------------------ control and clocks
         keys = [Signal(128, name=f"key_{g}") for g in range(2)]
         gen = Signal()
+        key_set = Signal()          # a key has been set since reset: offload may start
         previous_ticks = Signal(2)
         cookie_divider, ts_divider = Signal(32), Signal(32)
         cookie_tick = Signal()
@@ -199,19 +273,20 @@ class HandshakeEngine(wiring.Component):
             m.d.sync += self.ts_clock.eq(self.ts_clock + 1)
 
         ctl = self.control.payload
-        m.d.comb += [self.control.ready.eq(1),
-                     listen.write.valid.eq(self.control.valid
+        control_accept = self.control.valid & self.control.ready
+        m.d.comb += [listen.write.valid.eq(control_accept
                                            & (ctl.op == ControlOp.WRITE_LISTENER)),
                      listen.write.payload.index.eq(ctl.index),
                      listen.write.payload.entry.eq(ctl.entry)]
-        with m.If(self.control.valid & (ctl.op == ControlOp.SET_KEY)):
-            m.d.sync += [gen.eq(~gen), previous_ticks.eq(2)]
+        with m.If(control_accept & (ctl.op == ControlOp.SET_KEY)):
+            # The all-zero reset key is never "previous": it is public.
+            m.d.sync += [gen.eq(~gen), key_set.eq(1), previous_ticks.eq(Mux(key_set, 2, 0))]
             with m.If(gen):
                 m.d.sync += keys[0].eq(ctl.key)
             with m.Else():
                 m.d.sync += keys[1].eq(ctl.key)
 
-        # ------------------------------------------------------------ input and credits
+        # ------------------------------------------------------------ output FIFOs, credits
         fifos = {}
         for name, layout in (("verdict", VERDICT), ("tx", TX_HEADER), ("event", EVENT)):
             fifo = fifos[name] = SyncFIFOBuffered(width=layout.size, depth=self.FIFO_DEPTH)
@@ -225,17 +300,84 @@ class HandshakeEngine(wiring.Component):
         written = Signal()
         m.d.comb += [self.rx.ready.eq(room), accept.eq(self.rx.valid & room)]
         m.d.sync += in_flight.eq(in_flight + accept - written)
-        # Registered: leave space for the record accepted in this cycle too.
-        m.d.sync += room.eq(Cat(*[fifo.level + in_flight + 2 < self.FIFO_DEPTH
+        # Registered: leave space for the record accepted in this cycle too, and for one
+        # segment or event of the connect slots.
+        m.d.sync += room.eq(Cat(*[fifo.level + in_flight + 3 < self.FIFO_DEPTH
                                   for fifo in fifos.values()]).all())
+
+        # ------------------------------------------------------------ connect slots
+        # Frames of a connecting 4-tuple are decided by the pipeline below; CONNECT
+        # commands and retransmission timers act here, through one-entry "side"
+        # registers that the FIFOs take when the pipeline does not write them.
+        slots = [Signal(_SLOT, name=f"connect_{k}") for k in range(self.connects)]
+        slot_array = Array(slots)
+        now = Signal(32)
+        m.d.sync += now.eq(now + 1)
+        side_tx_valid, side_ev_valid = Signal(), Signal()
+        side_tx, side_ev = Signal(TX_HEADER), Signal(EVENT)
+        side_tx_taken, side_ev_taken = Signal(), Signal()
+        with m.If(side_tx_taken):
+            m.d.sync += side_tx_valid.eq(0)
+        with m.If(side_ev_taken):
+            m.d.sync += side_ev_valid.eq(0)
+        side_free = ~side_tx_valid & ~side_ev_valid
+        m.d.comb += self.control.ready.eq(side_free)
+
+        def syn_segment(req):
+            return struct_value(TX_HEADER, {
+                "eth": {"dst": req.peer_mac, "src": req.local_mac},
+                "ip": {"src": req.local_ip, "dst": req.peer_ip, "ttl": REPLY_TTL, "df": 1},
+                "tcp": {"sport": req.local_port, "dport": req.peer_port, "seq": req.iss,
+                        "ack": 0, "flags": TcpFlags.SYN, "window": req.window},
+                "opt": {"mss_valid": 1, "mss": req.mss, "wscale_valid": req.wscale_ok,
+                        "wscale": req.wscale, "sack_perm": req.sack_ok,
+                        "ts_valid": req.ts_ok, "tsval": self.ts_clock, "tsecr": 0}})
+
+        def failed_event(req, status):
+            return struct_value(EVENT, {
+                "kind": EventKind.FAILED, "status": status, "active": 1,
+                "ingress": req.ingress,
+                "eth": {"peer": req.peer_mac, "local": req.local_mac},
+                "peer_ip": req.peer_ip, "local_ip": req.local_ip,
+                "peer_port": req.peer_port, "local_port": req.local_port, "iss": req.iss})
+
+        # CONNECT: the first free slot, or a BUSY failure.
+        any_free, free_index = lowest_set([~slot.active for slot in slots])
+        connect = control_accept & (ctl.op == ControlOp.CONNECT)
+        with m.If(connect):
+            with m.If(any_free):
+                new = slot_array[free_index]
+                m.d.sync += [new.active.eq(1), new.gen.eq(new.gen + 1), new.retries.eq(0),
+                             new.deadline.eq(now + self.syn_rto), new.req.eq(ctl.connect),
+                             side_tx_valid.eq(1), side_tx.eq(syn_segment(ctl.connect))]
+            with m.Else():
+                m.d.sync += [side_ev_valid.eq(1),
+                             side_ev.eq(failed_event(ctl.connect, FailStatus.BUSY))]
+
+        # Timers: one slot per cycle (every slot is looked at every `connects` cycles).
+        scan = Signal(range(self.connects))
+        m.d.sync += scan.eq(Mux(scan == self.connects - 1, 0, scan + 1))
+        scanned = slot_array[scan]
+        due = scanned.active & ~(now - scanned.deadline)[31]
+        freeing, freeing_index = Signal(), Signal(range(self.connects))   # from stage D
+        act = due & side_free & ~connect & ~(freeing & (freeing_index == scan))
+        with m.If(act):
+            with m.If(scanned.retries < self.syn_retries):
+                backoff = Signal(32)
+                m.d.comb += backoff.eq(self.syn_rto << (scanned.retries + 1)[:4])
+                m.d.sync += [scanned.retries.eq(scanned.retries + 1),
+                             scanned.deadline.eq(now + backoff),
+                             side_tx_valid.eq(1), side_tx.eq(syn_segment(scanned.req))]
+            with m.Else():
+                m.d.sync += [scanned.active.eq(0), side_ev_valid.eq(1),
+                             side_ev.eq(failed_event(scanned.req, FailStatus.TIMEOUT))]
 
         # ------------------------------------------------------------ stage 0 -> 1
         p = Pipeline(m, "hs", accept)
         rec = self.rx.payload
-        meta = rec.meta
         p.define("rec", rec, 0)
 
-        # Stage 1: listen-table lookup (2 cycles) and the segment's class.
+        # Stage 1: listen-table lookup (2 cycles), connect-slot match, the segment's class.
         r1 = HANDSHAKE_IN(p.get("rec", 1))
         m1 = r1.meta
         m.d.comb += [listen.lookup_ip.eq(m1.ip.dst), listen.lookup_port.eq(m1.tcp.dport)]
@@ -250,20 +392,33 @@ class HandshakeEngine(wiring.Component):
         p.define("cookie_ack", ack & ~syn & ~rst, 1)
         p.define("synack", syn & ack & ~rst, 1)
         p.define("rst", rst, 1)
+        p.define("ack_flag", ack, 1)
         p.define("peer_isn", Mux(syn, m1.tcp.seq, m1.tcp.seq - 1)[:32], 1)
         p.define("iss", (m1.tcp.ack - 1)[:32], 1)
         p.define("syn_mss_index", _mss_index(Mux(m1.opt.mss_valid, m1.opt.mss, DEFAULT_MSS)), 1)
         p.define("peer_wscale", Mux(m1.opt.wscale > MAX_WSCALE, MAX_WSCALE, m1.opt.wscale), 1)
         p.define("rst_ack", (m1.tcp.seq + 1 + m1.payload_length + fin)[:32], 1)
+        p.define("slot_match", Cat(*[
+            slot.active & (slot.req.ingress == r1.ingress)
+            & (slot.req.peer_ip == m1.ip.src) & (slot.req.local_ip == m1.ip.dst)
+            & (slot.req.peer_port == m1.tcp.sport) & (slot.req.local_port == m1.tcp.dport)
+            for slot in slots]), 1)
+        # Stage 2: the matching slot.
+        slot_hit, slot_index = lowest_set(list(p.get("slot_match", 2)))
+        p.define("slot_hit", slot_hit, 2)
+        p.define("slot_index", slot_index, 2)
 
-        # Stage 3: the listener is known; classify and build the cookie message.
+        # Stage 3: the listener and the slot are known; classify, build the cookie message.
         r3 = HANDSHAKE_IN(p.get("rec", 3))
         m3 = r3.meta
         hit, entry = listen.hit, listen.entry
         listener_index = listen.index
         g = {name: p.get(name, 3) for name in (
             "is_tcp", "errored", "vlan", "syn_only", "closed_syn", "cookie_ack", "synack",
-            "rst", "peer_isn", "iss", "syn_mss_index", "peer_wscale", "rst_ack")}
+            "rst", "ack_flag", "peer_isn", "iss", "syn_mss_index", "peer_wscale", "rst_ack",
+            "slot_hit", "slot_index")}
+        slot = slot_array[g["slot_index"]]
+        slot_ack_ok = m3.tcp.ack == (slot.req.iss + 1)[:32]
         cls, reason = Signal(_Class), Signal(Reason)
         with m.If(~g["is_tcp"]):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.NOT_TCP)]
@@ -273,12 +428,27 @@ class HandshakeEngine(wiring.Component):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.VLAN)]
         with m.Elif(r3.flow_hit):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.FLOW)]
+        with m.Elif(g["slot_hit"]):
+            with m.If(g["rst"]):
+                with m.If(g["ack_flag"] & slot_ack_ok):
+                    m.d.comb += [cls.eq(_Class.ACTIVE_RST), reason.eq(Reason.ACTIVE_RESET)]
+                with m.Else():
+                    m.d.comb += [cls.eq(_Class.ACTIVE_DISCARD),
+                                 reason.eq(Reason.ACTIVE_DISCARD)]
+            with m.Elif(g["synack"]):
+                with m.If(slot_ack_ok):
+                    m.d.comb += [cls.eq(_Class.ACTIVE_EST),
+                                 reason.eq(Reason.ACTIVE_ESTABLISHED)]
+                with m.Else():
+                    m.d.comb += [cls.eq(_Class.ACTIVE_BAD), reason.eq(Reason.ACTIVE_BAD_ACK)]
+            with m.Else():
+                m.d.comb += [cls.eq(_Class.ACTIVE_DISCARD), reason.eq(Reason.ACTIVE_DISCARD)]
         with m.Elif(~hit):
             with m.If(g["closed_syn"]):
                 m.d.comb += [cls.eq(_Class.CLOSED_SYN), reason.eq(Reason.CLOSED_PORT)]
             with m.Else():
                 m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.NO_LISTENER)]
-        with m.Elif(~entry.offload):
+        with m.Elif(~entry.offload | ~key_set):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.NOT_OFFLOADED)]
         with m.Elif(g["syn_only"]):
             m.d.comb += [cls.eq(_Class.SYN), reason.eq(Reason.SYN_COOKIE)]
@@ -290,14 +460,21 @@ class HandshakeEngine(wiring.Component):
             m.d.comb += [cls.eq(_Class.DISCARD), reason.eq(Reason.LISTEN_DISCARD)]
 
         is_syn = cls == _Class.SYN
+        is_active = g["slot_hit"]
         iss = COOKIE_ISS(g["iss"])
-        # Options we remember (SYN) or read back from TSecr (ACK).
+        # Options we remember (SYN) or read back from TSecr (ACK); for a CONNECT, the
+        # options both sides agreed on, in the same encoding.
         syn_ts_ok = m3.opt.ts_valid & entry.ts_ok
         syn_wscale_ok = m3.opt.wscale_valid & entry.wscale_ok
         syn_options = (Mux(syn_wscale_ok, g["peer_wscale"], WSCALE_NONE)
                        | Mux(m3.opt.sack_perm & entry.sack_ok, TS_SACK, 0))
-        ts_ok = Mux(is_syn, syn_ts_ok, m3.opt.ts_valid)
-        ts_options = Mux(ts_ok, Mux(is_syn, syn_options, m3.opt.tsecr[:TS_OPTION_BITS]), 0)
+        active_ts_ok = m3.opt.ts_valid & slot.req.ts_ok
+        active_options = (Mux(m3.opt.wscale_valid & slot.req.wscale_ok, g["peer_wscale"],
+                              WSCALE_NONE)
+                          | Mux(m3.opt.sack_perm & slot.req.sack_ok, TS_SACK, 0))
+        ts_ok = Mux(is_active, active_ts_ok, Mux(is_syn, syn_ts_ok, m3.opt.ts_valid))
+        ts_options = Mux(is_active, active_options,
+                         Mux(ts_ok, Mux(is_syn, syn_options, m3.opt.tsecr[:TS_OPTION_BITS]), 0))
         count = self.cookie_count
         ack_count = Mux(iss.count_lsb == count[0], count, count - 1)
         mss_index = Mux(is_syn, g["syn_mss_index"], iss.mss_index)
@@ -311,7 +488,10 @@ class HandshakeEngine(wiring.Component):
         p.define("message", message, 3)
         p.define("key", Mux(key_gen, keys[1], keys[0]), 3)
         carry = struct_value(_CARRY, {
-            "cls": cls, "reason": reason, "ingress": r3.ingress, "listener": listener_index,
+            "cls": cls, "reason": reason, "ingress": r3.ingress,
+            "listener": Mux(is_active, g["slot_index"], listener_index),
+            "slot_gen": slot.gen,
+            "a_mss": Mux(m3.opt.mss_valid, m3.opt.mss, DEFAULT_MSS),
             "eth_peer": m3.eth.src, "eth_local": m3.eth.dst,
             "peer_ip": m3.ip.src, "local_ip": m3.ip.dst,
             "peer_port": m3.tcp.sport, "local_port": m3.tcp.dport,
@@ -321,10 +501,12 @@ class HandshakeEngine(wiring.Component):
             "ts_ok": ts_ok, "ts_options": ts_options, "mss_index": mss_index,
             "count_lsb": count[0], "key_gen": key_gen,
             "key_ok": (iss.key_gen == gen) | (previous_ticks != 0),
-            "l_mss": entry.mss, "l_wscale": entry.wscale, "l_window": entry.window})
+            "l_mss": entry.mss,
+            "l_wscale": Mux(is_active, slot.req.wscale, entry.wscale),
+            "l_window": Mux(is_active, slot.req.window, entry.window)})
         p.define("carry", carry, 3)
         p.define("rst_ack_3", g["rst_ack"], 3)
-        p.define("ts_high", Cat(Const(0, TS_OPTION_BITS), self.ts_clock[TS_OPTION_BITS:]), 3)
+        p.define("ts_now", self.ts_clock, 3)
 
         # Stage 4 .. decide_at: the cookie.
         at = self.HASH_AT
@@ -334,10 +516,11 @@ class HandshakeEngine(wiring.Component):
         p.inject("digest", digest, D)
         middle = (3 + D) // 2
         # (Read half-way first: two LUT-RAM delay lines instead of a chain of registers.)
-        for name in ("carry", "rst_ack_3", "ts_high"):
+        for name in ("carry", "rst_ack_3", "ts_now"):
             p.get(name, middle)
         c = _CARRY(p.get("carry", D))
-        rst_ack, ts_high = p.get("rst_ack_3", D), p.get("ts_high", D)
+        rst_ack, ts_now = p.get("rst_ack_3", D), p.get("ts_now", D)
+        ts_high = Cat(Const(0, TS_OPTION_BITS), ts_now[TS_OPTION_BITS:])
 
         # Stage D: decide and format the outputs.
         mac = digest[:COOKIE_ISS["mac"].width]
@@ -345,68 +528,132 @@ class HandshakeEngine(wiring.Component):
                                            "key_gen": c.key_gen, "mac": mac})
         iss_d = (c.ack - 1)[:32]
         cookie_ok = c.key_ok & (COOKIE_ISS(iss_d).mac == mac)
-        cls_d = c.cls
-        final_reason = Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK, c.reason)
-        established = (cls_d == _Class.CHECK_ACK) & cookie_ok
-        to_host = (cls_d == _Class.PASS) | (established & ((c.payload_length != 0) | c.fin))
+        # Connections established in the last RECENT_CYCLES (the last `recent` of them):
+        # their later segments go to the host even before the connection table knows
+        # them, so that a data segment right behind a final ACK is neither taken for
+        # another final ACK (a second event) nor dropped or answered with RST.
+        recent = [Signal(_RECENT, name=f"recent_{k}") for k in range(self.recent)]
+        recent_pointer = Signal(range(self.recent))
+        tuple_d = struct_value(FLOW_TUPLE, {
+            "ingress": c.ingress, "peer_ip": c.peer_ip, "local_ip": c.local_ip,
+            "peer_port": c.peer_port, "local_port": c.local_port})
+        recent_hit = Cat(*[r.valid & (r.tuple.as_value() == tuple_d) & (now - r.expires)[31]
+                           for r in recent]).any() & (c.cls != _Class.PASS)
+        cls_d = Mux(recent_hit, _Class.PASS, c.cls)
+        # Expired entries are cleared, one per cycle (the time comparison above is only
+        # meaningful for less than 2**31 cycles).
+        recent_scan = Signal(range(self.recent))
+        m.d.sync += recent_scan.eq(Mux(recent_scan == self.recent - 1, 0, recent_scan + 1))
+        with m.If(~(now - Array(recent)[recent_scan].expires)[31]):
+            m.d.sync += Array(recent)[recent_scan].valid.eq(0)
+        # A connect slot may have been freed (timeout) since stage 3: then do nothing.
+        slot_bits = len(Value.cast(slot_index))
+        slot_d = slot_array[c.listener[:slot_bits]]
+        slot_live = slot_d.active & (slot_d.gen == c.slot_gen)
+        active_cls = ((cls_d == _Class.ACTIVE_EST) | (cls_d == _Class.ACTIVE_RST)
+                      | (cls_d == _Class.ACTIVE_BAD) | (cls_d == _Class.ACTIVE_DISCARD))
+        active_est = (cls_d == _Class.ACTIVE_EST) & slot_live
+        active_rst = (cls_d == _Class.ACTIVE_RST) & slot_live
+        m.d.comb += [freeing.eq(p.valid(D) & (active_est | active_rst)),
+                     freeing_index.eq(c.listener[:slot_bits])]
+        with m.If(freeing):
+            m.d.sync += slot_d.active.eq(0)
+        established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
+        with m.If(p.valid(D) & established):
+            m.d.sync += [Array(recent)[recent_pointer].eq(struct_value(_RECENT, {
+                             "valid": 1, "tuple": tuple_d,
+                             "expires": now + self.RECENT_CYCLES})),
+                         recent_pointer.eq(Mux(recent_pointer == self.recent - 1, 0,
+                                               recent_pointer + 1))]
+        final_reason = Mux(recent_hit, Reason.FLOW,
+                           Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK,
+                               Mux(active_cls & ~slot_live, Reason.ACTIVE_DISCARD, c.reason)))
+        to_host = ((cls_d == _Class.PASS)
+                   | ((cls_d == _Class.CHECK_ACK) & cookie_ok
+                      & ((c.payload_length != 0) | c.fin)))
         send_synack = cls_d == _Class.SYN
         send_rst = ((cls_d == _Class.CLOSED_SYN) | (cls_d == _Class.SYNACK)
+                    | ((cls_d == _Class.ACTIVE_BAD) & slot_live)
                     | ((cls_d == _Class.CHECK_ACK) & ~cookie_ok & self.rst_bad_cookie))
         wscale_ok = c.ts_ok & (c.ts_options[:4] != WSCALE_NONE)
         sack_ok = c.ts_ok & c.ts_options[4]
+        # For a CONNECT the options were agreed with or without timestamps.
+        a_wscale_ok = c.ts_options[:4] != WSCALE_NONE
+        ev_wscale_ok = Mux(active_est, a_wscale_ok, wscale_ok)
+        ev_sack_ok = Mux(active_est, c.ts_options[4], sack_ok)
+        reply_opt = Mux(send_synack, struct_value(TX_HEADER["opt"].shape, {
+            "mss_valid": 1, "mss": c.l_mss, "wscale_valid": wscale_ok,
+            "wscale": c.l_wscale, "sack_perm": sack_ok, "ts_valid": c.ts_ok,
+            "tsval": ts_high | c.ts_options, "tsecr": c.tsval}),
+            Mux(active_est & c.ts_ok, struct_value(TX_HEADER["opt"].shape, {
+                "ts_valid": 1, "tsval": ts_now, "tsecr": c.tsval}), 0))
+        closed = cls_d == _Class.CLOSED_SYN
         reply = struct_value(TX_HEADER, {
             "eth": {"dst": c.eth_peer, "src": c.eth_local},
             "ip": {"src": c.local_ip, "dst": c.peer_ip, "ttl": REPLY_TTL, "df": 1},
             "tcp": {"sport": c.local_port, "dport": c.peer_port,
-                    "seq": Mux(send_synack, cookie,
-                               Mux(cls_d == _Class.CLOSED_SYN, 0, c.ack)),
-                    "ack": Mux(send_synack, c.seq + 1,
-                               Mux(cls_d == _Class.CLOSED_SYN, rst_ack, 0)),
+                    "seq": Mux(send_synack, cookie, Mux(closed, 0, c.ack)),
+                    "ack": Mux(send_synack | active_est, (c.seq + 1)[:32],
+                               Mux(closed, rst_ack, 0)),
                     "flags": Mux(send_synack, TcpFlags.SYN | TcpFlags.ACK,
-                                 Mux(cls_d == _Class.CLOSED_SYN, TcpFlags.RST | TcpFlags.ACK,
-                                     TcpFlags.RST)),
-                    "window": Mux(send_synack, c.l_window, 0)},
-            "opt": Mux(send_synack, struct_value(TX_HEADER["opt"].shape, {
-                "mss_valid": 1, "mss": c.l_mss, "wscale_valid": wscale_ok,
-                "wscale": c.l_wscale, "sack_perm": sack_ok, "ts_valid": c.ts_ok,
-                "tsval": ts_high | c.ts_options, "tsecr": c.tsval}), 0),
+                                 Mux(active_est, TcpFlags.ACK,
+                                     Mux(closed, TcpFlags.RST | TcpFlags.ACK, TcpFlags.RST))),
+                    "window": Mux(send_synack, c.l_window,
+                                  Mux(active_est, c.l_window >> Mux(a_wscale_ok, c.l_wscale, 0),
+                                      0))},
+            "opt": reply_opt,
         })
+        table_mss = Mux(c.mss_index[1], Mux(c.mss_index[0], MSS_TABLE[3], MSS_TABLE[2]),
+                        Mux(c.mss_index[0], MSS_TABLE[1], MSS_TABLE[0]))
         event = struct_value(EVENT, {
-            "kind": EventKind.ESTABLISHED, "ingress": c.ingress, "listener": c.listener,
+            "kind": Mux(active_rst, EventKind.FAILED, EventKind.ESTABLISHED),
+            "status": Mux(active_rst, FailStatus.RESET, 0),
+            "active": active_est | active_rst,
+            "ingress": c.ingress, "listener": c.listener,
             "eth": {"peer": c.eth_peer, "local": c.eth_local},
             "peer_ip": c.peer_ip, "local_ip": c.local_ip,
             "peer_port": c.peer_port, "local_port": c.local_port,
-            "iss": iss_d, "irs": c.seq - 1,
-            "mss": Mux(c.mss_index[1], Mux(c.mss_index[0], MSS_TABLE[3], MSS_TABLE[2]),
-                       Mux(c.mss_index[0], MSS_TABLE[1], MSS_TABLE[0])),
-            "wscale_ok": wscale_ok, "peer_wscale": Mux(wscale_ok, c.ts_options[:4], 0),
-            "local_wscale": Mux(wscale_ok, c.l_wscale, 0),
-            "sack_ok": sack_ok, "ts_ok": c.ts_ok,
-            "ts_recent": Mux(c.ts_ok, c.tsval, 0), "ts_echo": Mux(c.ts_ok, c.tsecr, 0),
-            "window": c.window, "payload_length": c.payload_length})
+            "iss": iss_d,
+            "irs": Mux(active_rst, 0, Mux(active_est, c.seq, (c.seq - 1)[:32])),
+            "mss": Mux(active_rst, 0, Mux(active_est, c.a_mss, table_mss)),
+            "wscale_ok": ev_wscale_ok & ~active_rst,
+            "peer_wscale": Mux(ev_wscale_ok & ~active_rst, c.ts_options[:4], 0),
+            "local_wscale": Mux(ev_wscale_ok & ~active_rst, c.l_wscale, 0),
+            "sack_ok": ev_sack_ok & ~active_rst, "ts_ok": c.ts_ok & ~active_rst,
+            "ts_recent": Mux(c.ts_ok & ~active_rst, c.tsval, 0),
+            "ts_echo": Mux(c.ts_ok & ~active_rst, c.tsecr, 0),
+            "window": Mux(active_rst, 0, c.window),
+            "payload_length": Mux(active_rst, 0, c.payload_length)})
         p.define("out_verdict", Cat(to_host, final_reason), D)
         p.define("out_reply", reply, D)
         p.define("out_event", event, D)
-        p.define("out_send", send_synack | send_rst, D)
-        p.define("out_established", established, D)
+        p.define("out_send", send_synack | send_rst | active_est, D)
+        p.define("out_event_valid", established | active_rst, D)
 
-        # Stage D+1: write the FIFOs and count.
+        # Stage D+1: write the FIFOs (the side registers when the pipeline does not) and count.
         E = D + 1
         valid_e = p.valid(E)
+        pipe_tx = valid_e & p.get("out_send", E)
+        pipe_ev = valid_e & p.get("out_event_valid", E)
+        side_room = {name: fifo.level + in_flight + 3 < self.FIFO_DEPTH
+                     for name, fifo in fifos.items()}
         m.d.comb += [
             written.eq(valid_e),
             fifos["verdict"].w_en.eq(valid_e),
             fifos["verdict"].w_data.eq(p.get("out_verdict", E)),
-            fifos["tx"].w_en.eq(valid_e & p.get("out_send", E)),
-            fifos["tx"].w_data.eq(p.get("out_reply", E)),
-            fifos["event"].w_en.eq(valid_e & p.get("out_established", E)),
-            fifos["event"].w_data.eq(p.get("out_event", E)),
+            side_tx_taken.eq(side_tx_valid & ~pipe_tx & side_room["tx"]),
+            fifos["tx"].w_en.eq(pipe_tx | side_tx_taken),
+            fifos["tx"].w_data.eq(Mux(pipe_tx, p.get("out_reply", E), side_tx)),
+            side_ev_taken.eq(side_ev_valid & ~pipe_ev & side_room["event"]),
+            fifos["event"].w_en.eq(pipe_ev | side_ev_taken),
+            fifos["event"].w_data.eq(Mux(pipe_ev, p.get("out_event", E), side_ev)),
         ]
         verdict_e = VERDICT(p.get("out_verdict", E))
         with m.If(valid_e):
             with m.Switch(verdict_e.reason):
                 for r in Reason:
                     with m.Case(r):
-                        m.d.sync += self.counters[r].eq(self.counters[r] + 1)
+                        counter = self.counters[32 * r:32 * (r + 1)]
+                        m.d.sync += counter.eq(counter + 1)
         assert E + 2 == self.latency
         return m

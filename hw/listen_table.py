@@ -20,9 +20,11 @@ Ports
   entry          Out(LISTEN_ENTRY)            its contents
 """
 
-from amaranth.hdl import Array, Cat, Module, Signal
+from amaranth.hdl import Cat, Const, Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+
+from hw.stream import one_hot_select
 
 __all__ = ["LISTEN_ENTRY", "listen_write_layout", "ListenTable"]
 
@@ -75,12 +77,11 @@ class ListenTable(wiring.Component):
             e.valid & (e.port == self.lookup_port) & ((e.ip == 0) | (e.ip == self.lookup_ip))
             for e in table]))
 
-        # Cycle 2: the lowest matching entry.
-        index = Signal(range(self.entries))
-        for k in reversed(range(self.entries)):
-            with m.If(match[k]):
-                m.d.comb += index.eq(k)
-        picked = Array(table)[index]
+        # Cycle 2: the lowest matching entry, selected one-hot (match & -match keeps the
+        # lowest set bit) with an AND-OR tree.
+        lowest = (match & (~match + 1))[:self.entries]
+        picked = LISTEN_ENTRY(one_hot_select(lowest, [e.as_value() for e in table]))
+        index = one_hot_select(lowest, [Const(k, range(self.entries)) for k in range(self.entries)])
         m.d.sync += [self.hit.eq(match.any() & picked.valid), self.index.eq(index),
                      self.entry.eq(picked)]
         return m

@@ -106,7 +106,14 @@ __all__ += ["TX_HEADER"]
 class EventKind(enum.IntEnum):
     """What an event on an engine's ``event`` stream reports."""
     ESTABLISHED = 1     # a connection completed its handshake on the NIC (passive or active open)
-    FAILED = 2          # an active open failed (RST or timeout)
+    FAILED = 2          # an active open failed (``status`` says why)
+
+
+class FailStatus(enum.IntEnum):
+    """Why an active open failed (``status`` of a FAILED event)."""
+    RESET = 1           # the peer answered with an acceptable RST
+    TIMEOUT = 2         # no acceptable SYN-ACK after the last retransmission
+    BUSY = 3            # every connect slot was in use: the host keeps the connection
 
 
 #: One event for the host. Fields an event kind does not use are 0.
@@ -114,8 +121,10 @@ class EventKind(enum.IntEnum):
 #: peer's last TSval) and ``ts_echo`` (the TSval of ours it echoed) when ``ts_ok``.
 EVENT = data.StructLayout({
     "kind": 4,                        # EventKind
+    "status": 4,                      # FailStatus (FAILED events)
+    "active": 1,                      # 1: an active open (CONNECT); 0: a passive one
     "ingress": 8,                     # the port the segment came in on
-    "listener": 4,                    # listen-table entry that accepted the connection
+    "listener": 8,                    # passive: listen-table entry; active: connect slot
     "eth": data.StructLayout({"peer": 48, "local": 48}),
     "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
     "iss": 32,                        # our initial sequence number
@@ -128,4 +137,4 @@ EVENT = data.StructLayout({
     "payload_length": 16,             # bytes the segment carried (the frame goes to the host)
 })
 
-__all__ += ["EventKind", "EVENT"]
+__all__ += ["EventKind", "FailStatus", "EVENT"]

@@ -21,7 +21,7 @@ host's own frames (``host_tx``) get their checksums completed and share ``mac_tx
 the NIC's replies, a frame at a time.
 
 Until the host-interface issue lands, the host side is plain streams: ``control``
-(listeners, cookie key), ``event``, ``host_rx`` + ``host_rx_meta``, ``host_tx``, and
+(listeners, cookie key, CONNECT), ``event``, ``host_rx`` + ``host_rx_meta``, ``host_tx``, and
 ``table_cmd``/``table_resp`` (the connection table's command port, shared with the
 NIC's own inserts; the NIC's inserts go first).
 
@@ -84,7 +84,9 @@ class Nic(wiring.Component):
             "cookie_period": In(32),
             "ts_period": In(32),
             "rst_bad_cookie": In(1),
-            "counters": Out(data.ArrayLayout(32, len(Reason))),
+            "syn_rto": In(32),
+            "syn_retries": In(4),
+            "counters": Out(32 * len(Reason)),     # the handshake engine's, per Reason
             "flows": Out(range(geo.slots + 1)),
             "insert_failures": Out(32),
             "cut_frames": Out(32),
@@ -136,6 +138,7 @@ class Nic(wiring.Component):
         m.d.comb += [engine.cookie_period.eq(self.cookie_period),
                      engine.ts_period.eq(self.ts_period),
                      engine.rst_bad_cookie.eq(self.rst_bad_cookie),
+                     engine.syn_rto.eq(self.syn_rto), engine.syn_retries.eq(self.syn_retries),
                      self.counters.eq(engine.counters), self.flows.eq(table.count)]
 
         # ------------------------------------------------------------ events and inserts

@@ -10,12 +10,12 @@ vector; ``pack_beat``/``unpack_beat`` convert between that integer and Python va
 using the field offsets of this same layout.
 """
 
-from amaranth.hdl import Cat, Const, Value
+from amaranth.hdl import Cat, Const, Mux, Value
 from amaranth.lib import data, stream
 
 __all__ = ["SUPPORTED_WIDTHS", "packet_layout", "packet_signature",
            "beat_bytes", "frame_to_beats", "beats_to_frame", "pack_beat", "unpack_beat",
-           "pack_struct", "unpack_struct", "struct_value"]
+           "pack_struct", "unpack_struct", "struct_value", "lowest_set", "one_hot_select"]
 
 #: Datapath widths in bits. 64 is 10G at 156.25 MHz, 512 the 100G class at 250 MHz.
 SUPPORTED_WIDTHS = (64, 128, 256, 512)
@@ -112,3 +112,25 @@ def frame_to_beats(frame, width):
 def beats_to_frame(payloads, width):
     """Join flat beat payloads (the last one has ``last`` set) into a frame."""
     return b"".join(unpack_beat(width, p)[0] for p in payloads)
+
+
+def lowest_set(bits):
+    """``(any, index)`` of the lowest set bit of a list of 1-bit values, as expressions
+    (no combinational process: see ``struct_value`` for why that matters to Icarus)."""
+    index = Const(0, max(1, (len(bits) - 1).bit_length()))
+    for k in reversed(range(len(bits))):
+        index = Mux(bits[k], k, index)
+    found = Const(0, 1)
+    for b in bits:
+        found = found | b
+    return found, index
+
+
+def one_hot_select(one_hot, values):
+    """The value whose bit is set in ``one_hot`` (at most one bit set), as an AND-OR tree:
+    two LUT levels for 16 choices, where an encoded index and a multiplexer take more."""
+    width = max(len(Value.cast(v)) for v in values)
+    result = Const(0, width)
+    for k, value in enumerate(values):
+        result = result | Mux(one_hot[k], value, 0)
+    return result

@@ -7,7 +7,8 @@ timestamps, in the low bits of the timestamp value it echoes (``tsecr``).
 
 ISS layout (``COOKIE_ISS``, bit 0 first)::
 
-    bits 0-1   mss_index   the peer's MSS, rounded down to Linux's table (536, 1300, 1440, 1460)
+    bits 0-1   mss_index   the peer's MSS: the largest of Linux's table (536, 1300, 1440, 1460)
+                           not above it, and 536 for anything below 1300
     bit  2     count_lsb   bit 0 of the coarse time counter when the cookie was made
     bit  3     key_gen     which of the two hash keys made it (the key generation's parity)
     bits 4-31  mac         28 bits of SipHash-2-4(key, COOKIE_MESSAGE)
@@ -123,7 +124,9 @@ class CookieKeys:
     """The NIC's two cookie keys, their rotation and the coarse counter (model).
 
     ``rotate(key)`` writes ``key`` into the slot of the other generation and makes it
-    current; the previous key stays valid for ``2`` counter ticks (``tick()``).
+    current; the previous key stays valid for ``2`` counter ticks (``tick()``), except
+    after the first rotation: the all-zero key of a reset is public and never valid.
+    Until a key has been set (``key_set``) the NIC does not offload.
     """
 
     PREVIOUS_KEY_TICKS = 2
@@ -133,11 +136,13 @@ class CookieKeys:
         self.gen = 0
         self.previous_ticks = 0
         self.count = 0
+        self.key_set = False
 
     def rotate(self, key):
         self.gen ^= 1
         self.keys[self.gen] = key if isinstance(key, int) else int.from_bytes(key, "little")
-        self.previous_ticks = self.PREVIOUS_KEY_TICKS
+        self.previous_ticks = self.PREVIOUS_KEY_TICKS if self.key_set else 0
+        self.key_set = True
 
     def tick(self):
         self.count = (self.count + 1) & 0xFFFFFFFF

@@ -39,6 +39,8 @@ BLOCKS = {
                         {"entries": 4096, "value_width": 32, "stash": 4, "max_moves": 256,
                          "state_width": 64},
                         "connection table: keyed 2x4-way cuckoo hash, one lookup per cycle"),
+    "handshake": Block("hw.handshake:HandshakeEngine", {"listeners": 16},
+                       "handshake engine: SYN cookies (SipHash-2-4), listen table, passive open"),
 }
 
 

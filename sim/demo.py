@@ -14,8 +14,12 @@
    (``hw.builder.TxBuilder``) build it; scapy checks every frame and checksum;
 4. **TX host frames**: sends host-built frames with blank checksums through the
    checksum inserter (``hw.checksum_insert.ChecksumInserter``); scapy checks them;
-5. prints a report: frames per class, errors caught, beats per cycle, simulated
-   cycles per second.
+5. **connection setup offload** through the whole NIC (``hw.nic.Nic``): scapy
+   clients with different stacks' options open connections (SYN-ACKs with keyed
+   cookies, checked by scapy; established events; data to the host; flows in the
+   connection table), then a SYN flood at line rate and forged final ACKs;
+6. prints a report: frames per class, errors caught, beats per cycle, the connections
+   and the flood's counters, simulated cycles per second.
 
 Each stage is one job (``sim.jobs``) on the chosen simulator: the built-in Amaranth
 simulator by default, ``--sim verilator`` for speed.
@@ -37,6 +41,10 @@ __all__ = ["main", "rx_job", "tx_build_job", "tx_complete_job", "reply_header"]
 
 DEFAULT_FRAMES = 200
 NIC_MSS, NIC_WSCALE = 1460, 7
+
+
+#: The setup-offload phase: clients that complete handshakes, SYNs in the flood, forged ACKs.
+SETUP_CLIENTS, SETUP_FLOOD, SETUP_FORGED = 8, 200, 200
 
 
 def _progress(label, total, unit):
@@ -264,6 +272,16 @@ def main(args):
     completed = [bytes.fromhex(f) for f in ins.value["frames"]]
     completed_ok = sum(_checksums_ok(f) for f in completed)
 
+    # ---- connection setup offload through the whole NIC
+    from hw.nic import Nic
+    from tb.test_nic import demo_setup
+    print(f"NIC: {SETUP_CLIENTS} clients open connections through the setup offload, "
+          f"then a {SETUP_FLOOD}-SYN flood and {SETUP_FORGED} forged ACKs ...", flush=True)
+    nic = run_job(Nic, {"width": width, "entries": 4096}, demo_setup, sim=sim,
+                  job_args={"width": width, "clients": SETUP_CLIENTS, "flood": SETUP_FLOOD,
+                            "forged": SETUP_FORGED})
+    setup = nic.value
+
     # ---- report
     line = "-" * 64
     print()
@@ -297,7 +315,22 @@ def main(args):
     print(f"   checksums verified by scapy: {completed_ok}/{len(completed)}")
     print(f"   beats per cycle (output): {_rate(ins.value):.3f}")
     print()
-    jobs = [rx, ins] + ([tx] if tx is not None else [])
+    print(f" NIC setup offload (hw/nic.py): {len(setup['connections'])} of {SETUP_CLIENTS} "
+          f"clients established in {setup['handshake_cycles']} cycles")
+    for c in setup["connections"]:
+        scale = f"wscale {c['wscale'][0]}/{c['wscale'][1]}" if c["wscale"] else "no wscale"
+        print(f"   {c['client']:>21} -> :{c['server_port']:<5} {c['layout']:<14} mss {c['mss']:<5}"
+              f" {scale:<12} sack {'yes' if c['sack'] else 'no ':<4} ts {'yes' if c['ts'] else 'no '}"
+              f"  data {c['data_bytes']} B")
+    print(f"   flows in the connection table: {setup['flows']}; frames to the host: "
+          f"{setup['host_frames']}")
+    print(f"   SYN flood: {setup['flood_syns']} SYNs back to back -> {setup['flood_synacks']} "
+          f"SYN-ACKs in {setup['flood_cycles']} cycles; flows after it: "
+          f"{setup['flows_after_flood']} (no state per SYN)")
+    print(f"   forged final ACKs: {setup['forged']}, accepted: {setup['forged_accepted']}")
+    print("   counters: " + ", ".join(f"{k} {v}" for k, v in setup["counters"].items()))
+    print()
+    jobs = [rx, ins, nic] + ([tx] if tx is not None else [])
     cycles = sum(j.cycles for j in jobs)
     seconds = sum(j.seconds for j in jobs)
     print(f" Simulation: {cycles} cycles in {seconds:.1f} s of simulation "
@@ -307,7 +340,9 @@ def main(args):
         print(f" Waveforms of the RX stage: {rx.waves or waves}")
     print(line)
     ok = (agree == count and rx.value["out_frames_ok"] and completed_ok == len(completed) == len(host)
-          and (tx is None or replies_ok == len(replies) == len(tx.value["frames"])))
+          and (tx is None or replies_ok == len(replies) == len(tx.value["frames"]))
+          and len(setup["connections"]) == SETUP_CLIENTS == setup["flows_after_flood"]
+          and setup["flood_synacks"] == setup["flood_syns"] and setup["forged_accepted"] == 0)
     if not ok:
         print(" RESULT: MISMATCHES FOUND (see above)", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ RTL sets. The cookie is ``hw.syn_cookie`` (bit-exact); ``keys`` holds the key st
 the coarse counter, ``ts_clock`` the timestamp clock, as the RTL's inputs would.
 """
 
+import collections
+
 from hw.handshake import REPLY_TTL, Reason
 from hw.headers import TcpFlags
 from hw.metadata import EventKind, FrameClass
@@ -15,6 +17,10 @@ from hw.syn_cookie import (DEFAULT_MSS, MAX_WSCALE, MSS_TABLE, TS_OPTION_BITS, T
                            WSCALE_NONE, CookieKeys, mss_index)
 
 __all__ = ["HandshakeModel", "listener"]
+
+#: Reasons decided before the listener and cookie logic (not overridden for recent flows).
+PASSED = {Reason.NOT_TCP, Reason.PARSE_ERROR, Reason.VLAN, Reason.FLOW, Reason.NO_LISTENER,
+          Reason.NOT_OFFLOADED}
 
 MASK32 = 0xFFFFFFFF
 
@@ -28,7 +34,12 @@ def listener(port, ip=0, offload=True, mss=1460, wscale=7, wscale_ok=True, sack_
 
 
 class HandshakeModel:
-    def __init__(self, listeners=16):
+    """``recent``: the engine's memory of the last connections it established (their
+    later segments go to the host); the model keeps the last ``recent`` of them and, not
+    knowing the clock, assumes that they arrive within ``RECENT_CYCLES``."""
+
+    def __init__(self, listeners=16, recent=16):
+        self.recent = collections.deque(maxlen=recent)
         self.listeners = [None] * listeners
         self.keys = CookieKeys()
         self.ts_clock = 0
@@ -46,6 +57,13 @@ class HandshakeModel:
 
     def process(self, meta, ingress=0, flow_hit=0):
         verdict, reply, event = self._decide(meta, ingress, flow_hit)
+        tcp, ip = meta["tcp"], meta["ip"]
+        identity = (ingress, ip["src"], ip["dst"], tcp["sport"], tcp["dport"])
+        if (identity in self.recent and verdict["reason"] not in PASSED
+                and meta["frame_class"] == FrameClass.TCP):
+            verdict, reply, event = {"to_host": 1, "reason": Reason.FLOW}, None, None
+        if event is not None:
+            self.recent.append(identity)
         self.counters[verdict["reason"]] += 1
         return verdict, reply, event
 
@@ -76,7 +94,7 @@ class HandshakeModel:
                 return drop(Reason.CLOSED_PORT,
                             self._reply(meta, seq=0, ack=ack_no, flags=TcpFlags.RST | TcpFlags.ACK))
             return host(Reason.NO_LISTENER)
-        if not entry["offload"]:
+        if not entry["offload"] or not self.keys.key_set:
             return host(Reason.NOT_OFFLOADED)
         connection = {"ingress": ingress, "peer_ip": ip["src"], "local_ip": ip["dst"],
                       "peer_port": tcp["sport"], "local_port": tcp["dport"]}

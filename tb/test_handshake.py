@@ -16,7 +16,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-from hw.handshake import HANDSHAKE_IN, VERDICT, ControlOp, HandshakeEngine, Reason, control_layout
+from hw.handshake import (DEFAULT_CONNECTS, DEFAULT_RECENT, HANDSHAKE_IN, VERDICT, ControlOp, HandshakeEngine,
+                          Reason, control_layout)
 from hw.listen_table import LISTEN_ENTRY
 from hw.metadata import EVENT, TX_HEADER
 from hw.stream import pack_struct, unpack_struct
@@ -113,7 +114,7 @@ class EngineBench:
         self.expected = {name: [] for name in OUTPUTS}
         self.checked = {name: 0 for name in OUTPUTS}
         self.results = []                 # (verdict, reply, event) per record, from the model
-        for port in ("cookie_period", "ts_period", "rst_bad_cookie"):
+        for port in ("cookie_period", "ts_period", "rst_bad_cookie", "syn_rto", "syn_retries"):
             bus.set(port, 0)
 
     async def _control(self, payload):
@@ -267,7 +268,7 @@ async def handshake_mix(bus, clients=40, stall=0.3, seed=1):
             assert not opt["wscale_valid"] and not opt["sack_perm"], (client.layout, opt)
 
     # Final ACKs.
-    frames, genuine = [], 0
+    frames, genuine, followers = [], 0, 0
     for client, reply in synacks.items():
         kind = rng.choice(["good", "good", "data", "fin", "ack+1", "seq+1", "tsecr", "no_ts"])
         if kind == "good":
@@ -287,16 +288,29 @@ async def handshake_mix(bus, clients=40, stall=0.3, seed=1):
             frames.append(client.final_ack(reply, drop_ts=True,
                                            ack_delta=0 if reply["opt"]["ts_valid"] else 3))
         genuine += kind in ("good", "data", "fin")
+        if kind == "good" and rng.random() < 0.5:
+            # Data right behind a pure final ACK has the same SEQ and ACK: it must not
+            # count as a second final ACK (it is the connection's, for the host).
+            frames.append(client.frame("PA", client.isn + 1, ack=reply["tcp"]["seq"] + 1,
+                                       payload=b"GET / HTTP/1.1\r\n\r\n"))
+            followers += 1
     bus.set("rst_bad_cookie", 1)
     bench.model.rst_bad_cookie = True
     results = bench.send(frames)
     await bench.drain()
     accepted = [event for _, _, event in results if event]
     assert len(accepted) == genuine, (len(accepted), genuine)
+    assert sum(1 for v, _, _ in results if v["reason"] == Reason.FLOW) >= followers
     bus.set("rst_bad_cookie", 0)
     bench.model.rst_bad_cookie = False
     return {"records": len(bench.results), "established": len(accepted),
             "counters": check_counters(bus, bench)}
+
+
+def check_counters_raw(bus):
+    counters = bus.get("counters")
+    return {reason.name: counters >> (32 * reason) & 0xFFFFFFFF for reason in Reason
+            if counters >> (32 * reason) & 0xFFFFFFFF}
 
 
 def check_counters(bus, bench):
@@ -314,7 +328,26 @@ async def key_rotation_and_expiry(bus, stall=0.2, seed=2):
     for exactly as long as documented, rejected after."""
     bench = EngineBench(bus, stall=stall, seed=seed)
     rng = bench.rng
-    await bench.setup()
+    # Before any SET_KEY the NIC does not offload: SYNs to offloaded listeners go to the host.
+    for index, entry in LISTENERS.items():
+        await bench.write_listener(index, entry)
+    early = Client(rng, 80)
+    results = bench.send([early.syn()])
+    await bench.drain()
+    assert results[0][0] == {"to_host": 1, "reason": Reason.NOT_OFFLOADED}
+    await bench.set_key(rng.getrandbits(128))
+    # The reset key (all zero) is public: a cookie made with it is refused after the
+    # first SET_KEY, under either generation.
+    from hw.syn_cookie import cookie_iss, mss_index
+    forger = Client(rng, 80, layout="none")
+    connection = {"ingress": 0, "peer_ip": ip_int(forger.src), "local_ip": ip_int(forger.dst),
+                  "peer_port": forger.sport, "local_port": forger.dport,
+                  "peer_isn": forger.isn, "ts_ok": False, "ts_options": 0}
+    forged = [cookie_iss(0, gen, count=bench.model.keys.count, mss_index=0, **connection)
+              for gen in (0, 1)]
+    results = bench.send([forger.frame("A", forger.isn + 1, ack=iss + 1) for iss in forged])
+    await bench.drain()
+    assert [r[0]["reason"] for r in results] == [Reason.COOKIE_BAD] * 2
 
     def handshake_group(n):
         return [Client(rng, rng.choice(OFFLOADED_PORTS)) for _ in range(n)]
@@ -346,8 +379,15 @@ async def key_rotation_and_expiry(bus, stall=0.2, seed=2):
     assert await acks(later[:2], later_synacks[:2]) == 2
     await bench.advance_cookie_count(1)                # c + 3: count c + 1 expired too
     assert await acks(later[2:], later_synacks[2:]) == 0
-    # Replays of accepted ACKs after the window are rejected as well.
+    # Replays of accepted ACKs after the window are rejected too, once the engine has
+    # forgotten the connections (DEFAULT_RECENT newer ones; until then their segments go
+    # to the host as the connection's own).
     assert await acks(later[:2], later_synacks[:2]) == 0
+    assert bench.results[-1][0]["reason"] == Reason.FLOW
+    fresh = handshake_group(DEFAULT_RECENT)
+    assert await acks(fresh, await syns(fresh)) == len(fresh)
+    assert await acks(later[:2], later_synacks[:2]) == 0
+    assert [r[0]["reason"] for r in bench.results[-2:]] == [Reason.COOKIE_BAD] * 2
     return {"counters": check_counters(bus, bench)}
 
 
@@ -386,6 +426,178 @@ async def syn_flood(bus, count=400, seed=4):
             "latency_cycles": synacks[0] - sent[0]}
 
 
+class Server:
+    """A scapy TCP server at the far end of an active open (CONNECT)."""
+
+    def __init__(self, rng, req):
+        self.rng, self.req = rng, req
+        self.isn = rng.getrandbits(32)
+
+    def frame(self, flags, seq=None, ack=None, options=()):
+        req = self.req
+        ip = lambda value: ".".join(str(value >> s & 0xFF) for s in (24, 16, 8, 0))
+        mac = lambda value: ":".join("%02x" % (value >> s & 0xFF) for s in range(40, -8, -8))
+        segment = (Ether(src=mac(req["peer_mac"]), dst=mac(req["local_mac"]))
+                   / IP(src=ip(req["peer_ip"]), dst=ip(req["local_ip"]), flags="DF")
+                   / TCP(sport=req["peer_port"], dport=req["local_port"], flags=flags,
+                         seq=self.isn if seq is None else seq & 0xFFFFFFFF,
+                         ack=(req["iss"] + 1 if ack is None else ack) & 0xFFFFFFFF,
+                         window=29200, options=list(options)))
+        return pad(segment)
+
+
+def connect_request(rng, **overrides):
+    req = {"ingress": 0, "peer_mac": 0x020000000199, "local_mac": 0x020000000001,
+           "local_ip": ip_int(LISTEN_IP), "peer_ip": ip_int("192.0.2.%d" % rng.randrange(1, 255)),
+           "local_port": rng.randrange(32768, 61000), "peer_port": rng.choice([80, 443]),
+           "iss": rng.getrandbits(32), "mss": 1460, "wscale_ok": 1, "wscale": 7,
+           "sack_ok": 1, "ts_ok": 1, "window": 64240}
+    req.update(overrides)
+    return req
+
+
+async def active_opens(bus, stall=0.2, seed=6):
+    """CONNECT: SYN out, then a server that answers, resets, answers wrongly first, or
+    stays silent (retransmissions with backoff, then a timeout); BUSY when every slot is
+    taken; segments to a connecting 4-tuple that are not a SYN-ACK."""
+    from hw.handshake import CONNECT_REQUEST
+    from hw.metadata import EventKind, FailStatus
+    bench = EngineBench(bus, stall=stall, seed=seed)
+    rng = bench.rng
+    rto, retries = 200, 2
+    bus.set("syn_rto", rto)
+    bus.set("syn_retries", retries)
+    await bench.setup()
+    layout = control_layout(bench.listeners)
+    sinks = bench.sinks
+    seen = {name: 0 for name in OUTPUTS}
+
+    def new(name):
+        out = [unpack_struct(OUTPUTS[name], v) for v in sinks[name].received[seen[name]:]]
+        seen[name] = len(sinks[name].received)
+        return out
+
+    async def wait(name, count, max_cycles=3000):
+        try:
+            await run_until(bus, bench.agents,
+                            lambda: len(sinks[name].received) >= seen[name] + count,
+                            max_cycles=max_cycles)
+        except TimeoutError:
+            raise AssertionError(
+                f"waiting for {count} on {name}: " + "; ".join(
+                    f"{n}: {[unpack_struct(OUTPUTS[n], v) for v in sinks[n].received[seen[n]:]]}"
+                    for n in OUTPUTS) + f"; counters {check_counters_raw(bus)}") from None
+
+    async def connect(req):
+        bench.control.send([pack_struct(layout, op=ControlOp.CONNECT, connect=req)])
+        await run_until(bus, bench.agents, lambda: bench.control.idle, max_cycles=1000)
+
+    def feed(frames):
+        for frame in frames:
+            bench.rx.send([pack_struct(HANDSHAKE_IN, meta=parse_frame(frame))])
+
+    def check_syn(syn, req):
+        assert syn["tcp"]["flags"] == 0x02 and syn["tcp"]["seq"] == req["iss"]
+        assert (syn["ip"]["src"], syn["ip"]["dst"]) == (req["local_ip"], req["peer_ip"])
+        assert (syn["tcp"]["sport"], syn["tcp"]["dport"]) == (req["local_port"], req["peer_port"])
+        assert syn["eth"] == {"dst": req["peer_mac"], "src": req["local_mac"]}
+        opt = syn["opt"]
+        assert opt["mss_valid"] and opt["mss"] == req["mss"]
+        assert opt["wscale_valid"] == req["wscale_ok"] and opt["sack_perm"] == req["sack_ok"]
+        assert opt["ts_valid"] == req["ts_ok"] and syn["tcp"]["window"] == req["window"]
+
+    # 1. A server that answers: ACK out, established event with the agreed options.
+    req = connect_request(rng)
+    await connect(req)
+    await wait("tx", 1)
+    check_syn(new("tx")[0], req)
+    server = Server(rng, req)
+    feed([server.frame("SA", options=[("MSS", 1400), ("SAckOK", b""),
+                                      ("Timestamp", (777, 0)), ("NOP", None), ("WScale", 8)])])
+    await wait("event", 1)
+    await wait("tx", 1)
+    ack, = new("tx")
+    assert ack["tcp"]["flags"] == 0x10 and ack["tcp"]["seq"] == (req["iss"] + 1) & 0xFFFFFFFF
+    assert ack["tcp"]["ack"] == (server.isn + 1) & 0xFFFFFFFF
+    assert ack["tcp"]["window"] == req["window"] >> req["wscale"]
+    assert ack["opt"]["ts_valid"] and ack["opt"]["tsecr"] == 777 and not ack["opt"]["mss_valid"]
+    event, = new("event")
+    assert event["kind"] == EventKind.ESTABLISHED and event["active"] == 1
+    assert (event["iss"], event["irs"]) == (req["iss"], server.isn)
+    assert event["mss"] == 1400 and event["wscale_ok"] and event["peer_wscale"] == 8
+    assert event["local_wscale"] == 7 and event["sack_ok"] and event["ts_ok"]
+    assert event["ts_recent"] == 777
+    # The slot is free again: a second SYN-ACK is not for a connecting 4-tuple any more.
+    feed([server.frame("SA")])
+    await wait("verdict", 2)
+    verdicts = new("verdict")
+    assert [v["reason"] for v in verdicts] == [Reason.ACTIVE_ESTABLISHED, Reason.NO_LISTENER]
+
+    # 2. A server without options (no timestamps, no scaling): MSS 536, window unscaled.
+    req = connect_request(rng, ts_ok=0)
+    await connect(req)
+    await wait("tx", 1)
+    check_syn(new("tx")[0], req)
+    server = Server(rng, req)
+    feed([server.frame("A"),                                  # not a SYN-ACK: discarded
+          server.frame("R", ack=req["iss"] + 9),              # RST, unacceptable: discarded
+          server.frame("SA", ack=req["iss"] + 5),             # wrong ACK: RST
+          server.frame("SA")])
+    await wait("event", 1)
+    await wait("tx", 2)
+    rst, ack = new("tx")
+    assert rst["tcp"]["flags"] == 0x04 and rst["tcp"]["seq"] == (req["iss"] + 5) & 0xFFFFFFFF
+    assert ack["tcp"]["flags"] == 0x10 and ack["tcp"]["window"] == req["window"]
+    assert not ack["opt"]["ts_valid"]
+    event, = new("event")
+    assert event["mss"] == 536 and not event["wscale_ok"] and not event["ts_ok"]
+    await wait("verdict", 4)
+    assert [v["reason"] for v in new("verdict")] == [
+        Reason.ACTIVE_DISCARD, Reason.ACTIVE_DISCARD, Reason.ACTIVE_BAD_ACK,
+        Reason.ACTIVE_ESTABLISHED]
+
+    # 3. A server that resets.
+    req = connect_request(rng)
+    await connect(req)
+    await wait("tx", 1)
+    new("tx")
+    feed([Server(rng, req).frame("RA", seq=0)])
+    await wait("event", 1)
+    event, = new("event")
+    assert event["kind"] == EventKind.FAILED and event["status"] == FailStatus.RESET
+    assert event["active"] and event["local_port"] == req["local_port"]
+
+    # 4. A silent server: SYN at t, t + rto, t + 3 rto, then a timeout at t + 7 rto.
+    req = connect_request(rng)
+    await connect(req)
+    await wait("tx", retries + 1, max_cycles=10 * rto)
+    stamps = sinks["tx"].received_cycles[-(retries + 1):]
+    for syn in new("tx"):
+        check_syn(syn, req)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    for k, gap in enumerate(gaps):
+        assert rto << k <= gap <= (rto << k) + 40, gaps
+    await wait("event", 1, max_cycles=10 * rto)
+    event, = new("event")
+    assert event["kind"] == EventKind.FAILED and event["status"] == FailStatus.TIMEOUT
+    timeout_after = sinks["event"].received_cycles[-1] - stamps[0]
+    assert (7 * rto) <= timeout_after <= 7 * rto + 60, timeout_after
+
+    # 5. Every slot taken: the next CONNECT fails at once with BUSY.
+    bus.set("syn_rto", 1 << 30)
+    held = [connect_request(rng) for _ in range(DEFAULT_CONNECTS)]
+    for r in held:
+        await connect(r)
+    await wait("tx", len(held))
+    new("tx")
+    extra = connect_request(rng)
+    await connect(extra)
+    await wait("event", 1)
+    event, = new("event")
+    assert event["status"] == FailStatus.BUSY and event["local_port"] == extra["local_port"]
+    return {"gaps": gaps, "timeout_after": timeout_after}
+
+
 # ----------------------------------------------------------------------------- cocotb tests
 
 @cocotb.test()
@@ -405,6 +617,13 @@ async def hs_forged(dut):
     from tb.cocotb_util import start
     result = await forged_acks(await start(dut))
     dut._log.info(f"forged ACKs: {result['forged']}, accepted: {result['forged_accepted']}")
+
+
+@cocotb.test()
+async def hs_active(dut):
+    from tb.cocotb_util import start
+    result = await active_opens(await start(dut))
+    dut._log.info(f"active opens: {result}")
 
 
 @cocotb.test()

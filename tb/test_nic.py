@@ -21,7 +21,7 @@ from hw.stream import beats_to_frame, frame_to_beats, pack_struct, unpack_struct
 from sim.bus import StreamSink, StreamSource, run_until
 from sim.demo import _checksums_ok
 from sim.traffic import pad
-from tb.test_handshake import LISTEN_IP, LISTENERS, Client, ip_int
+from tb.test_handshake import LISTEN_IP, LISTENERS, Client, Server, connect_request, ip_int
 
 CLOSED_PORT = 22
 
@@ -67,7 +67,7 @@ class NicBench:
         self.table_resp = StreamSink(bus, "table_resp", stall=stall, rng=r())
         self.agents = [self.mac_rx, self.host_tx, self.control, self.table_cmd, self.mac_tx,
                        self.host_rx, self.host_rx_meta, self.event, self.table_resp]
-        for port in ("cookie_period", "ts_period", "rst_bad_cookie"):
+        for port in ("cookie_period", "ts_period", "rst_bad_cookie", "syn_rto", "syn_retries"):
             bus.set(port, 0)
 
     async def until(self, done, max_cycles=20000):
@@ -197,6 +197,32 @@ async def nic_session(bus, width, entries=256, clients=12, stall=0.2, seed=1):
         bench.host_tx.send(frame_to_beats(frame, width))
     await bench.until(lambda: len(bench.mac_tx.frames) == len(host_frames))
     tx_segments(bench.mac_tx.frames)
+    bench.mac_tx.frames.clear()
+
+    # 6. Active open: CONNECT, SYN on the wire, the server's SYN-ACK, our ACK, the event,
+    #    and the server's data then goes to the host.
+    bus.set("syn_rto", 100000)
+    bus.set("syn_retries", 3)
+    req = connect_request(rng)
+    bench.control.send([pack_struct(control_layout(16), op=ControlOp.CONNECT, connect=req)])
+    await bench.until(lambda: len(bench.mac_tx.frames) == 1)
+    syn, = tx_segments(bench.mac_tx.frames)
+    assert int(syn[TCP].flags) == 0x02 and syn[TCP].seq == req["iss"]
+    assert dict(syn[TCP].options)["MSS"] == req["mss"]
+    server = Server(rng, req)
+    events_before = len(bench.event.received)
+    bench.send([server.frame("SA", options=[("MSS", 1300), ("NOP", None), ("WScale", 4)])])
+    await bench.until(lambda: len(bench.mac_tx.frames) == 2
+                      and len(bench.event.received) == events_before + 1)
+    ack = tx_segments(bench.mac_tx.frames[1:])[0]
+    assert int(ack[TCP].flags) == 0x10 and ack[TCP].ack == (server.isn + 1) & 0xFFFFFFFF
+    event = bench.events()[-1]
+    assert event["active"] and event["irs"] == server.isn and event["mss"] == 1300
+    await bench.until(lambda: bus.get("flows") == clients + 1, max_cycles=5000)
+    before = len(bench.host_rx.frames)
+    bench.send([server.frame("PA", seq=server.isn + 1, options=[])])
+    await bench.until(lambda: len(bench.host_rx.frames) == before + 1)
+    assert bench.host_reasons()[-1] == Reason.FLOW
     return {"clients": clients, "events": len(bench.event.received),
             "host_frames": len(bench.host_rx.frames), "cycles": bus.cycle}
 
@@ -285,3 +311,69 @@ async def bench_handshake(bus, width, entries=4096, syns=200, forged=2000, seed=
     figures["forged_accepted"] = len(bench.event.received) - events_before
     figures["state_left_by_syns"] = bus.get("flows")
     return figures
+
+
+# ----------------------------------------------------------------------------- demo
+
+async def demo_setup(bus, width, entries=4096, clients=8, flood=200, forged=200, seed=7):
+    """The connection-setup phase of ``acceltcp demo``: scapy clients complete handshakes
+    through the NIC (SYN-ACKs checked by scapy, established events, data to the host),
+    then a SYN flood at line rate and forged final ACKs; returns what the report shows."""
+    bench = NicBench(bus, width, 0.0, seed)
+    bench.entries = entries
+    rng = bench.rng
+    await bench.setup()
+    group = [Client(rng, port, layout=layout)
+             for port, layout in zip([80, 443, 6379, 80, 443, 6379, 80, 443] * (clients // 8 + 1),
+                                     ["linux", "windows", "macos", "none", "mss_only",
+                                      "unknown_kinds", "linux", "windows"] * (clients // 8 + 1))
+             ][:clients]
+    start = bus.cycle
+    bench.send([c.syn() for c in group])
+    await bench.until(lambda: len(bench.mac_tx.frames) == clients)
+    synacks = {}
+    for seg in tx_segments(bench.mac_tx.frames):
+        client = next(c for c in group if c.sport == seg[TCP].dport)
+        options = dict(seg[TCP].options)
+        synacks[client] = {"tcp": {"seq": seg[TCP].seq},
+                           "opt": {"ts_valid": int("Timestamp" in options),
+                                   "tsval": options.get("Timestamp", (0, 0))[0]},
+                           "options": sorted(str(k) for k in options)}
+    bench.send([c.final_ack(synacks[c], payload=b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
+                            if k % 2 else b"") for k, c in enumerate(group)])
+    await bench.until(lambda: len(bench.event.received) == clients)
+    handshake_cycles = bus.cycle - start
+    connections = []
+    for event in bench.events():
+        client = next(c for c in group if c.sport == event["peer_port"])
+        connections.append({
+            "client": f"{client.src}:{client.sport}", "layout": client.layout,
+            "server_port": client.dport, "synack_options": synacks[client]["options"],
+            "mss": event["mss"], "wscale": (event["peer_wscale"], event["local_wscale"])
+            if event["wscale_ok"] else None, "sack": event["sack_ok"], "ts": event["ts_ok"],
+            "data_bytes": event["payload_length"]})
+    await bench.until(lambda: bus.get("flows") == clients, max_cycles=5000)
+
+    # SYN flood at line rate, then forged final ACKs.
+    bench.mac_tx.frames.clear()
+    flood_clients = [Client(rng, 80, layout="mss_only") for _ in range(flood)]
+    flood_start = bus.cycle
+    bench.send([c.syn() for c in flood_clients])
+    await bench.until(lambda: len(bench.mac_tx.frames) == flood, max_cycles=100 * flood + 2000)
+    flood_cycles = bus.cycle - flood_start
+    bench.send([Client(rng, 80, layout="none").frame("A", rng.getrandbits(32),
+                                                      ack=rng.getrandbits(32))
+                for _ in range(forged)])
+    events_before = len(bench.event.received)
+    await bench.until(lambda: bus.get("counters") >> (32 * Reason.COOKIE_BAD) & 0xFFFFFFFF
+                      == forged, max_cycles=100 * forged + 2000)
+    counters = bus.get("counters")
+    return {
+        "connections": connections, "handshake_cycles": handshake_cycles,
+        "host_frames": len(bench.host_rx.frames), "flows": bus.get("flows"),
+        "flood_syns": flood, "flood_synacks": len(bench.mac_tx.frames),
+        "flood_cycles": flood_cycles, "flows_after_flood": bus.get("flows"),
+        "forged": forged, "forged_accepted": len(bench.event.received) - events_before,
+        "counters": {r.name: counters >> (32 * r) & 0xFFFFFFFF for r in Reason
+                     if counters >> (32 * r) & 0xFFFFFFFF},
+    }
