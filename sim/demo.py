@@ -318,10 +318,14 @@ def main(args):
     print(f" NIC setup offload (hw/nic.py): {len(setup['connections'])} of {SETUP_CLIENTS} "
           f"clients established in {setup['handshake_cycles']} cycles")
     for c in setup["connections"]:
-        scale = f"wscale {c['wscale'][0]}/{c['wscale'][1]}" if c["wscale"] else "no wscale"
+        scale = (f"wscale {c['wscale'][0]}/{c['wscale'][1]}" if c["wscale"]
+                 else "no wscale")                       # the client's / ours
         print(f"   {c['client']:>21} -> :{c['server_port']:<5} {c['layout']:<14} mss {c['mss']:<5}"
               f" {scale:<12} sack {'yes' if c['sack'] else 'no ':<4} ts {'yes' if c['ts'] else 'no '}"
               f"  data {c['data_bytes']} B")
+    print("   (listeners: :80 timestamps, SACK, window scale 7; :443 timestamps, window scale 9,"
+          " no SACK;\n    :6379 no timestamps, hence MSS only: without timestamps a cookie"
+          " keeps no other option)")
     print(f"   flows in the connection table: {setup['flows']}; frames to the host: "
           f"{setup['host_frames']}")
     print(f"   SYN flood: {setup['flood_syns']} SYNs back to back -> {setup['flood_synacks']} "

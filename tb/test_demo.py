@@ -9,6 +9,8 @@ def test_demo_small_mix(capsys):
     assert "records matching the reference model: 16/16" in out
     assert "frames passed through unchanged: yes" in out
     assert "RX parser" in out and "TX builder" in out and "TX checksum inserter" in out
+    assert "8 of 8 clients established" in out
+    assert "forged final ACKs: 200, accepted: 0" in out
 
 
 def test_demo_on_verilator(capsys):

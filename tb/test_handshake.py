@@ -51,7 +51,7 @@ CLOSED_PORTS = [22, 25]
 class Client:
     """One scapy TCP client: addresses, ISN, timestamp clock, its SYN options."""
 
-    def __init__(self, rng, dport, layout=None, dst=LISTEN_IP):
+    def __init__(self, rng, dport, layout=None, dst=LISTEN_IP, randomize=True):
         self.rng = rng
         self.src = "192.0.2.%d" % rng.randrange(1, 255)
         self.dst = dst
@@ -65,6 +65,8 @@ class Client:
         for kind, value in SYN_OPTION_LAYOUTS[self.layout]:
             if kind == "Timestamp":
                 value = (self.ts, 0)
+            elif not randomize:
+                pass
             elif kind == "WScale":
                 value = rng.choice([0, 2, 7, 10, 14, 15])
             elif kind == "MSS":

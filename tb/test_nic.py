@@ -323,7 +323,7 @@ async def demo_setup(bus, width, entries=4096, clients=8, flood=200, forged=200,
     bench.entries = entries
     rng = bench.rng
     await bench.setup()
-    group = [Client(rng, port, layout=layout)
+    group = [Client(rng, port, layout=layout, randomize=False)
              for port, layout in zip([80, 443, 6379, 80, 443, 6379, 80, 443] * (clients // 8 + 1),
                                      ["linux", "windows", "macos", "none", "mss_only",
                                       "unknown_kinds", "linux", "windows"] * (clients // 8 + 1))
