@@ -226,6 +226,12 @@ def _noise(rng, client):
     bad = bytearray(client.syn())
     bad[-1 if len(bad) > 60 else 50] ^= 0x5A           # a corrupted byte: bad checksum
     frames.append(bytes(bad))
+    # Options that overflow the header: a 24-byte TCP header whose MSS option (after two
+    # NOPs) crosses its end.
+    frames.append(pad(Ether(src=client.mac, dst=NIC_MAC)
+                      / IP(src=client.src, dst=client.dst)
+                      / TCP(sport=client.sport, dport=client.dport, flags="S", seq=client.isn,
+                            dataofs=6, options=[("NOP", None), ("NOP", None), ("MSS", 1460)])))
     return frames
 
 
@@ -244,6 +250,9 @@ async def handshake_mix(bus, clients=40, stall=0.3, seed=1):
         population.append(client)
         frames.append(client.syn())
         hits.append(rng.random() < 0.05)
+        if rng.random() < 0.2:                  # a retransmitted SYN: the same SYN-ACK again
+            frames.append(client.syn())
+            hits.append(False)
         if rng.random() < 0.2:
             for noise in _noise(rng, client):
                 frames.append(noise)
@@ -260,6 +269,13 @@ async def handshake_mix(bus, clients=40, stall=0.3, seed=1):
                     and reply["tcp"]["ack"] == (client.isn + 1) & 0xFFFFFFFF):
                 synacks[client] = reply
     assert len(synacks) >= clients // 3, len(synacks)
+    # A retransmitted SYN gets the same cookie (same period, same key).
+    by_client = {}
+    for verdict, reply, _ in results:
+        if reply and verdict["reason"] == Reason.SYN_COOKIE:
+            by_client.setdefault((reply["tcp"]["dport"], reply["tcp"]["ack"]), set()).add(
+                reply["tcp"]["seq"])
+    assert all(len(cookies) == 1 for cookies in by_client.values())
     for client, reply in synacks.items():
         entry = next(e for e in LISTENERS.values()
                      if e["port"] == client.dport and e["ip"] in (0, ip_int(client.dst)))
