@@ -49,7 +49,7 @@ All of these frames are dropped (not given to the host). A slot freed by its tim
 a segment for it is in the pipeline makes that segment a plain drop (each slot carries
 a generation number). The host must not CONNECT a 4-tuple that is already connecting.
 
-Latency: ``latency`` (29) cycles from an accepted record to its verdict, SYN-ACK header
+Latency: ``latency`` (30) cycles from an accepted record to its verdict, SYN-ACK header
 and event on the output streams (the SipHash pipeline is 22 of them).
 Throughput: one record per cycle while the outputs are read; ``rx.ready`` is a credit
 check (records in flight + FIFO levels), so the pipeline itself never stalls.
@@ -129,7 +129,8 @@ CONNECT_REQUEST = data.StructLayout({
 
 #: A connect slot: the request, and its retransmission state.
 _SLOT = data.StructLayout({
-    "active": 1, "gen": 4, "retries": 4, "deadline": 32, "req": CONNECT_REQUEST,
+    "active": 1, "gen": 4, "retries": 4, "deadline": 32, "ack_expected": 32,
+    "req": CONNECT_REQUEST,
 })
 
 
@@ -244,8 +245,8 @@ class HandshakeEngine(wiring.Component):
     @property
     def latency(self):
         """Cycles from an accepted record to its outputs, valid on the output streams
-        (decide, register, write the FIFOs, their output register)."""
-        return self.decide_at + 3
+        (two decision stages, write the FIFOs, their output register)."""
+        return self.decide_at + 4
 
     def elaborate(self, platform):
         m = Module()
@@ -349,6 +350,7 @@ class HandshakeEngine(wiring.Component):
                 new = slot_array[free_index]
                 m.d.sync += [new.active.eq(1), new.gen.eq(new.gen + 1), new.retries.eq(0),
                              new.deadline.eq(now + self.syn_rto), new.req.eq(ctl.connect),
+                             new.ack_expected.eq(ctl.connect.iss + 1),
                              side_tx_valid.eq(1), side_tx.eq(syn_segment(ctl.connect))]
             with m.Else():
                 m.d.sync += [side_ev_valid.eq(1),
@@ -359,8 +361,11 @@ class HandshakeEngine(wiring.Component):
         m.d.sync += scan.eq(Mux(scan == self.connects - 1, 0, scan + 1))
         scanned = slot_array[scan]
         due = scanned.active & ~(now - scanned.deadline)[31]
-        freeing, freeing_index = Signal(), Signal(range(self.connects))   # from stage D
-        act = due & side_free & ~connect & ~(freeing & (freeing_index == scan))
+        # Slots whose segments are in the two decision stages (set below).
+        busy_slot_d, busy_slot_f = Signal(), Signal()
+        busy_index_d, busy_index_f = Signal(range(self.connects)), Signal(range(self.connects))
+        act = (due & side_free & ~connect & ~(busy_slot_d & (busy_index_d == scan))
+               & ~(busy_slot_f & (busy_index_f == scan)))
         with m.If(act):
             with m.If(scanned.retries < self.syn_retries):
                 backoff = Signal(32)
@@ -403,10 +408,16 @@ class HandshakeEngine(wiring.Component):
             & (slot.req.peer_ip == m1.ip.src) & (slot.req.local_ip == m1.ip.dst)
             & (slot.req.peer_port == m1.tcp.sport) & (slot.req.local_port == m1.tcp.dport)
             for slot in slots]), 1)
-        # Stage 2: the matching slot.
+        # Stage 2: the matching slot, its contents, and whether the segment acknowledges
+        # our SYN.
         slot_hit, slot_index = lowest_set(list(p.get("slot_match", 2)))
         p.define("slot_hit", slot_hit, 2)
         p.define("slot_index", slot_index, 2)
+        slot_2 = slot_array[slot_index]
+        ack_2 = HANDSHAKE_IN(p.get("rec", 2)).meta.tcp.ack
+        p.define("slot_ack_ok", ack_2 == slot_2.ack_expected, 2)
+        p.define("slot_req", slot_2.req, 2)
+        p.define("slot_gen", slot_2.gen, 2)
 
         # Stage 3: the listener and the slot are known; classify, build the cookie message.
         r3 = HANDSHAKE_IN(p.get("rec", 3))
@@ -416,9 +427,9 @@ class HandshakeEngine(wiring.Component):
         g = {name: p.get(name, 3) for name in (
             "is_tcp", "errored", "vlan", "syn_only", "closed_syn", "cookie_ack", "synack",
             "rst", "ack_flag", "peer_isn", "iss", "syn_mss_index", "peer_wscale", "rst_ack",
-            "slot_hit", "slot_index")}
-        slot = slot_array[g["slot_index"]]
-        slot_ack_ok = m3.tcp.ack == (slot.req.iss + 1)[:32]
+            "slot_hit", "slot_index", "slot_ack_ok")}
+        slot_req = CONNECT_REQUEST(p.get("slot_req", 3))
+        slot_ack_ok = g["slot_ack_ok"]
         cls, reason = Signal(_Class), Signal(Reason)
         with m.If(~g["is_tcp"]):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.NOT_TCP)]
@@ -459,7 +470,9 @@ class HandshakeEngine(wiring.Component):
         with m.Else():
             m.d.comb += [cls.eq(_Class.DISCARD), reason.eq(Reason.LISTEN_DISCARD)]
 
-        is_syn = cls == _Class.SYN
+        # The hash input depends on the segment's flags, not on its class (when the class
+        # is neither SYN nor CHECK_ACK the hash is not used), so that it is shallow logic.
+        is_syn = g["syn_only"]
         is_active = g["slot_hit"]
         iss = COOKIE_ISS(g["iss"])
         # Options we remember (SYN) or read back from TSecr (ACK); for a CONNECT, the
@@ -468,10 +481,10 @@ class HandshakeEngine(wiring.Component):
         syn_wscale_ok = m3.opt.wscale_valid & entry.wscale_ok
         syn_options = (Mux(syn_wscale_ok, g["peer_wscale"], WSCALE_NONE)
                        | Mux(m3.opt.sack_perm & entry.sack_ok, TS_SACK, 0))
-        active_ts_ok = m3.opt.ts_valid & slot.req.ts_ok
-        active_options = (Mux(m3.opt.wscale_valid & slot.req.wscale_ok, g["peer_wscale"],
+        active_ts_ok = m3.opt.ts_valid & slot_req.ts_ok
+        active_options = (Mux(m3.opt.wscale_valid & slot_req.wscale_ok, g["peer_wscale"],
                               WSCALE_NONE)
-                          | Mux(m3.opt.sack_perm & slot.req.sack_ok, TS_SACK, 0))
+                          | Mux(m3.opt.sack_perm & slot_req.sack_ok, TS_SACK, 0))
         ts_ok = Mux(is_active, active_ts_ok, Mux(is_syn, syn_ts_ok, m3.opt.ts_valid))
         ts_options = Mux(is_active, active_options,
                          Mux(ts_ok, Mux(is_syn, syn_options, m3.opt.tsecr[:TS_OPTION_BITS]), 0))
@@ -490,7 +503,7 @@ class HandshakeEngine(wiring.Component):
         carry = struct_value(_CARRY, {
             "cls": cls, "reason": reason, "ingress": r3.ingress,
             "listener": Mux(is_active, g["slot_index"], listener_index),
-            "slot_gen": slot.gen,
+            "slot_gen": p.get("slot_gen", 3),
             "a_mss": Mux(m3.opt.mss_valid, m3.opt.mss, DEFAULT_MSS),
             "eth_peer": m3.eth.src, "eth_local": m3.eth.dst,
             "peer_ip": m3.ip.src, "local_ip": m3.ip.dst,
@@ -502,8 +515,8 @@ class HandshakeEngine(wiring.Component):
             "count_lsb": count[0], "key_gen": key_gen,
             "key_ok": (iss.key_gen == gen) | (previous_ticks != 0),
             "l_mss": entry.mss,
-            "l_wscale": Mux(is_active, slot.req.wscale, entry.wscale),
-            "l_window": Mux(is_active, slot.req.window, entry.window)})
+            "l_wscale": Mux(is_active, slot_req.wscale, entry.wscale),
+            "l_window": Mux(is_active, slot_req.window, entry.window)})
         p.define("carry", carry, 3)
         p.define("rst_ack_3", g["rst_ack"], 3)
         p.define("ts_now", self.ts_clock, 3)
@@ -513,55 +526,81 @@ class HandshakeEngine(wiring.Component):
         hash_valid, digest = siphash_pipeline(m, "cookie", p.valid(at), p.get("key", at),
                                               p.get("message", at))
         D = self.decide_at
+        F = D + 1
         p.inject("digest", digest, D)
         middle = (3 + D) // 2
         # (Read half-way first: two LUT-RAM delay lines instead of a chain of registers.)
         for name in ("carry", "rst_ack_3", "ts_now"):
             p.get(name, middle)
-        c = _CARRY(p.get("carry", D))
-        rst_ack, ts_now = p.get("rst_ack_3", D), p.get("ts_now", D)
-        ts_high = Cat(Const(0, TS_OPTION_BITS), ts_now[TS_OPTION_BITS:])
+        c_d = _CARRY(p.get("carry", D))
+        slot_bits = len(Value.cast(slot_index))
 
-        # Stage D: decide and format the outputs.
-        mac = digest[:COOKIE_ISS["mac"].width]
-        cookie = struct_value(COOKIE_ISS, {"mss_index": c.mss_index, "count_lsb": c.count_lsb,
-                                           "key_gen": c.key_gen, "mac": mac})
-        iss_d = (c.ack - 1)[:32]
-        cookie_ok = c.key_ok & (COOKIE_ISS(iss_d).mac == mac)
+        def identity(carried):
+            return struct_value(FLOW_TUPLE, {
+                "ingress": carried.ingress, "peer_ip": carried.peer_ip,
+                "local_ip": carried.local_ip, "peer_port": carried.peer_port,
+                "local_port": carried.local_port})
+
         # Connections established in the last RECENT_CYCLES (the last `recent` of them):
         # their later segments go to the host even before the connection table knows
         # them, so that a data segment right behind a final ACK is neither taken for
         # another final ACK (a second event) nor dropped or answered with RST.
         recent = [Signal(_RECENT, name=f"recent_{k}") for k in range(self.recent)]
+        alive = Signal(self.recent)              # valid and not expired (one cycle late)
+        m.d.sync += alive.eq(Cat(*[r.valid & (now - r.expires)[31] for r in recent]))
         recent_pointer = Signal(range(self.recent))
-        tuple_d = struct_value(FLOW_TUPLE, {
-            "ingress": c.ingress, "peer_ip": c.peer_ip, "local_ip": c.local_ip,
-            "peer_port": c.peer_port, "local_port": c.local_port})
-        recent_hit = Cat(*[r.valid & (r.tuple.as_value() == tuple_d) & (now - r.expires)[31]
-                           for r in recent]).any() & (c.cls != _Class.PASS)
-        cls_d = Mux(recent_hit, _Class.PASS, c.cls)
-        # Expired entries are cleared, one per cycle (the time comparison above is only
+        last_write_valid = Signal()              # the entry written at the last clock edge
+        last_write_tuple = Signal(FLOW_TUPLE)
+        # Expired entries are cleared, one per cycle (the time comparison is only
         # meaningful for less than 2**31 cycles).
         recent_scan = Signal(range(self.recent))
         m.d.sync += recent_scan.eq(Mux(recent_scan == self.recent - 1, 0, recent_scan + 1))
         with m.If(~(now - Array(recent)[recent_scan].expires)[31]):
             m.d.sync += Array(recent)[recent_scan].valid.eq(0)
+
+        # Stage D: the cookie's MAC compare, the recent connections, the connect slot.
+        mac = digest[:COOKIE_ISS["mac"].width]
+        p.define("cookie", struct_value(COOKIE_ISS, {
+            "mss_index": c_d.mss_index, "count_lsb": c_d.count_lsb, "key_gen": c_d.key_gen,
+            "mac": mac}), D)
+        p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS((c_d.ack - 1)[:32]).mac == mac), D)
+        p.define("recent_seen", Cat(*[alive[k] & (r.tuple.as_value() == identity(c_d))
+                                      for k, r in enumerate(recent)]).any(), D)
         # A connect slot may have been freed (timeout) since stage 3: then do nothing.
-        slot_bits = len(Value.cast(slot_index))
+        slot_at_d = slot_array[c_d.listener[:slot_bits]]
+        p.define("slot_live", slot_at_d.active & (slot_at_d.gen == c_d.slot_gen), D)
+
+        # Stage F = D + 1: decide and format the outputs.
+        c = _CARRY(p.get("carry", F))
+        rst_ack, ts_now = p.get("rst_ack_3", F), p.get("ts_now", F)
+        ts_high = Cat(Const(0, TS_OPTION_BITS), ts_now[TS_OPTION_BITS:])
+        cookie, cookie_ok = p.get("cookie", F), p.get("cookie_ok", F)
+        slot_live = p.get("slot_live", F)
+        iss_d = (c.ack - 1)[:32]
+        tuple_f = identity(c)
+        recent_hit = ((p.get("recent_seen", F)
+                       | (last_write_valid & (last_write_tuple.as_value() == tuple_f)))
+                      & (c.cls != _Class.PASS))
+        cls_d = Mux(recent_hit, _Class.PASS, c.cls)
         slot_d = slot_array[c.listener[:slot_bits]]
-        slot_live = slot_d.active & (slot_d.gen == c.slot_gen)
         active_cls = ((cls_d == _Class.ACTIVE_EST) | (cls_d == _Class.ACTIVE_RST)
                       | (cls_d == _Class.ACTIVE_BAD) | (cls_d == _Class.ACTIVE_DISCARD))
         active_est = (cls_d == _Class.ACTIVE_EST) & slot_live
         active_rst = (cls_d == _Class.ACTIVE_RST) & slot_live
-        m.d.comb += [freeing.eq(p.valid(D) & (active_est | active_rst)),
-                     freeing_index.eq(c.listener[:slot_bits])]
-        with m.If(freeing):
+        with m.If(p.valid(F) & (active_est | active_rst)):
             m.d.sync += slot_d.active.eq(0)
+        # The timers leave alone a slot whose segment is in the decision stages.
+        c_d_active = (c_d.cls == _Class.ACTIVE_EST) | (c_d.cls == _Class.ACTIVE_RST)
+        c_active = (c.cls == _Class.ACTIVE_EST) | (c.cls == _Class.ACTIVE_RST)
+        m.d.comb += [
+            busy_slot_d.eq(p.valid(D) & c_d_active), busy_index_d.eq(c_d.listener[:slot_bits]),
+            busy_slot_f.eq(p.valid(F) & c_active), busy_index_f.eq(c.listener[:slot_bits])]
         established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
-        with m.If(p.valid(D) & established):
+        m.d.sync += [last_write_valid.eq(p.valid(F) & established),
+                     last_write_tuple.eq(tuple_f)]
+        with m.If(p.valid(F) & established):
             m.d.sync += [Array(recent)[recent_pointer].eq(struct_value(_RECENT, {
-                             "valid": 1, "tuple": tuple_d,
+                             "valid": 1, "tuple": tuple_f,
                              "expires": now + self.RECENT_CYCLES})),
                          recent_pointer.eq(Mux(recent_pointer == self.recent - 1, 0,
                                                recent_pointer + 1))]
@@ -624,14 +663,14 @@ class HandshakeEngine(wiring.Component):
             "ts_echo": Mux(c.ts_ok & ~active_rst, c.tsecr, 0),
             "window": Mux(active_rst, 0, c.window),
             "payload_length": Mux(active_rst, 0, c.payload_length)})
-        p.define("out_verdict", Cat(to_host, final_reason), D)
-        p.define("out_reply", reply, D)
-        p.define("out_event", event, D)
-        p.define("out_send", send_synack | send_rst | active_est, D)
-        p.define("out_event_valid", established | active_rst, D)
+        p.define("out_verdict", Cat(to_host, final_reason), F)
+        p.define("out_reply", reply, F)
+        p.define("out_event", event, F)
+        p.define("out_send", send_synack | send_rst | active_est, F)
+        p.define("out_event_valid", established | active_rst, F)
 
-        # Stage D+1: write the FIFOs (the side registers when the pipeline does not) and count.
-        E = D + 1
+        # Stage F+1: write the FIFOs (the side registers when the pipeline does not) and count.
+        E = F + 1
         valid_e = p.valid(E)
         pipe_tx = valid_e & p.get("out_send", E)
         pipe_ev = valid_e & p.get("out_event_valid", E)
