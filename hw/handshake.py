@@ -129,7 +129,7 @@ CONNECT_REQUEST = data.StructLayout({
 
 #: A connect slot: the request, and its retransmission state.
 _SLOT = data.StructLayout({
-    "active": 1, "gen": 4, "retries": 4, "deadline": 32, "ack_expected": 32,
+    "active": 1, "gen": 4, "retries": 4, "deadline": 32, "rto": 32, "ack_expected": 32,
     "req": CONNECT_REQUEST,
 })
 
@@ -186,8 +186,8 @@ FLOW_TUPLE = data.StructLayout({
     "ingress": 8, "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
 })
 
-#: A recently established connection.
-_RECENT = data.StructLayout({"valid": 1, "tuple": FLOW_TUPLE, "expires": 32})
+#: A recently established connection and the cycles it is still remembered for.
+_RECENT = data.StructLayout({"tuple": FLOW_TUPLE, "left": 13})
 
 #: Everything stage 3 hands to the output stage, carried past the hash in LUT RAM.
 _CARRY = data.StructLayout({
@@ -215,7 +215,7 @@ class HandshakeEngine(wiring.Component):
     RECENT_CYCLES = 4096
 
     def __init__(self, listeners=16, connects=DEFAULT_CONNECTS, recent=DEFAULT_RECENT):
-        assert listeners <= 256 and connects <= 256, "the event's listener field is 8 bits"
+        assert listeners <= 256 and 2 <= connects <= 256, "the event's listener field is 8 bits"
         self.listeners = listeners
         self.connects = connects
         self.recent = recent
@@ -349,7 +349,8 @@ class HandshakeEngine(wiring.Component):
             with m.If(any_free):
                 new = slot_array[free_index]
                 m.d.sync += [new.active.eq(1), new.gen.eq(new.gen + 1), new.retries.eq(0),
-                             new.deadline.eq(now + self.syn_rto), new.req.eq(ctl.connect),
+                             new.deadline.eq(now + self.syn_rto), new.rto.eq(self.syn_rto),
+                             new.req.eq(ctl.connect),
                              new.ack_expected.eq(ctl.connect.iss + 1),
                              side_tx_valid.eq(1), side_tx.eq(syn_segment(ctl.connect))]
             with m.Else():
@@ -357,10 +358,14 @@ class HandshakeEngine(wiring.Component):
                              side_ev.eq(failed_event(ctl.connect, FailStatus.BUSY))]
 
         # Timers: one slot per cycle (every slot is looked at every `connects` cycles).
+        # Whether each slot's deadline has passed is registered (one cycle late): the
+        # scan comes back to a slot only `connects` (>= 2) cycles after acting on it.
+        passed = Signal(self.connects)
+        m.d.sync += passed.eq(Cat(*[~(now - slot.deadline)[31] for slot in slots]))
         scan = Signal(range(self.connects))
         m.d.sync += scan.eq(Mux(scan == self.connects - 1, 0, scan + 1))
         scanned = slot_array[scan]
-        due = scanned.active & ~(now - scanned.deadline)[31]
+        due = scanned.active & passed.bit_select(scan, 1)
         # Slots whose segments are in the two decision stages (set below).
         busy_slot_d, busy_slot_f = Signal(), Signal()
         busy_index_d, busy_index_f = Signal(range(self.connects)), Signal(range(self.connects))
@@ -368,9 +373,8 @@ class HandshakeEngine(wiring.Component):
                & ~(busy_slot_f & (busy_index_f == scan)))
         with m.If(act):
             with m.If(scanned.retries < self.syn_retries):
-                backoff = Signal(32)
-                m.d.comb += backoff.eq(self.syn_rto << (scanned.retries + 1)[:4])
-                m.d.sync += [scanned.retries.eq(scanned.retries + 1),
+                backoff = (scanned.rto << 1)[:32]        # exponential backoff
+                m.d.sync += [scanned.retries.eq(scanned.retries + 1), scanned.rto.eq(backoff),
                              scanned.deadline.eq(now + backoff),
                              side_tx_valid.eq(1), side_tx.eq(syn_segment(scanned.req))]
             with m.Else():
@@ -546,17 +550,13 @@ class HandshakeEngine(wiring.Component):
         # them, so that a data segment right behind a final ACK is neither taken for
         # another final ACK (a second event) nor dropped or answered with RST.
         recent = [Signal(_RECENT, name=f"recent_{k}") for k in range(self.recent)]
-        alive = Signal(self.recent)              # valid and not expired (one cycle late)
-        m.d.sync += alive.eq(Cat(*[r.valid & (now - r.expires)[31] for r in recent]))
+        alive = Cat(*[r.left != 0 for r in recent])
+        for r in recent:
+            with m.If(r.left != 0):
+                m.d.sync += r.left.eq(r.left - 1)
         recent_pointer = Signal(range(self.recent))
         last_write_valid = Signal()              # the entry written at the last clock edge
         last_write_tuple = Signal(FLOW_TUPLE)
-        # Expired entries are cleared, one per cycle (the time comparison is only
-        # meaningful for less than 2**31 cycles).
-        recent_scan = Signal(range(self.recent))
-        m.d.sync += recent_scan.eq(Mux(recent_scan == self.recent - 1, 0, recent_scan + 1))
-        with m.If(~(now - Array(recent)[recent_scan].expires)[31]):
-            m.d.sync += Array(recent)[recent_scan].valid.eq(0)
 
         # Stage D: the cookie's MAC compare, the recent connections, the connect slot.
         mac = digest[:COOKIE_ISS["mac"].width]
@@ -600,8 +600,7 @@ class HandshakeEngine(wiring.Component):
                      last_write_tuple.eq(tuple_f)]
         with m.If(p.valid(F) & established):
             m.d.sync += [Array(recent)[recent_pointer].eq(struct_value(_RECENT, {
-                             "valid": 1, "tuple": tuple_f,
-                             "expires": now + self.RECENT_CYCLES})),
+                             "tuple": tuple_f, "left": self.RECENT_CYCLES})),
                          recent_pointer.eq(Mux(recent_pointer == self.recent - 1, 0,
                                                recent_pointer + 1))]
         final_reason = Mux(recent_hit, Reason.FLOW,
