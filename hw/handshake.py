@@ -49,7 +49,7 @@ All of these frames are dropped (not given to the host). A slot freed by its tim
 a segment for it is in the pipeline makes that segment a plain drop (each slot carries
 a generation number). The host must not CONNECT a 4-tuple that is already connecting.
 
-Latency: ``latency`` (30) cycles from an accepted record to its verdict, SYN-ACK header
+Latency: ``latency`` (31) cycles from an accepted record to its verdict, SYN-ACK header
 and event on the output streams (the SipHash pipeline is 22 of them).
 Throughput: one record per cycle while the outputs are read; ``rx.ready`` is a credit
 check (records in flight + FIFO levels), so the pipeline itself never stalls.
@@ -245,8 +245,8 @@ class HandshakeEngine(wiring.Component):
     @property
     def latency(self):
         """Cycles from an accepted record to its outputs, valid on the output streams
-        (two decision stages, write the FIFOs, their output register)."""
-        return self.decide_at + 4
+        (two decision stages, formatting, write the FIFOs, their output register)."""
+        return self.decide_at + 5
 
     def elaborate(self, platform):
         m = Module()
@@ -555,8 +555,7 @@ class HandshakeEngine(wiring.Component):
             with m.If(r.left != 0):
                 m.d.sync += r.left.eq(r.left - 1)
         recent_pointer = Signal(range(self.recent))
-        last_write_valid = Signal()              # the entry written at the last clock edge
-        last_write_tuple = Signal(FLOW_TUPLE)
+        last_write_valid = Signal()              # an entry was written at the last clock edge
 
         # Stage D: the cookie's MAC compare, the recent connections, the connect slot.
         mac = digest[:COOKIE_ISS["mac"].width]
@@ -570,16 +569,15 @@ class HandshakeEngine(wiring.Component):
         slot_at_d = slot_array[c_d.listener[:slot_bits]]
         p.define("slot_live", slot_at_d.active & (slot_at_d.gen == c_d.slot_gen), D)
 
-        # Stage F = D + 1: decide and format the outputs.
+        # The record ahead (at F in this cycle) may establish the same connection: its
+        # entry is written only at the end of this cycle, so compare with it directly.
+        p.define("same_as_next", identity(c_d) == identity(_CARRY(p.get("carry", F))), D)
+
+        # Stage F = D + 1: decide (small signals only).
         c = _CARRY(p.get("carry", F))
-        rst_ack, ts_now = p.get("rst_ack_3", F), p.get("ts_now", F)
-        ts_high = Cat(Const(0, TS_OPTION_BITS), ts_now[TS_OPTION_BITS:])
-        cookie, cookie_ok = p.get("cookie", F), p.get("cookie_ok", F)
-        slot_live = p.get("slot_live", F)
-        iss_d = (c.ack - 1)[:32]
+        cookie_ok, slot_live = p.get("cookie_ok", F), p.get("slot_live", F)
         tuple_f = identity(c)
-        recent_hit = ((p.get("recent_seen", F)
-                       | (last_write_valid & (last_write_tuple.as_value() == tuple_f)))
+        recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid))
                       & (c.cls != _Class.PASS))
         cls_d = Mux(recent_hit, _Class.PASS, c.cls)
         slot_d = slot_array[c.listener[:slot_bits]]
@@ -596,8 +594,7 @@ class HandshakeEngine(wiring.Component):
             busy_slot_d.eq(p.valid(D) & c_d_active), busy_index_d.eq(c_d.listener[:slot_bits]),
             busy_slot_f.eq(p.valid(F) & c_active), busy_index_f.eq(c.listener[:slot_bits])]
         established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
-        m.d.sync += [last_write_valid.eq(p.valid(F) & established),
-                     last_write_tuple.eq(tuple_f)]
+        m.d.sync += last_write_valid.eq(p.valid(F) & established)
         with m.If(p.valid(F) & established):
             m.d.sync += [Array(recent)[recent_pointer].eq(struct_value(_RECENT, {
                              "tuple": tuple_f, "left": self.RECENT_CYCLES})),
@@ -613,6 +610,23 @@ class HandshakeEngine(wiring.Component):
         send_rst = ((cls_d == _Class.CLOSED_SYN) | (cls_d == _Class.SYNACK)
                     | ((cls_d == _Class.ACTIVE_BAD) & slot_live)
                     | ((cls_d == _Class.CHECK_ACK) & ~cookie_ok & self.rst_bad_cookie))
+        p.define("out_verdict", Cat(to_host, final_reason), F)
+        p.define("out_send", send_synack | send_rst | active_est, F)
+        p.define("out_event_valid", established | active_rst, F)
+        p.define("f_synack", send_synack, F)
+        p.define("f_active_est", active_est, F)
+        p.define("f_active_rst", active_rst, F)
+        p.define("f_closed", cls_d == _Class.CLOSED_SYN, F)
+
+        # Stage G = F + 1: format the segment and the event.
+        G = F + 1
+        c = _CARRY(p.get("carry", G))
+        rst_ack, ts_now = p.get("rst_ack_3", G), p.get("ts_now", G)
+        ts_high = Cat(Const(0, TS_OPTION_BITS), ts_now[TS_OPTION_BITS:])
+        cookie = p.get("cookie", G)
+        send_synack, active_est = p.get("f_synack", G), p.get("f_active_est", G)
+        active_rst, closed = p.get("f_active_rst", G), p.get("f_closed", G)
+        iss_d = (c.ack - 1)[:32]
         wscale_ok = c.ts_ok & (c.ts_options[:4] != WSCALE_NONE)
         sack_ok = c.ts_ok & c.ts_options[4]
         # For a CONNECT the options were agreed with or without timestamps.
@@ -625,7 +639,6 @@ class HandshakeEngine(wiring.Component):
             "tsval": ts_high | c.ts_options, "tsecr": c.tsval}),
             Mux(active_est & c.ts_ok, struct_value(TX_HEADER["opt"].shape, {
                 "ts_valid": 1, "tsval": ts_now, "tsecr": c.tsval}), 0))
-        closed = cls_d == _Class.CLOSED_SYN
         reply = struct_value(TX_HEADER, {
             "eth": {"dst": c.eth_peer, "src": c.eth_local},
             "ip": {"src": c.local_ip, "dst": c.peer_ip, "ttl": REPLY_TTL, "df": 1},
@@ -662,14 +675,11 @@ class HandshakeEngine(wiring.Component):
             "ts_echo": Mux(c.ts_ok & ~active_rst, c.tsecr, 0),
             "window": Mux(active_rst, 0, c.window),
             "payload_length": Mux(active_rst, 0, c.payload_length)})
-        p.define("out_verdict", Cat(to_host, final_reason), F)
-        p.define("out_reply", reply, F)
-        p.define("out_event", event, F)
-        p.define("out_send", send_synack | send_rst | active_est, F)
-        p.define("out_event_valid", established | active_rst, F)
+        p.define("out_reply", reply, G)
+        p.define("out_event", event, G)
 
-        # Stage F+1: write the FIFOs (the side registers when the pipeline does not) and count.
-        E = F + 1
+        # Stage G+1: write the FIFOs (the side registers when the pipeline does not) and count.
+        E = G + 1
         valid_e = p.valid(E)
         pipe_tx = valid_e & p.get("out_send", E)
         pipe_ev = valid_e & p.get("out_event_valid", E)
