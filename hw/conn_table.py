@@ -184,6 +184,10 @@ def _hw_xorshift32(x):
 class ConnTable(wiring.Component):
     """The connection table (see the module docstring)."""
 
+    #: A lookup accepted in cycle c sees the table as it is after the clock edge that ends
+    #: cycle c + SNAPSHOT_LATENCY: the hash, then the memories' address registers.
+    SNAPSHOT_LATENCY = siphash_latency(FLOW_KEY.size) + 1
+
     def __init__(self, entries=4096, value_width=32, stash=4, max_moves=256, state_width=64):
         self.geo = Geometry(entries, stash, max_moves)
         assert stash >= 1 and max_moves >= 1
@@ -191,7 +195,7 @@ class ConnTable(wiring.Component):
         self.state_width = state_width
         self.entry = entry_layout(self.geo, value_width)
         self.hash_latency = siphash_latency(FLOW_KEY.size)
-        self.pipe_latency = self.hash_latency + 4    # accepted key -> result into the FIFO
+        self.pipe_latency = self.hash_latency + 5    # accepted key -> result into the FIFO
         depth = 4
         while depth < self.pipe_latency + 4:
             depth *= 2
@@ -256,23 +260,35 @@ class ConnTable(wiring.Component):
         wq_en = Signal(TABLES * WAYS)
         wq_data = Signal(E.size)
         m.d.sync += [wq_en.eq(Mux(we, 1 << Cat(we_w, we_t), 0)), wq_data.eq(wdata)]
-        lk_addr = [Signal(BB, name=f"lk_addr{t}") for t in range(TABLES)]
-        lk_data, ctl_data = {}, {}
+        # One lookup address register per memory, next to it (a single register would fan
+        # out to all the block RAMs of a table, across the die). Their reset values differ
+        # only so that Yosys does not merge the copies back into one register; a reset
+        # value lives for one cycle, while the sweep makes every lookup miss anyway.
+        lk_addr = {(t, w): Signal(BB, name=f"lk_addr_t{t}_w{w}", init=w % (1 << BB))
+                   for t in range(TABLES) for w in range(WAYS)}
+        lk_data, ctl_data, lk_bypass = {}, {}, {}
         for t in range(TABLES):
             for w in range(WAYS):
                 mem = Memory(shape=E.size, depth=geo.buckets, init=[])
                 m.submodules[f"mem_t{t}_w{w}"] = mem
                 wr = mem.write_port()
-                lk = mem.read_port(transparent_for=(wr,))
+                # Not transparent: the read data goes straight to a register (no bypass
+                # multiplexer after the RAM); the lookup path bypasses a colliding write
+                # itself, after that register (``lk_bypass``).
+                lk = mem.read_port()
                 ct = mem.read_port()
                 m.d.comb += [
-                    lk.addr.eq(lk_addr[t]),
+                    lk.addr.eq(lk_addr[t, w]),
                     ct.addr.eq(ctl_addr[t]),
                     wr.addr.eq(ctl_addr[t]),
                     wr.data.eq(wq_data),            # zero during a sweep
                     wr.en.eq(sweeping | wq_en[t * WAYS + w]),
                 ]
-                lk_data[t, w] = data.View(E, lk.data)
+                lk_data[t, w] = lk.data
+                # The word the lookup port reads at this edge is also written at it (the
+                # written word: ``wq_data``, all zero during a sweep).
+                lk_bypass[t, w] = ((sweeping | wq_en[t * WAYS + w])
+                                   & (ctl_addr[t] == lk_addr[t, w]))
                 ctl_data[t, w] = data.View(E, ct.data)
 
         # ---- lookup path ---------------------------------------------------------------
@@ -291,43 +307,63 @@ class ConnTable(wiring.Component):
         p = Pipeline(m, "lk", valid=took)
         p.inject("key", lk_key, 0)
         p.inject("hash", h, H)
-        # Stage H: the bucket addresses go to the lookup read ports.
+        # Stage H: the bucket addresses go to the address registers of the memories.
         for t in range(TABLES):
-            m.d.comb += lk_addr[t].eq(bucket_bits(p.get("hash", H), t))
-        # Stage H+1: the memory words read at the edge ending stage H; the stash and the
-        # carry register as they are after that same edge (one consistent snapshot).
+            for w in range(WAYS):
+                m.d.sync += lk_addr[t, w].eq(bucket_bits(p.get("hash", H), t))
+        # Stage H+1: the memories read their words at the edge that ends this stage; the
+        # lookup sees the table as it is after that edge. A control write at the same
+        # edge to the word read (``lk_bypass``) is compared here, from its write register.
+        wq = data.View(E, wq_data)
         key1 = p.get("key", H + 1)
         for t in range(TABLES):
             for w in range(WAYS):
-                p.define(f"word{t}{w}", lk_data[t, w].as_value(), H + 1)
-        regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
-        regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
-        for s, (valid, key, value, index) in enumerate(regs):
-            p.define(f"reg_hit{s}", valid & (key == key1), H + 1)
-            p.define(f"reg_val{s}", Cat(value, index), H + 1)
-        p.define("miss", sweeping, H + 1)
-        # Stage H+2: compare the 8 slots.
+                p.define(f"bypass{t}{w}", lk_bypass[t, w], H + 1)
+        p.define("wq_hit", wq.valid & ~wq.pending & (wq.key.as_value() == key1), H + 1)
+        p.define("wq_val", Cat(wq.value, wq.index), H + 1)
+        # Stage H+2: the memory words, registered with nothing in between; the stash and
+        # the carry register as they are after that same edge (one consistent snapshot).
         key2 = p.get("key", H + 2)
         for t in range(TABLES):
             for w in range(WAYS):
-                word = data.View(E, p.get(f"word{t}{w}", H + 2))
-                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending & (word.key.as_value() == key2), H + 2)
-                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 2)
-        # Stage H+3: select the hit (at most one slot or register holds the key).
-        hits = [p.get(f"slot_hit{t}{w}", H + 3) for t in range(TABLES) for w in range(WAYS)]
-        vals = [p.get(f"slot_val{t}{w}", H + 3) for t in range(TABLES) for w in range(WAYS)]
-        hits += [p.get(f"reg_hit{s}", H + 3) for s in range(S + 1)]
-        vals += [p.get(f"reg_val{s}", H + 3) for s in range(S + 1)]
+                p.define(f"word{t}{w}", lk_data[t, w], H + 2)
+        regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
+        regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
+        for s, (valid, key, value, index) in enumerate(regs):
+            p.define(f"reg_hit{s}", valid & (key == key2), H + 2)
+            p.define(f"reg_val{s}", Cat(value, index), H + 2)
+        bypassed = Const(0, 1)
+        for t in range(TABLES):
+            for w in range(WAYS):
+                bypassed = bypassed | p.get(f"bypass{t}{w}", H + 2)
+        p.define("wq_hit_byp", bypassed & p.get("wq_hit", H + 2), H + 2)
+        p.define("miss", sweeping, H + 2)
+        # Stage H+3: compare the 8 words read (a word written at the read edge is
+        # replaced by the written one: ``wq_hit_byp``).
+        key3 = p.get("key", H + 3)
+        for t in range(TABLES):
+            for w in range(WAYS):
+                word = data.View(E, p.get(f"word{t}{w}", H + 3))
+                p.define(f"slot_hit{t}{w}", ~p.get(f"bypass{t}{w}", H + 3) & word.valid & ~word.pending
+                         & (word.key.as_value() == key3), H + 3)
+                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 3)
+        # Stage H+4: select the hit (at most one slot or register holds the key).
+        hits = [p.get(f"slot_hit{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
+        vals = [p.get(f"slot_val{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
+        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)]
+        vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)]
+        hits.append(p.get("wq_hit_byp", H + 4))
+        vals.append(p.get("wq_val", H + 4))
         hit = Const(0, 1)
         sel = Const(0, V + IB)
         for hb, val in zip(hits, vals):
             hit = hit | hb
             sel = sel | Mux(hb, val, 0)
-        miss = p.get("miss", H + 3)
+        miss = p.get("miss", H + 4)
         p.define("result", struct_value(result_layout(geo, V), {
-            "hit": hit & ~miss, "value": Mux(miss, 0, sel[:V]), "index": Mux(miss, 0, sel[V:])}), H + 3)
-        m.d.comb += [fifo.w_en.eq(p.valid(H + 4)), fifo.w_data.eq(p.get("result", H + 4))]
-        assert H + 4 == self.pipe_latency
+            "hit": hit & ~miss, "value": Mux(miss, 0, sel[:V]), "index": Mux(miss, 0, sel[V:])}), H + 4)
+        m.d.comb += [fifo.w_en.eq(p.valid(H + 5)), fifo.w_data.eq(p.get("result", H + 5))]
+        assert H + 5 == self.pipe_latency
 
         # ---- control path --------------------------------------------------------------
         C = command_layout(geo, V)
