@@ -250,45 +250,47 @@ class ConnTable(wiring.Component):
                          carry_index.eq(cn_index), carry_b.eq(cn_b), carry_alt.eq(cn_alt)]
 
         ctl_addr = [Signal(BB, name=f"ctl_addr{t}") for t in range(TABLES)]
-        # Control writes are decided in one cycle (we, we_t, we_w, wdata) and done in the
+        # Control writes are decided in one cycle (we, we_t, we_w, w_*) and done in the
         # next from registers (wq_*), at the same edge as the carry register update they
         # go with (cn_* -> carry_*), which keeps every entry visible exactly once.
+        # The wide fields of a written word (key, value) come from the command or from the
+        # carry register, chosen by one register (``src_carry``: a walk or its undo); the
+        # narrow ones are set per state. A word written with ``w_valid`` low (a delete,
+        # the sweep) is empty whatever its other fields hold.
         we = Signal()
         we_t = Signal()
         we_w = Signal(2)
-        wdata = Signal(E.size)
+        src_carry = Signal()
+        w_valid, w_pending = Signal(), Signal()
+        w_index, w_alt = Signal(IB), Signal(BB)
         wq_en = Signal(TABLES * WAYS)
         wq_data = Signal(E.size)
-        m.d.sync += [wq_en.eq(Mux(we, 1 << Cat(we_w, we_t), 0)), wq_data.eq(wdata)]
         # One lookup address register per memory, next to it (a single register would fan
         # out to all the block RAMs of a table, across the die). Their reset values differ
         # only so that Yosys does not merge the copies back into one register; a reset
         # value lives for one cycle, while the sweep makes every lookup miss anyway.
         lk_addr = {(t, w): Signal(BB, name=f"lk_addr_t{t}_w{w}", init=w % (1 << BB))
                    for t in range(TABLES) for w in range(WAYS)}
-        lk_data, ctl_data, lk_bypass = {}, {}, {}
+        lk_data, ctl_data = {}, {}
         for t in range(TABLES):
             for w in range(WAYS):
                 mem = Memory(shape=E.size, depth=geo.buckets, init=[])
                 m.submodules[f"mem_t{t}_w{w}"] = mem
                 wr = mem.write_port()
-                # Not transparent: the read data goes straight to a register (no bypass
-                # multiplexer after the RAM); the lookup path bypasses a colliding write
-                # itself, after that register (``lk_bypass``).
-                lk = mem.read_port()
+                # Transparent: a lookup reading a word at the edge that writes it gets the
+                # new word. (Yosys implements this with a multiplexer after the block RAM;
+                # a non-transparent port is no better: it has no cross-port collision mode
+                # on ECP5, so Yosys delays the write and adds the same multiplexer.)
+                lk = mem.read_port(transparent_for=(wr,))
                 ct = mem.read_port()
                 m.d.comb += [
                     lk.addr.eq(lk_addr[t, w]),
                     ct.addr.eq(ctl_addr[t]),
                     wr.addr.eq(ctl_addr[t]),
-                    wr.data.eq(wq_data),            # zero during a sweep
+                    wr.data.eq(wq_data),            # empty (not valid) during a sweep
                     wr.en.eq(sweeping | wq_en[t * WAYS + w]),
                 ]
                 lk_data[t, w] = lk.data
-                # The word the lookup port reads at this edge is also written at it (the
-                # written word: ``wq_data``, all zero during a sweep).
-                lk_bypass[t, w] = ((sweeping | wq_en[t * WAYS + w])
-                                   & (ctl_addr[t] == lk_addr[t, w]))
                 ctl_data[t, w] = data.View(E, ct.data)
 
         # ---- lookup path ---------------------------------------------------------------
@@ -311,18 +313,11 @@ class ConnTable(wiring.Component):
         for t in range(TABLES):
             for w in range(WAYS):
                 m.d.sync += lk_addr[t, w].eq(bucket_bits(p.get("hash", H), t))
-        # Stage H+1: the memories read their words at the edge that ends this stage; the
-        # lookup sees the table as it is after that edge. A control write at the same
-        # edge to the word read (``lk_bypass``) is compared here, from its write register.
-        wq = data.View(E, wq_data)
-        key1 = p.get("key", H + 1)
-        for t in range(TABLES):
-            for w in range(WAYS):
-                p.define(f"bypass{t}{w}", lk_bypass[t, w], H + 1)
-        p.define("wq_hit", wq.valid & ~wq.pending & (wq.key.as_value() == key1), H + 1)
-        p.define("wq_val", Cat(wq.value, wq.index), H + 1)
-        # Stage H+2: the memory words, registered with nothing in between; the stash and
-        # the carry register as they are after that same edge (one consistent snapshot).
+        # Stage H+1: the memories read their words at the edge that ends this stage (the
+        # read ports are transparent: a word written at that edge is read new); the
+        # lookup sees the table as it is after that edge.
+        # Stage H+2: the memory words, registered; the stash and the carry register as
+        # they are after that same edge (one consistent snapshot).
         key2 = p.get("key", H + 2)
         for t in range(TABLES):
             for w in range(WAYS):
@@ -332,19 +327,13 @@ class ConnTable(wiring.Component):
         for s, (valid, key, value, index) in enumerate(regs):
             p.define(f"reg_hit{s}", valid & (key == key2), H + 2)
             p.define(f"reg_val{s}", Cat(value, index), H + 2)
-        bypassed = Const(0, 1)
-        for t in range(TABLES):
-            for w in range(WAYS):
-                bypassed = bypassed | p.get(f"bypass{t}{w}", H + 2)
-        p.define("wq_hit_byp", bypassed & p.get("wq_hit", H + 2), H + 2)
         p.define("miss", sweeping, H + 2)
-        # Stage H+3: compare the 8 words read (a word written at the read edge is
-        # replaced by the written one: ``wq_hit_byp``).
+        # Stage H+3: compare the 8 words read.
         key3 = p.get("key", H + 3)
         for t in range(TABLES):
             for w in range(WAYS):
                 word = data.View(E, p.get(f"word{t}{w}", H + 3))
-                p.define(f"slot_hit{t}{w}", ~p.get(f"bypass{t}{w}", H + 3) & word.valid & ~word.pending
+                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending
                          & (word.key.as_value() == key3), H + 3)
                 p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 3)
         # Stage H+4: select the hit (at most one slot or register holds the key).
@@ -352,8 +341,6 @@ class ConnTable(wiring.Component):
         vals = [p.get(f"slot_val{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
         hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)]
         vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)]
-        hits.append(p.get("wq_hit_byp", H + 4))
-        vals.append(p.get("wq_val", H + 4))
         hit = Const(0, 1)
         sel = Const(0, V + IB)
         for hb, val in zip(hits, vals):
@@ -389,24 +376,37 @@ class ConnTable(wiring.Component):
         push = stack.write_port()
         top = stack.read_port()
         m.d.comb += [push.addr.eq(sp), top.addr.eq(sp - 1)]
+        # The next flow index, registered: sp and fresh change only at a commit or a
+        # release, and the next use is many cycles later (a new command's DECIDE).
         index_new = Signal(IB)
-        m.d.comb += index_new.eq(Mux(sp != 0, top.data, fresh))
+        m.d.sync += index_new.eq(Mux(sp != 0, top.data, fresh))
+        full, empty = Signal(), Signal(init=1)     # count == slots, count == 0 (registered)
+        m.d.sync += [full.eq(count == geo.slots), empty.eq(count == 0)]
         commit = Signal()
         release = Signal()
         release_index = Signal(IB)
-        m.d.comb += [push.en.eq(release), push.data.eq(release_index)]
-        with m.If(commit):
+        # Acted on one cycle later, from registers (the state after a commit or a release
+        # is RESPOND, and the next command needs count, sp and fresh cycles later).
+        commit_q, release_q, release_index_q = Signal(), Signal(), Signal(IB)
+        m.d.sync += [commit_q.eq(commit), release_q.eq(release),
+                     release_index_q.eq(release_index)]
+        m.d.comb += [push.en.eq(release_q), push.data.eq(release_index_q)]
+        with m.If(commit_q):
             m.d.sync += count.eq(count + 1)
             with m.If(sp != 0):
                 m.d.sync += sp.eq(sp - 1)
             with m.Else():
                 m.d.sync += fresh.eq(fresh + 1)
-        with m.If(release):
+        with m.If(release_q):
             m.d.sync += [count.eq(count - 1), sp.eq(sp + 1)]
 
         rng = Signal(32, init=RNG_SEED)
-        rng_next = _hw_xorshift32(rng)
+        # The next draw, registered: ``rng`` changes at most once per move (4 cycles).
+        rng_next = Signal(32, init=xorshift32(RNG_SEED))
+        m.d.sync += rng_next.eq(_hw_xorshift32(rng))
         steps = Signal(range(M + 1))
+        steps_max, steps_one = Signal(), Signal()  # steps == M, steps == 1 (registered)
+        m.d.sync += [steps_max.eq(steps == M), steps_one.eq(steps == 1)]
         path = Memory(shape=2, depth=M, init=[])
         m.submodules.path = path
         path_w = path.write_port()
@@ -447,13 +447,31 @@ class ConnTable(wiring.Component):
         read_t, read_w = Signal(), Signal(2)
         sweep_reply = Signal()
 
-        # The control read data, registered every cycle (no enable: a wide enable net is
-        # slow); ``bkt`` is the bucket of table ``bkt_sel``, for the walk and its undo.
+        # The control read data, registered every cycle with nothing in between (no enable:
+        # a wide enable net is slow); ``bkt`` is the bucket of table ``bkt_sel``, for the
+        # walk and its undo, and ``pick`` its way ``pick_w`` (the victim of a walk step, or
+        # the entry an undo step takes back).
         bkt_sel = Signal()
-        bkt = [Signal(E.size, name=f"bkt_w{w}") for w in range(WAYS)]
         m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
-        m.d.sync += [bkt[w].eq(Mux(bkt_sel, ctl_data[1, w].as_value(), ctl_data[0, w].as_value()))
-                     for w in range(WAYS)]
+        bkt = [Mux(bkt_sel, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
+        w_evict = rng_next[:2]
+        pick_w = Mux(phase == PH_UNDO, path_r.data, w_evict)
+        pick = data.View(E, Signal(E.size, name="pick"))
+        m.d.comb += pick.as_value().eq(
+            Cat(*[rd[0, w] for w in range(WAYS)], *[rd[1, w] for w in range(WAYS)])
+            .word_select(Cat(pick_w, bkt_sel), E.size))
+
+        # The write register and the next carried entry, every cycle (they are used only
+        # when written, resp. loaded).
+        m.d.sync += [
+            wq_en.eq(Mux(we, 1 << Cat(we_w, we_t), 0)),
+            wq_data.eq(word(w_valid, w_pending, Mux(src_carry, carry_key, cmd.key.as_value()),
+                            Mux(src_carry, carry_value, cmd.value), w_index, w_alt)),
+            cn_key.eq(Mux(src_carry, pick.key.as_value(), cmd.key.as_value())),
+            cn_value.eq(Mux(src_carry, pick.value, cmd.value)),
+            cn_index.eq(Mux(src_carry, pick.index, index_new)),
+            cn_pending.eq(Mux(src_carry, pick.pending, 1)),
+        ]
 
         with m.FSM(init="SWEEP") as fsm:
             with m.State("SWEEP"):
@@ -473,7 +491,8 @@ class ConnTable(wiring.Component):
 
             with m.State("DISPATCH"):
                 m.d.sync += [resp.op.eq(cmd.op), resp.key.eq(0), resp.value.eq(0),
-                             resp.index.eq(0), resp.slot.eq(0), resp.status.eq(Status.OK)]
+                             resp.index.eq(0), resp.slot.eq(0), resp.status.eq(Status.OK),
+                             src_carry.eq(0)]
                 with m.Switch(cmd.op):
                     with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
                         m.d.comb += ctl_start.eq(1)
@@ -507,7 +526,7 @@ class ConnTable(wiring.Component):
                                     m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
                             m.next = "RD"
                     with m.Case(Op.SET_KEY):
-                        with m.If(count == 0):
+                        with m.If(empty):
                             m.d.sync += hash_key.eq(cmd.hash_key)
                         with m.Else():
                             m.d.sync += resp.status.eq(Status.NOT_EMPTY)
@@ -577,6 +596,7 @@ class ConnTable(wiring.Component):
             found_value = Signal(V)
             found_slot = Signal(geo.slot_bits)
             ft, fw = which[2], which[:2]
+            d_found, d_room, d_tsel, d_wsel = Signal(), Signal(), Signal(), Signal(2)
 
             with m.State("SELECT"):
                 c_any_slot, c_which = _first([f_slot[k] for k in range(TABLES * WAYS)])
@@ -590,6 +610,13 @@ class ConnTable(wiring.Component):
                 m.d.sync += [any_slot.eq(c_any_slot), which.eq(c_which),
                              any_stash.eq(c_any_stash), which_s.eq(c_which_s),
                              found.eq(c_found)]
+                # DECIDE's choices, registered: found, room in a bucket, and where.
+                _, w0 = _first([free[0][w] for w in range(WAYS)])
+                _, w1 = _first([free[1][w] for w in range(WAYS)])
+                c_tsel = used[1] < used[0]
+                m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
+                             d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
+                             d_tsel.eq(c_tsel), d_wsel.eq(Mux(c_tsel, w1, w0))]
                 with m.If(c_any_slot):
                     m.d.sync += [found_index.eq(c_found.index), found_value.eq(c_found.value),
                                  found_slot.eq(slot_number(c_which[2], Mux(c_which[2], b[1], b[0]),
@@ -606,48 +633,44 @@ class ConnTable(wiring.Component):
             with m.State("DECIDE"):
                 with m.Switch(cmd.op):
                     with m.Case(Op.INSERT):
-                        with m.If(any_slot | any_stash):
+                        with m.If(d_found):
                             m.d.sync += respond(Status.DUPLICATE, found_index, found_slot,
                                                 value=found_value)
                             m.d.sync += resp_valid.eq(1)
                             m.next = "RESPOND"
-                        with m.Elif(count == geo.slots):
+                        with m.Elif(full):
                             m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                             m.next = "RESPOND"
-                        with m.Elif((used[0] < WAYS) | (used[1] < WAYS)):
-                            t_sel = used[1] < used[0]
-                            _, w0 = _first([free[0][w] for w in range(WAYS)])
-                            _, w1 = _first([free[1][w] for w in range(WAYS)])
-                            w_sel = Mux(t_sel, w1, w0)
-                            m.d.comb += [we.eq(1), we_t.eq(t_sel), we_w.eq(w_sel),
-                                         wdata.eq(word(1, 0, cmd.key, cmd.value, index_new,
-                                                       Mux(t_sel, b[0], b[1]))),
-                                         commit.eq(1)]
+                        with m.Elif(d_room):
+                            m.d.comb += [we.eq(1), we_t.eq(d_tsel), we_w.eq(d_wsel),
+                                         w_valid.eq(1), w_index.eq(index_new),
+                                         w_alt.eq(Mux(d_tsel, b[0], b[1])), commit.eq(1)]
                             m.d.sync += respond(Status.OK, index_new,
-                                                slot_number(t_sel, Mux(t_sel, b[1], b[0]), w_sel))
+                                                slot_number(d_tsel, Mux(d_tsel, b[1], b[0]), d_wsel))
                             m.d.sync += resp_valid.eq(1)
                             m.next = "RESPOND"
                         with m.Else():
+                            # The walk starts with the new entry (cn_key, cn_value, cn_index
+                            # and cn_pending take the command's: src_carry is still low).
                             t_sel = rng_next[0]
                             m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
-                                         cn_pending.eq(1),
-                                         cn_key.eq(cmd.key), cn_value.eq(cmd.value),
-                                         cn_index.eq(index_new), cn_t.eq(t_sel),
+                                         cn_t.eq(t_sel),
                                          cn_b.eq(Mux(t_sel, b[1], b[0])),
                                          cn_alt.eq(Mux(t_sel, b[0], b[1])),
                                          steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
-                                         bkt_sel.eq(t_sel)]
+                                         bkt_sel.eq(t_sel), src_carry.eq(1)]
                             m.next = "RD"        # ctl_addr still holds both buckets
                     with m.Case(Op.DELETE, Op.UPDATE):
-                        with m.If(any_slot | any_stash):
+                        with m.If(d_found):
                             m.d.sync += respond(Status.OK, found_index, found_slot, value=found_value)
                             with m.If(cmd.op == Op.UPDATE):
                                 m.d.sync += resp.value.eq(cmd.value)
                             with m.If(any_slot):
                                 m.d.comb += [we.eq(1), we_t.eq(ft), we_w.eq(fw)]
                                 with m.If(cmd.op == Op.UPDATE):
-                                    m.d.comb += wdata.eq(word(1, 0, found.key, cmd.value,
-                                                              found.index, found.alt))
+                                    # key and value: the command's (the key is found.key)
+                                    m.d.comb += [w_valid.eq(1), w_index.eq(found.index),
+                                                 w_alt.eq(found.alt)]
                             with m.Else():
                                 with m.Switch(which_s):
                                     for s in range(S):
@@ -664,18 +687,15 @@ class ConnTable(wiring.Component):
                         m.next = "RESPOND"
 
             with m.State("WALK"):
-                bucket = bkt                         # table carry_t
-                is_free = [~data.View(E, x).valid for x in bucket]
+                # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
+                is_free = [~data.View(E, x).valid for x in bkt]
                 any_free, w_free = _first(is_free)
-                w_evict = rng_next[:2]
-                victim = data.View(E, Signal(E.size, name="victim"))
-                m.d.comb += victim.as_value().eq(Cat(*bucket).word_select(w_evict, E.size))
-                with m.If(any_free | (steps != M)):
-                    m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict))]
+                with m.If(any_free | ~steps_max):
+                    m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict)),
+                                 w_valid.eq(1), w_index.eq(carry_index), w_alt.eq(carry_alt)]
                 with m.If(any_free):
                     # The carried entry lands; if it is not the new one, the new one is
                     # still pending somewhere: FINALIZE makes it visible.
-                    m.d.comb += wdata.eq(word(1, 0, carry_key, carry_value, carry_index, carry_alt))
                     m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
                     with m.If(carry_pending):
                         m.d.comb += commit.eq(1)
@@ -685,18 +705,16 @@ class ConnTable(wiring.Component):
                         m.next = "RESPOND"
                     with m.Else():
                         m.next = "FINALIZE"
-                with m.Elif(steps != M):
-                    m.d.comb += [wdata.eq(word(1, carry_pending, carry_key, carry_value,
-                                               carry_index, carry_alt)),
+                with m.Elif(~steps_max):
+                    m.d.comb += [w_pending.eq(carry_pending),
                                  path_w.en.eq(1), path_w.data.eq(w_evict)]
                     with m.If(carry_pending):
                         m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
                                      new_alt.eq(carry_alt)]
+                    # cn_key, cn_value, cn_index, cn_pending: the victim's (src_carry)
                     m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), last.eq(steps), cn_load.eq(1),
                                  cn_valid.eq(1),
-                                 cn_key.eq(victim.key), cn_value.eq(victim.value),
-                                 cn_index.eq(victim.index), cn_pending.eq(victim.pending),
-                                 cn_t.eq(~carry_t), cn_b.eq(victim.alt), cn_alt.eq(carry_b)]
+                                 cn_t.eq(~carry_t), cn_b.eq(pick.alt), cn_alt.eq(carry_b)]
                     m.next = "SETUP"
                 with m.Else():
                     m.next = "HOMELESS"
@@ -725,19 +743,17 @@ class ConnTable(wiring.Component):
                     m.next = "SETUP"
 
             with m.State("UNDO"):
+                # pick: way path[steps - 1] of table t_u, the entry taken back (cn_key,
+                # cn_value, cn_index, cn_pending: src_carry)
                 t_u = ~carry_t
                 w_u = path_r.data
-                back = data.View(E, Signal(E.size, name="back"))
-                m.d.comb += back.as_value().eq(Cat(*bkt).word_select(w_u, E.size))   # table t_u
-                m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u),
-                             wdata.eq(word(1, carry_pending, carry_key, carry_value,
-                                           carry_index, carry_b))]
-                m.d.sync += [cn_load.eq(1), cn_valid.eq(steps != 1),
-                             cn_key.eq(back.key), cn_value.eq(back.value),
-                             cn_index.eq(back.index), cn_pending.eq(back.pending),
-                             cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(back.alt),
+                m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u), w_valid.eq(1),
+                             w_pending.eq(carry_pending), w_index.eq(carry_index),
+                             w_alt.eq(carry_b)]
+                m.d.sync += [cn_load.eq(1), cn_valid.eq(~steps_one),
+                             cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(pick.alt),
                              steps.eq(steps - 1), last.eq(last - 1)]
-                with m.If(steps == 1):
+                with m.If(steps_one):
                     m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                     m.next = "RESPOND"
                 with m.Else():
@@ -758,12 +774,12 @@ class ConnTable(wiring.Component):
                 for t in range(TABLES):
                     with m.If(new_t == t):
                         m.d.sync += ctl_addr[t].eq(new_b)
+                m.d.sync += src_carry.eq(0)          # FINALIZE_WRITE writes the command's entry
                 m.next = "FINALIZE_WRITE"
 
             with m.State("FINALIZE_WRITE"):
-                m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w),
-                             wdata.eq(word(1, 0, cmd.key, cmd.value, index_new, new_alt)),
-                             commit.eq(1)]
+                m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w), w_valid.eq(1),
+                             w_index.eq(index_new), w_alt.eq(new_alt), commit.eq(1)]
                 m.d.sync += respond(Status.OK, index_new, slot_number(new_t, new_b, new_w))
                 m.d.sync += resp_valid.eq(1)
                 m.next = "RESPOND"
