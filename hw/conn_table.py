@@ -16,9 +16,12 @@ Organisation
     write, so a lookup never sees a half-written word and never stalls), and the control
     read and write ports, which share one address (one RAM port).
 
-Lookup (``i`` -> ``o``): one key per cycle, in order, ``LOOKUP_LATENCY`` cycles with a
-ready sink (``lookup_latency`` attribute). ``i.ready`` is a credit check on the result
-FIFO, so only a stalled ``o`` can slow lookups; control commands never do.
+Lookup (``i`` -> ``o``): one key per cycle, in order, ``lookup_latency`` cycles (25) with
+a ready sink: the hash (18), the bucket address registers (one per memory), the memory
+read, the registered words, the key compare, the hit selection, the result FIFO. A lookup
+accepted in cycle c sees the table as it is after the edge ending cycle
+c + ``SNAPSHOT_LATENCY`` (19). ``i.ready`` is a credit check on the result FIFO, so only a
+stalled ``o`` can slow lookups; control commands never do.
 
 Control (``cmd`` -> ``resp``): one command at a time (``Op``), one response each with a
 ``Status``. INSERT places the key in the less loaded of its two buckets; when both are
@@ -41,7 +44,8 @@ Ports
   o      Out(stream {hit, index, value})         lookup results, in order
   cmd    In(stream command_layout(...))          control commands
   resp   Out(stream response_layout(...))        one response per command
-  count  Out                                     entries held (tables + stash)
+  count  Out                                     entries held (tables + stash); it
+                                                 changes one cycle after the response
   state_raddr/state_rdata, state_waddr/state_wdata/state_we
          the per-flow state memory (``state_width`` bits per flow index; synchronous
          read, one cycle), for the engines; the table never touches it.
@@ -226,7 +230,7 @@ class ConnTable(wiring.Component):
 
         # ---- state shared by both paths ----------------------------------------------
         hash_key = Signal(128)
-        sweeping = Signal()                 # comb: the SWEEP state
+        sweeping = Signal(init=1)           # the SWEEP state, as a register of its own
         stash_valid = [Signal(name=f"stash{s}_valid") for s in range(S)]
         stash_key = [Signal(FLOW_KEY.size, name=f"stash{s}_key") for s in range(S)]
         stash_value = [Signal(V, name=f"stash{s}_value") for s in range(S)]
@@ -240,9 +244,13 @@ class ConnTable(wiring.Component):
         carry_b = Signal(BB)
         carry_alt = Signal(BB)
         cn_load = Signal()
-        cn_valid, cn_pending, cn_t = Signal(), Signal(), Signal()
-        cn_key, cn_value, cn_index = Signal(FLOW_KEY.size), Signal(V), Signal(IB)
-        cn_b, cn_alt = Signal(BB), Signal(BB)
+        cn_valid = Signal(name="cn_valid")
+        cn_pending = Signal(name="cn_pending")
+        cn_t = Signal(name="cn_t")
+        cn_key = Signal(FLOW_KEY.size, name="cn_key")
+        cn_value = Signal(V, name="cn_value")
+        cn_index = Signal(IB, name="cn_index")
+        cn_b, cn_alt = Signal(BB, name="cn_b"), Signal(BB, name="cn_alt")
         m.d.sync += cn_load.eq(0)
         with m.If(cn_load):
             m.d.sync += [carry_valid.eq(cn_valid), carry_pending.eq(cn_pending),
@@ -261,8 +269,8 @@ class ConnTable(wiring.Component):
         we_t = Signal()
         we_w = Signal(2)
         src_carry = Signal()
-        w_valid, w_pending = Signal(), Signal()
-        w_index, w_alt = Signal(IB), Signal(BB)
+        w_valid, w_pending = Signal(name="w_valid"), Signal(name="w_pending")
+        w_index, w_alt = Signal(IB, name="w_index"), Signal(BB, name="w_alt")
         wq_en = Signal(TABLES * WAYS)
         wq_data = Signal(E.size)
         # One lookup address register per memory, next to it (a single register would fan
@@ -380,14 +388,18 @@ class ConnTable(wiring.Component):
         # release, and the next use is many cycles later (a new command's DECIDE).
         index_new = Signal(IB)
         m.d.sync += index_new.eq(Mux(sp != 0, top.data, fresh))
-        full, empty = Signal(), Signal(init=1)     # count == slots, count == 0 (registered)
+        # count == slots, count == 0 (registered)
+        full = Signal(name="full")
+        empty = Signal(init=1, name="empty")
         m.d.sync += [full.eq(count == geo.slots), empty.eq(count == 0)]
         commit = Signal()
         release = Signal()
         release_index = Signal(IB)
         # Acted on one cycle later, from registers (the state after a commit or a release
         # is RESPOND, and the next command needs count, sp and fresh cycles later).
-        commit_q, release_q, release_index_q = Signal(), Signal(), Signal(IB)
+        commit_q = Signal(name="commit_q")
+        release_q = Signal(name="release_q")
+        release_index_q = Signal(IB, name="release_index_q")
         m.d.sync += [commit_q.eq(commit), release_q.eq(release),
                      release_index_q.eq(release_index)]
         m.d.comb += [push.en.eq(release_q), push.data.eq(release_index_q)]
@@ -405,7 +417,9 @@ class ConnTable(wiring.Component):
         rng_next = Signal(32, init=xorshift32(RNG_SEED))
         m.d.sync += rng_next.eq(_hw_xorshift32(rng))
         steps = Signal(range(M + 1))
-        steps_max, steps_one = Signal(), Signal()  # steps == M, steps == 1 (registered)
+        # steps == M, steps == 1 (registered)
+        steps_max = Signal(name="steps_max")
+        steps_one = Signal(name="steps_one")
         m.d.sync += [steps_max.eq(steps == M), steps_one.eq(steps == 1)]
         path = Memory(shape=2, depth=M, init=[])
         m.submodules.path = path
@@ -414,7 +428,10 @@ class ConnTable(wiring.Component):
         last = Signal(range(M))              # steps - 1, kept as a register
         m.d.comb += [path_w.addr.eq(steps), path_r.addr.eq(last)]
 
-        new_t, new_b, new_w, new_alt = Signal(), Signal(BB), Signal(2), Signal(BB)
+        new_t = Signal(name="new_t")
+        new_b = Signal(BB, name="new_b")
+        new_w = Signal(2, name="new_w")
+        new_alt = Signal(BB, name="new_alt")
 
         # Find results (registered in CMP, used in DECIDE).
         f_slot = Signal(TABLES * WAYS)
@@ -444,7 +461,7 @@ class ConnTable(wiring.Component):
 
         phase = Signal(2)                    # what to do with the data of RD/DATA
         PH_FIND, PH_WALK, PH_UNDO, PH_READ = range(4)
-        read_t, read_w = Signal(), Signal(2)
+        read_t, read_w = Signal(name="read_t"), Signal(2, name="read_w")
         sweep_reply = Signal()
 
         # The control read data, registered every cycle with nothing in between (no enable:
@@ -478,6 +495,7 @@ class ConnTable(wiring.Component):
                 m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
                 with m.If(ctl_addr[0] == geo.buckets - 1):
                     m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
+                    m.d.sync += sweeping.eq(0)
                     with m.If(sweep_reply):
                         m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
                         m.next = "RESPOND"
@@ -535,7 +553,7 @@ class ConnTable(wiring.Component):
                     with m.Case(Op.CLEAR):
                         m.d.sync += [s.eq(0) for s in stash_valid]
                         m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
-                                     rng.eq(RNG_SEED), sweep_reply.eq(1)]
+                                     rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
                         m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
                         m.next = "SWEEP"
                     with m.Default():
@@ -589,14 +607,17 @@ class ConnTable(wiring.Component):
                 m.next = "SELECT"
 
             # Registered results of SELECT, used by DECIDE.
-            any_slot, any_stash = Signal(), Signal()
-            which, which_s = Signal(3), Signal(range(max(2, S)))
+            any_slot, any_stash = Signal(name="any_slot"), Signal(name="any_stash")
+            which, which_s = Signal(3, name="which"), Signal(range(max(2, S)), name="which_s")
             found = Signal(E)
             found_index = Signal(IB)
             found_value = Signal(V)
             found_slot = Signal(geo.slot_bits)
             ft, fw = which[2], which[:2]
-            d_found, d_room, d_tsel, d_wsel = Signal(), Signal(), Signal(), Signal(2)
+            d_found = Signal(name="d_found")
+            d_room = Signal(name="d_room")
+            d_tsel = Signal(name="d_tsel")
+            d_wsel = Signal(2, name="d_wsel")
 
             with m.State("SELECT"):
                 c_any_slot, c_which = _first([f_slot[k] for k in range(TABLES * WAYS)])
@@ -789,9 +810,9 @@ class ConnTable(wiring.Component):
                     m.d.sync += resp_valid.eq(0)
                     m.next = "IDLE"
 
-        # Outside the states, so that these are plain assignments (Icarus does not run
+        # Outside the states, so that this is a plain assignment (Icarus does not run
         # an ``always @*`` block before one of its inputs changes).
-        m.d.comb += [sweeping.eq(fsm.ongoing("SWEEP")), self.cmd.ready.eq(fsm.ongoing("IDLE"))]
+        m.d.comb += self.cmd.ready.eq(fsm.ongoing("IDLE"))
 
         # ---- per-flow state memory -----------------------------------------------------
         if self.state_width:
