@@ -17,7 +17,7 @@ Organisation
     read and write ports, which share one address (one RAM port).
 
 Lookup (``i`` -> ``o``): one key per cycle, in order, ``lookup_latency`` cycles (25) with
-a ready sink: the hash (18), the bucket address registers (one per memory), the memory
+a ready sink: the hash (18), the bucket address registers (duplicated), the memory
 read, the registered words, the key compare, the hit selection, the result FIFO. A lookup
 accepted in cycle c sees the table as it is after the edge ending cycle
 c + ``SNAPSHOT_LATENCY`` (19). ``i.ready`` is a credit check on the result FIFO, so only a
@@ -273,11 +273,14 @@ class ConnTable(wiring.Component):
         w_index, w_alt = Signal(IB, name="w_index"), Signal(BB, name="w_alt")
         wq_en = Signal(TABLES * WAYS)
         wq_data = Signal(E.size)
-        # One lookup address register per memory, next to it (a single register would fan
-        # out to all the block RAMs of a table, across the die). Their reset values differ
-        # only so that Yosys does not merge the copies back into one register; a reset
-        # value lives for one cycle, while the sweep makes every lookup miss anyway.
-        lk_addr = {(t, w): Signal(BB, name=f"lk_addr_t{t}_w{w}", init=w % (1 << BB))
+        # Duplicated lookup address registers, so that no single register fans out to all
+        # the block RAMs of a table, across the die. Yosys merges registers with the same
+        # input and reset value (bit by bit), so the copies differ in their reset value:
+        # all zeros for ways 0 and 1, all ones for ways 2 and 3, i.e. two registers per
+        # address bit and table, each feeding two memories. A reset value lives for one
+        # cycle, and the sweep after a reset makes every lookup miss anyway.
+        lk_addr = {(t, w): Signal(BB, name=f"lk_addr_t{t}_w{w}",
+                                  init=0 if w < WAYS // 2 else (1 << BB) - 1)
                    for t in range(TABLES) for w in range(WAYS)}
         lk_data, ctl_data = {}, {}
         for t in range(TABLES):
