@@ -16,9 +16,12 @@ Organisation
     write, so a lookup never sees a half-written word and never stalls), and the control
     read and write ports, which share one address (one RAM port).
 
-Lookup (``i`` -> ``o``): one key per cycle, in order, ``LOOKUP_LATENCY`` cycles with a
-ready sink (``lookup_latency`` attribute). ``i.ready`` is a credit check on the result
-FIFO, so only a stalled ``o`` can slow lookups; control commands never do.
+Lookup (``i`` -> ``o``): one key per cycle, in order, ``lookup_latency`` cycles (25) with
+a ready sink: the hash (18), the bucket address registers (duplicated), the memory
+read, the registered words, the key compare, the hit selection, the result FIFO. A lookup
+accepted in cycle c sees the table as it is after the edge ending cycle
+c + ``SNAPSHOT_LATENCY`` (19). ``i.ready`` is a credit check on the result FIFO, so only a
+stalled ``o`` can slow lookups; control commands never do.
 
 Control (``cmd`` -> ``resp``): one command at a time (``Op``), one response each with a
 ``Status``. INSERT places the key in the less loaded of its two buckets; when both are
@@ -41,7 +44,8 @@ Ports
   o      Out(stream {hit, index, value})         lookup results, in order
   cmd    In(stream command_layout(...))          control commands
   resp   Out(stream response_layout(...))        one response per command
-  count  Out                                     entries held (tables + stash)
+  count  Out                                     entries held (tables + stash); it
+                                                 changes one cycle after the response
   state_raddr/state_rdata, state_waddr/state_wdata/state_we
          the per-flow state memory (``state_width`` bits per flow index; synchronous
          read, one cycle), for the engines; the table never touches it.
@@ -184,6 +188,10 @@ def _hw_xorshift32(x):
 class ConnTable(wiring.Component):
     """The connection table (see the module docstring)."""
 
+    #: A lookup accepted in cycle c sees the table as it is after the clock edge that ends
+    #: cycle c + SNAPSHOT_LATENCY: the hash, then the memories' address registers.
+    SNAPSHOT_LATENCY = siphash_latency(FLOW_KEY.size) + 1
+
     def __init__(self, entries=4096, value_width=32, stash=4, max_moves=256, state_width=64):
         self.geo = Geometry(entries, stash, max_moves)
         assert stash >= 1 and max_moves >= 1
@@ -191,7 +199,7 @@ class ConnTable(wiring.Component):
         self.state_width = state_width
         self.entry = entry_layout(self.geo, value_width)
         self.hash_latency = siphash_latency(FLOW_KEY.size)
-        self.pipe_latency = self.hash_latency + 4    # accepted key -> result into the FIFO
+        self.pipe_latency = self.hash_latency + 5    # accepted key -> result into the FIFO
         depth = 4
         while depth < self.pipe_latency + 4:
             depth *= 2
@@ -222,7 +230,7 @@ class ConnTable(wiring.Component):
 
         # ---- state shared by both paths ----------------------------------------------
         hash_key = Signal(128)
-        sweeping = Signal()                 # comb: the SWEEP state
+        sweeping = Signal(init=1)           # the SWEEP state, as a register of its own
         stash_valid = [Signal(name=f"stash{s}_valid") for s in range(S)]
         stash_key = [Signal(FLOW_KEY.size, name=f"stash{s}_key") for s in range(S)]
         stash_value = [Signal(V, name=f"stash{s}_value") for s in range(S)]
@@ -236,9 +244,13 @@ class ConnTable(wiring.Component):
         carry_b = Signal(BB)
         carry_alt = Signal(BB)
         cn_load = Signal()
-        cn_valid, cn_pending, cn_t = Signal(), Signal(), Signal()
-        cn_key, cn_value, cn_index = Signal(FLOW_KEY.size), Signal(V), Signal(IB)
-        cn_b, cn_alt = Signal(BB), Signal(BB)
+        cn_valid = Signal(name="cn_valid")
+        cn_pending = Signal(name="cn_pending")
+        cn_t = Signal(name="cn_t")
+        cn_key = Signal(FLOW_KEY.size, name="cn_key")
+        cn_value = Signal(V, name="cn_value")
+        cn_index = Signal(IB, name="cn_index")
+        cn_b, cn_alt = Signal(BB, name="cn_b"), Signal(BB, name="cn_alt")
         m.d.sync += cn_load.eq(0)
         with m.If(cn_load):
             m.d.sync += [carry_valid.eq(cn_valid), carry_pending.eq(cn_pending),
@@ -246,33 +258,50 @@ class ConnTable(wiring.Component):
                          carry_index.eq(cn_index), carry_b.eq(cn_b), carry_alt.eq(cn_alt)]
 
         ctl_addr = [Signal(BB, name=f"ctl_addr{t}") for t in range(TABLES)]
-        # Control writes are decided in one cycle (we, we_t, we_w, wdata) and done in the
+        # Control writes are decided in one cycle (we, we_t, we_w, w_*) and done in the
         # next from registers (wq_*), at the same edge as the carry register update they
         # go with (cn_* -> carry_*), which keeps every entry visible exactly once.
+        # The wide fields of a written word (key, value) come from the command or from the
+        # carry register, chosen by one register (``src_carry``: a walk or its undo); the
+        # narrow ones are set per state. A word written with ``w_valid`` low (a delete,
+        # the sweep) is empty whatever its other fields hold.
         we = Signal()
         we_t = Signal()
         we_w = Signal(2)
-        wdata = Signal(E.size)
+        src_carry = Signal()
+        w_valid, w_pending = Signal(name="w_valid"), Signal(name="w_pending")
+        w_index, w_alt = Signal(IB, name="w_index"), Signal(BB, name="w_alt")
         wq_en = Signal(TABLES * WAYS)
         wq_data = Signal(E.size)
-        m.d.sync += [wq_en.eq(Mux(we, 1 << Cat(we_w, we_t), 0)), wq_data.eq(wdata)]
-        lk_addr = [Signal(BB, name=f"lk_addr{t}") for t in range(TABLES)]
+        # Duplicated lookup address registers, so that no single register fans out to all
+        # the block RAMs of a table, across the die. Yosys merges registers with the same
+        # input and reset value (bit by bit), so the copies differ in their reset value:
+        # all zeros for ways 0 and 1, all ones for ways 2 and 3, i.e. two registers per
+        # address bit and table, each feeding two memories. A reset value lives for one
+        # cycle, and the sweep after a reset makes every lookup miss anyway.
+        lk_addr = {(t, w): Signal(BB, name=f"lk_addr_t{t}_w{w}",
+                                  init=0 if w < WAYS // 2 else (1 << BB) - 1)
+                   for t in range(TABLES) for w in range(WAYS)}
         lk_data, ctl_data = {}, {}
         for t in range(TABLES):
             for w in range(WAYS):
                 mem = Memory(shape=E.size, depth=geo.buckets, init=[])
                 m.submodules[f"mem_t{t}_w{w}"] = mem
                 wr = mem.write_port()
+                # Transparent: a lookup reading a word at the edge that writes it gets the
+                # new word. (Yosys implements this with a multiplexer after the block RAM;
+                # a non-transparent port is no better: it has no cross-port collision mode
+                # on ECP5, so Yosys delays the write and adds the same multiplexer.)
                 lk = mem.read_port(transparent_for=(wr,))
                 ct = mem.read_port()
                 m.d.comb += [
-                    lk.addr.eq(lk_addr[t]),
+                    lk.addr.eq(lk_addr[t, w]),
                     ct.addr.eq(ctl_addr[t]),
                     wr.addr.eq(ctl_addr[t]),
-                    wr.data.eq(wq_data),            # zero during a sweep
+                    wr.data.eq(wq_data),            # empty (not valid) during a sweep
                     wr.en.eq(sweeping | wq_en[t * WAYS + w]),
                 ]
-                lk_data[t, w] = data.View(E, lk.data)
+                lk_data[t, w] = lk.data
                 ctl_data[t, w] = data.View(E, ct.data)
 
         # ---- lookup path ---------------------------------------------------------------
@@ -291,43 +320,48 @@ class ConnTable(wiring.Component):
         p = Pipeline(m, "lk", valid=took)
         p.inject("key", lk_key, 0)
         p.inject("hash", h, H)
-        # Stage H: the bucket addresses go to the lookup read ports.
-        for t in range(TABLES):
-            m.d.comb += lk_addr[t].eq(bucket_bits(p.get("hash", H), t))
-        # Stage H+1: the memory words read at the edge ending stage H; the stash and the
-        # carry register as they are after that same edge (one consistent snapshot).
-        key1 = p.get("key", H + 1)
+        # Stage H: the bucket addresses go to the address registers of the memories.
         for t in range(TABLES):
             for w in range(WAYS):
-                p.define(f"word{t}{w}", lk_data[t, w].as_value(), H + 1)
-        regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
-        regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
-        for s, (valid, key, value, index) in enumerate(regs):
-            p.define(f"reg_hit{s}", valid & (key == key1), H + 1)
-            p.define(f"reg_val{s}", Cat(value, index), H + 1)
-        p.define("miss", sweeping, H + 1)
-        # Stage H+2: compare the 8 slots.
+                m.d.sync += lk_addr[t, w].eq(bucket_bits(p.get("hash", H), t))
+        # Stage H+1: the memories read their words at the edge that ends this stage (the
+        # read ports are transparent: a word written at that edge is read new); the
+        # lookup sees the table as it is after that edge.
+        # Stage H+2: the memory words, registered; the stash and the carry register as
+        # they are after that same edge (one consistent snapshot).
         key2 = p.get("key", H + 2)
         for t in range(TABLES):
             for w in range(WAYS):
-                word = data.View(E, p.get(f"word{t}{w}", H + 2))
-                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending & (word.key.as_value() == key2), H + 2)
-                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 2)
-        # Stage H+3: select the hit (at most one slot or register holds the key).
-        hits = [p.get(f"slot_hit{t}{w}", H + 3) for t in range(TABLES) for w in range(WAYS)]
-        vals = [p.get(f"slot_val{t}{w}", H + 3) for t in range(TABLES) for w in range(WAYS)]
-        hits += [p.get(f"reg_hit{s}", H + 3) for s in range(S + 1)]
-        vals += [p.get(f"reg_val{s}", H + 3) for s in range(S + 1)]
+                p.define(f"word{t}{w}", lk_data[t, w], H + 2)
+        regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
+        regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
+        for s, (valid, key, value, index) in enumerate(regs):
+            p.define(f"reg_hit{s}", valid & (key == key2), H + 2)
+            p.define(f"reg_val{s}", Cat(value, index), H + 2)
+        p.define("miss", sweeping, H + 2)
+        # Stage H+3: compare the 8 words read.
+        key3 = p.get("key", H + 3)
+        for t in range(TABLES):
+            for w in range(WAYS):
+                word = data.View(E, p.get(f"word{t}{w}", H + 3))
+                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending
+                         & (word.key.as_value() == key3), H + 3)
+                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 3)
+        # Stage H+4: select the hit (at most one slot or register holds the key).
+        hits = [p.get(f"slot_hit{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
+        vals = [p.get(f"slot_val{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
+        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)]
+        vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)]
         hit = Const(0, 1)
         sel = Const(0, V + IB)
         for hb, val in zip(hits, vals):
             hit = hit | hb
             sel = sel | Mux(hb, val, 0)
-        miss = p.get("miss", H + 3)
+        miss = p.get("miss", H + 4)
         p.define("result", struct_value(result_layout(geo, V), {
-            "hit": hit & ~miss, "value": Mux(miss, 0, sel[:V]), "index": Mux(miss, 0, sel[V:])}), H + 3)
-        m.d.comb += [fifo.w_en.eq(p.valid(H + 4)), fifo.w_data.eq(p.get("result", H + 4))]
-        assert H + 4 == self.pipe_latency
+            "hit": hit & ~miss, "value": Mux(miss, 0, sel[:V]), "index": Mux(miss, 0, sel[V:])}), H + 4)
+        m.d.comb += [fifo.w_en.eq(p.valid(H + 5)), fifo.w_data.eq(p.get("result", H + 5))]
+        assert H + 5 == self.pipe_latency
 
         # ---- control path --------------------------------------------------------------
         C = command_layout(geo, V)
@@ -353,24 +387,43 @@ class ConnTable(wiring.Component):
         push = stack.write_port()
         top = stack.read_port()
         m.d.comb += [push.addr.eq(sp), top.addr.eq(sp - 1)]
+        # The next flow index, registered: sp and fresh change only at a commit or a
+        # release, and the next use is many cycles later (a new command's DECIDE).
         index_new = Signal(IB)
-        m.d.comb += index_new.eq(Mux(sp != 0, top.data, fresh))
+        m.d.sync += index_new.eq(Mux(sp != 0, top.data, fresh))
+        # count == slots, count == 0 (registered)
+        full = Signal(name="full")
+        empty = Signal(init=1, name="empty")
+        m.d.sync += [full.eq(count == geo.slots), empty.eq(count == 0)]
         commit = Signal()
         release = Signal()
         release_index = Signal(IB)
-        m.d.comb += [push.en.eq(release), push.data.eq(release_index)]
-        with m.If(commit):
+        # Acted on one cycle later, from registers (the state after a commit or a release
+        # is RESPOND, and the next command needs count, sp and fresh cycles later).
+        commit_q = Signal(name="commit_q")
+        release_q = Signal(name="release_q")
+        release_index_q = Signal(IB, name="release_index_q")
+        m.d.sync += [commit_q.eq(commit), release_q.eq(release),
+                     release_index_q.eq(release_index)]
+        m.d.comb += [push.en.eq(release_q), push.data.eq(release_index_q)]
+        with m.If(commit_q):
             m.d.sync += count.eq(count + 1)
             with m.If(sp != 0):
                 m.d.sync += sp.eq(sp - 1)
             with m.Else():
                 m.d.sync += fresh.eq(fresh + 1)
-        with m.If(release):
+        with m.If(release_q):
             m.d.sync += [count.eq(count - 1), sp.eq(sp + 1)]
 
         rng = Signal(32, init=RNG_SEED)
-        rng_next = _hw_xorshift32(rng)
+        # The next draw, registered: ``rng`` changes at most once per move (4 cycles).
+        rng_next = Signal(32, init=xorshift32(RNG_SEED))
+        m.d.sync += rng_next.eq(_hw_xorshift32(rng))
         steps = Signal(range(M + 1))
+        # steps == M, steps == 1 (registered)
+        steps_max = Signal(name="steps_max")
+        steps_one = Signal(name="steps_one")
+        m.d.sync += [steps_max.eq(steps == M), steps_one.eq(steps == 1)]
         path = Memory(shape=2, depth=M, init=[])
         m.submodules.path = path
         path_w = path.write_port()
@@ -378,7 +431,10 @@ class ConnTable(wiring.Component):
         last = Signal(range(M))              # steps - 1, kept as a register
         m.d.comb += [path_w.addr.eq(steps), path_r.addr.eq(last)]
 
-        new_t, new_b, new_w, new_alt = Signal(), Signal(BB), Signal(2), Signal(BB)
+        new_t = Signal(name="new_t")
+        new_b = Signal(BB, name="new_b")
+        new_w = Signal(2, name="new_w")
+        new_alt = Signal(BB, name="new_alt")
 
         # Find results (registered in CMP, used in DECIDE).
         f_slot = Signal(TABLES * WAYS)
@@ -408,22 +464,41 @@ class ConnTable(wiring.Component):
 
         phase = Signal(2)                    # what to do with the data of RD/DATA
         PH_FIND, PH_WALK, PH_UNDO, PH_READ = range(4)
-        read_t, read_w = Signal(), Signal(2)
+        read_t, read_w = Signal(name="read_t"), Signal(2, name="read_w")
         sweep_reply = Signal()
 
-        # The control read data, registered every cycle (no enable: a wide enable net is
-        # slow); ``bkt`` is the bucket of table ``bkt_sel``, for the walk and its undo.
+        # The control read data, registered every cycle with nothing in between (no enable:
+        # a wide enable net is slow); ``bkt`` is the bucket of table ``bkt_sel``, for the
+        # walk and its undo, and ``pick`` its way ``pick_w`` (the victim of a walk step, or
+        # the entry an undo step takes back).
         bkt_sel = Signal()
-        bkt = [Signal(E.size, name=f"bkt_w{w}") for w in range(WAYS)]
         m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
-        m.d.sync += [bkt[w].eq(Mux(bkt_sel, ctl_data[1, w].as_value(), ctl_data[0, w].as_value()))
-                     for w in range(WAYS)]
+        bkt = [Mux(bkt_sel, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
+        w_evict = rng_next[:2]
+        pick_w = Mux(phase == PH_UNDO, path_r.data, w_evict)
+        pick = data.View(E, Signal(E.size, name="pick"))
+        m.d.comb += pick.as_value().eq(
+            Cat(*[rd[0, w] for w in range(WAYS)], *[rd[1, w] for w in range(WAYS)])
+            .word_select(Cat(pick_w, bkt_sel), E.size))
+
+        # The write register and the next carried entry, every cycle (they are used only
+        # when written, resp. loaded).
+        m.d.sync += [
+            wq_en.eq(Mux(we, 1 << Cat(we_w, we_t), 0)),
+            wq_data.eq(word(w_valid, w_pending, Mux(src_carry, carry_key, cmd.key.as_value()),
+                            Mux(src_carry, carry_value, cmd.value), w_index, w_alt)),
+            cn_key.eq(Mux(src_carry, pick.key.as_value(), cmd.key.as_value())),
+            cn_value.eq(Mux(src_carry, pick.value, cmd.value)),
+            cn_index.eq(Mux(src_carry, pick.index, index_new)),
+            cn_pending.eq(Mux(src_carry, pick.pending, 1)),
+        ]
 
         with m.FSM(init="SWEEP") as fsm:
             with m.State("SWEEP"):
                 m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
                 with m.If(ctl_addr[0] == geo.buckets - 1):
                     m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
+                    m.d.sync += sweeping.eq(0)
                     with m.If(sweep_reply):
                         m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
                         m.next = "RESPOND"
@@ -437,7 +512,8 @@ class ConnTable(wiring.Component):
 
             with m.State("DISPATCH"):
                 m.d.sync += [resp.op.eq(cmd.op), resp.key.eq(0), resp.value.eq(0),
-                             resp.index.eq(0), resp.slot.eq(0), resp.status.eq(Status.OK)]
+                             resp.index.eq(0), resp.slot.eq(0), resp.status.eq(Status.OK),
+                             src_carry.eq(0)]
                 with m.Switch(cmd.op):
                     with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
                         m.d.comb += ctl_start.eq(1)
@@ -471,7 +547,7 @@ class ConnTable(wiring.Component):
                                     m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
                             m.next = "RD"
                     with m.Case(Op.SET_KEY):
-                        with m.If(count == 0):
+                        with m.If(empty):
                             m.d.sync += hash_key.eq(cmd.hash_key)
                         with m.Else():
                             m.d.sync += resp.status.eq(Status.NOT_EMPTY)
@@ -480,7 +556,7 @@ class ConnTable(wiring.Component):
                     with m.Case(Op.CLEAR):
                         m.d.sync += [s.eq(0) for s in stash_valid]
                         m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
-                                     rng.eq(RNG_SEED), sweep_reply.eq(1)]
+                                     rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
                         m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
                         m.next = "SWEEP"
                     with m.Default():
@@ -534,13 +610,17 @@ class ConnTable(wiring.Component):
                 m.next = "SELECT"
 
             # Registered results of SELECT, used by DECIDE.
-            any_slot, any_stash = Signal(), Signal()
-            which, which_s = Signal(3), Signal(range(max(2, S)))
+            any_slot, any_stash = Signal(name="any_slot"), Signal(name="any_stash")
+            which, which_s = Signal(3, name="which"), Signal(range(max(2, S)), name="which_s")
             found = Signal(E)
             found_index = Signal(IB)
             found_value = Signal(V)
             found_slot = Signal(geo.slot_bits)
             ft, fw = which[2], which[:2]
+            d_found = Signal(name="d_found")
+            d_room = Signal(name="d_room")
+            d_tsel = Signal(name="d_tsel")
+            d_wsel = Signal(2, name="d_wsel")
 
             with m.State("SELECT"):
                 c_any_slot, c_which = _first([f_slot[k] for k in range(TABLES * WAYS)])
@@ -554,6 +634,13 @@ class ConnTable(wiring.Component):
                 m.d.sync += [any_slot.eq(c_any_slot), which.eq(c_which),
                              any_stash.eq(c_any_stash), which_s.eq(c_which_s),
                              found.eq(c_found)]
+                # DECIDE's choices, registered: found, room in a bucket, and where.
+                _, w0 = _first([free[0][w] for w in range(WAYS)])
+                _, w1 = _first([free[1][w] for w in range(WAYS)])
+                c_tsel = used[1] < used[0]
+                m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
+                             d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
+                             d_tsel.eq(c_tsel), d_wsel.eq(Mux(c_tsel, w1, w0))]
                 with m.If(c_any_slot):
                     m.d.sync += [found_index.eq(c_found.index), found_value.eq(c_found.value),
                                  found_slot.eq(slot_number(c_which[2], Mux(c_which[2], b[1], b[0]),
@@ -570,48 +657,44 @@ class ConnTable(wiring.Component):
             with m.State("DECIDE"):
                 with m.Switch(cmd.op):
                     with m.Case(Op.INSERT):
-                        with m.If(any_slot | any_stash):
+                        with m.If(d_found):
                             m.d.sync += respond(Status.DUPLICATE, found_index, found_slot,
                                                 value=found_value)
                             m.d.sync += resp_valid.eq(1)
                             m.next = "RESPOND"
-                        with m.Elif(count == geo.slots):
+                        with m.Elif(full):
                             m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                             m.next = "RESPOND"
-                        with m.Elif((used[0] < WAYS) | (used[1] < WAYS)):
-                            t_sel = used[1] < used[0]
-                            _, w0 = _first([free[0][w] for w in range(WAYS)])
-                            _, w1 = _first([free[1][w] for w in range(WAYS)])
-                            w_sel = Mux(t_sel, w1, w0)
-                            m.d.comb += [we.eq(1), we_t.eq(t_sel), we_w.eq(w_sel),
-                                         wdata.eq(word(1, 0, cmd.key, cmd.value, index_new,
-                                                       Mux(t_sel, b[0], b[1]))),
-                                         commit.eq(1)]
+                        with m.Elif(d_room):
+                            m.d.comb += [we.eq(1), we_t.eq(d_tsel), we_w.eq(d_wsel),
+                                         w_valid.eq(1), w_index.eq(index_new),
+                                         w_alt.eq(Mux(d_tsel, b[0], b[1])), commit.eq(1)]
                             m.d.sync += respond(Status.OK, index_new,
-                                                slot_number(t_sel, Mux(t_sel, b[1], b[0]), w_sel))
+                                                slot_number(d_tsel, Mux(d_tsel, b[1], b[0]), d_wsel))
                             m.d.sync += resp_valid.eq(1)
                             m.next = "RESPOND"
                         with m.Else():
+                            # The walk starts with the new entry (cn_key, cn_value, cn_index
+                            # and cn_pending take the command's: src_carry is still low).
                             t_sel = rng_next[0]
                             m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
-                                         cn_pending.eq(1),
-                                         cn_key.eq(cmd.key), cn_value.eq(cmd.value),
-                                         cn_index.eq(index_new), cn_t.eq(t_sel),
+                                         cn_t.eq(t_sel),
                                          cn_b.eq(Mux(t_sel, b[1], b[0])),
                                          cn_alt.eq(Mux(t_sel, b[0], b[1])),
                                          steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
-                                         bkt_sel.eq(t_sel)]
+                                         bkt_sel.eq(t_sel), src_carry.eq(1)]
                             m.next = "RD"        # ctl_addr still holds both buckets
                     with m.Case(Op.DELETE, Op.UPDATE):
-                        with m.If(any_slot | any_stash):
+                        with m.If(d_found):
                             m.d.sync += respond(Status.OK, found_index, found_slot, value=found_value)
                             with m.If(cmd.op == Op.UPDATE):
                                 m.d.sync += resp.value.eq(cmd.value)
                             with m.If(any_slot):
                                 m.d.comb += [we.eq(1), we_t.eq(ft), we_w.eq(fw)]
                                 with m.If(cmd.op == Op.UPDATE):
-                                    m.d.comb += wdata.eq(word(1, 0, found.key, cmd.value,
-                                                              found.index, found.alt))
+                                    # key and value: the command's (the key is found.key)
+                                    m.d.comb += [w_valid.eq(1), w_index.eq(found.index),
+                                                 w_alt.eq(found.alt)]
                             with m.Else():
                                 with m.Switch(which_s):
                                     for s in range(S):
@@ -628,18 +711,15 @@ class ConnTable(wiring.Component):
                         m.next = "RESPOND"
 
             with m.State("WALK"):
-                bucket = bkt                         # table carry_t
-                is_free = [~data.View(E, x).valid for x in bucket]
+                # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
+                is_free = [~data.View(E, x).valid for x in bkt]
                 any_free, w_free = _first(is_free)
-                w_evict = rng_next[:2]
-                victim = data.View(E, Signal(E.size, name="victim"))
-                m.d.comb += victim.as_value().eq(Cat(*bucket).word_select(w_evict, E.size))
-                with m.If(any_free | (steps != M)):
-                    m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict))]
+                with m.If(any_free | ~steps_max):
+                    m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict)),
+                                 w_valid.eq(1), w_index.eq(carry_index), w_alt.eq(carry_alt)]
                 with m.If(any_free):
                     # The carried entry lands; if it is not the new one, the new one is
                     # still pending somewhere: FINALIZE makes it visible.
-                    m.d.comb += wdata.eq(word(1, 0, carry_key, carry_value, carry_index, carry_alt))
                     m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
                     with m.If(carry_pending):
                         m.d.comb += commit.eq(1)
@@ -649,18 +729,16 @@ class ConnTable(wiring.Component):
                         m.next = "RESPOND"
                     with m.Else():
                         m.next = "FINALIZE"
-                with m.Elif(steps != M):
-                    m.d.comb += [wdata.eq(word(1, carry_pending, carry_key, carry_value,
-                                               carry_index, carry_alt)),
+                with m.Elif(~steps_max):
+                    m.d.comb += [w_pending.eq(carry_pending),
                                  path_w.en.eq(1), path_w.data.eq(w_evict)]
                     with m.If(carry_pending):
                         m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
                                      new_alt.eq(carry_alt)]
+                    # cn_key, cn_value, cn_index, cn_pending: the victim's (src_carry)
                     m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), last.eq(steps), cn_load.eq(1),
                                  cn_valid.eq(1),
-                                 cn_key.eq(victim.key), cn_value.eq(victim.value),
-                                 cn_index.eq(victim.index), cn_pending.eq(victim.pending),
-                                 cn_t.eq(~carry_t), cn_b.eq(victim.alt), cn_alt.eq(carry_b)]
+                                 cn_t.eq(~carry_t), cn_b.eq(pick.alt), cn_alt.eq(carry_b)]
                     m.next = "SETUP"
                 with m.Else():
                     m.next = "HOMELESS"
@@ -689,19 +767,17 @@ class ConnTable(wiring.Component):
                     m.next = "SETUP"
 
             with m.State("UNDO"):
+                # pick: way path[steps - 1] of table t_u, the entry taken back (cn_key,
+                # cn_value, cn_index, cn_pending: src_carry)
                 t_u = ~carry_t
                 w_u = path_r.data
-                back = data.View(E, Signal(E.size, name="back"))
-                m.d.comb += back.as_value().eq(Cat(*bkt).word_select(w_u, E.size))   # table t_u
-                m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u),
-                             wdata.eq(word(1, carry_pending, carry_key, carry_value,
-                                           carry_index, carry_b))]
-                m.d.sync += [cn_load.eq(1), cn_valid.eq(steps != 1),
-                             cn_key.eq(back.key), cn_value.eq(back.value),
-                             cn_index.eq(back.index), cn_pending.eq(back.pending),
-                             cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(back.alt),
+                m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u), w_valid.eq(1),
+                             w_pending.eq(carry_pending), w_index.eq(carry_index),
+                             w_alt.eq(carry_b)]
+                m.d.sync += [cn_load.eq(1), cn_valid.eq(~steps_one),
+                             cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(pick.alt),
                              steps.eq(steps - 1), last.eq(last - 1)]
-                with m.If(steps == 1):
+                with m.If(steps_one):
                     m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                     m.next = "RESPOND"
                 with m.Else():
@@ -722,12 +798,12 @@ class ConnTable(wiring.Component):
                 for t in range(TABLES):
                     with m.If(new_t == t):
                         m.d.sync += ctl_addr[t].eq(new_b)
+                m.d.sync += src_carry.eq(0)          # FINALIZE_WRITE writes the command's entry
                 m.next = "FINALIZE_WRITE"
 
             with m.State("FINALIZE_WRITE"):
-                m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w),
-                             wdata.eq(word(1, 0, cmd.key, cmd.value, index_new, new_alt)),
-                             commit.eq(1)]
+                m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w), w_valid.eq(1),
+                             w_index.eq(index_new), w_alt.eq(new_alt), commit.eq(1)]
                 m.d.sync += respond(Status.OK, index_new, slot_number(new_t, new_b, new_w))
                 m.d.sync += resp_valid.eq(1)
                 m.next = "RESPOND"
@@ -737,9 +813,9 @@ class ConnTable(wiring.Component):
                     m.d.sync += resp_valid.eq(0)
                     m.next = "IDLE"
 
-        # Outside the states, so that these are plain assignments (Icarus does not run
+        # Outside the states, so that this is a plain assignment (Icarus does not run
         # an ``always @*`` block before one of its inputs changes).
-        m.d.comb += [sweeping.eq(fsm.ongoing("SWEEP")), self.cmd.ready.eq(fsm.ongoing("IDLE"))]
+        m.d.comb += self.cmd.ready.eq(fsm.ongoing("IDLE"))
 
         # ---- per-flow state memory -----------------------------------------------------
         if self.state_width:

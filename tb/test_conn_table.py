@@ -17,7 +17,6 @@ import pytest
 
 from hw.conn_table import (FLOW_KEY, ConnTable, Geometry, Op, Status, command_layout,
                            response_layout, result_layout)
-from hw.siphash import siphash_latency
 from hw.stream import pack_struct, unpack_struct
 from sim.bus import StreamSink, StreamSource, run_until
 from sim.conn_table_model import ConnTableModel, random_keys
@@ -123,8 +122,9 @@ async def run_table(bus, params, commands, expected, history, lookup_keys, stall
         got["key"] = pack_struct(FLOW_KEY, **got["key"])
         want = response_dict(want)
         assert got == want, (f"command {k} {commands[k]['op']}: rtl {got} != model {want}")
-    # Lookups: the snapshot of a lookup accepted in cycle c is the state after edge c+H.
-    h = siphash_latency(FLOW_KEY.size)
+    # Lookups: the snapshot of a lookup accepted in cycle c is the state after edge
+    # c + SNAPSHOT_LATENCY (the hash, then the bucket address registers).
+    h = ConnTable.SNAPSHOT_LATENCY
     accepted, answered = cmd_src.sent_cycles, resp_snk.received_cycles
     for k, (key, raw) in enumerate(zip(lookup_keys, lk_snk.received)):
         got = unpack_struct(L, raw)
