@@ -61,7 +61,7 @@ from amaranth.lib.wiring import In, Out
 
 from .pipeline import Pipeline
 from .siphash import siphash_latency, siphash_pipeline
-from .stream import pack_struct, struct_value
+from .stream import lowest_set, pack_struct, struct_value
 
 __all__ = ["FLOW_KEY", "Op", "Status", "TABLES", "WAYS", "RNG_SEED", "Geometry",
            "flow_key_bytes", "xorshift32", "ConnTable", "entry_layout", "result_layout",
@@ -164,17 +164,6 @@ def response_layout(geo, value_width):
     """A control response: the entry concerned (key, value, flow index, slot)."""
     return data.StructLayout({"status": 3, "op": 3, "index": geo.index_bits,
                               "slot": geo.slot_bits, "key": FLOW_KEY, "value": value_width})
-
-
-def _first(bits):
-    """(any, index of the lowest set bit) of a list of 1-bit values."""
-    index = Const(0, max(1, (len(bits) - 1).bit_length()))
-    for k in reversed(range(len(bits))):
-        index = Mux(bits[k], k, index)
-    found = Const(0, 1)
-    for b in bits:
-        found = found | b
-    return found, index
 
 
 def _hw_xorshift32(x):
@@ -623,8 +612,8 @@ class ConnTable(wiring.Component):
             d_wsel = Signal(2, name="d_wsel")
 
             with m.State("SELECT"):
-                c_any_slot, c_which = _first([f_slot[k] for k in range(TABLES * WAYS)])
-                c_any_stash, c_which_s = _first([f_stash[s] for s in range(S)])
+                c_any_slot, c_which = lowest_set([f_slot[k] for k in range(TABLES * WAYS)])
+                c_any_stash, c_which_s = lowest_set([f_stash[s] for s in range(S)])
                 # At most one slot matches: select it with an AND-OR (shallower than a mux).
                 c_found_raw = Const(0, E.size)
                 for t in range(TABLES):
@@ -635,8 +624,8 @@ class ConnTable(wiring.Component):
                              any_stash.eq(c_any_stash), which_s.eq(c_which_s),
                              found.eq(c_found)]
                 # DECIDE's choices, registered: found, room in a bucket, and where.
-                _, w0 = _first([free[0][w] for w in range(WAYS)])
-                _, w1 = _first([free[1][w] for w in range(WAYS)])
+                _, w0 = lowest_set([free[0][w] for w in range(WAYS)])
+                _, w1 = lowest_set([free[1][w] for w in range(WAYS)])
                 c_tsel = used[1] < used[0]
                 m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
                              d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
@@ -713,7 +702,7 @@ class ConnTable(wiring.Component):
             with m.State("WALK"):
                 # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
                 is_free = [~data.View(E, x).valid for x in bkt]
-                any_free, w_free = _first(is_free)
+                any_free, w_free = lowest_set(is_free)
                 with m.If(any_free | ~steps_max):
                     m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict)),
                                  w_valid.eq(1), w_index.eq(carry_index), w_alt.eq(carry_alt)]
@@ -744,7 +733,7 @@ class ConnTable(wiring.Component):
                     m.next = "HOMELESS"
 
             with m.State("HOMELESS"):
-                free_s, s_free = _first([~v for v in stash_valid])
+                free_s, s_free = lowest_set([~v for v in stash_valid])
                 with m.If(free_s):
                     with m.Switch(s_free):
                         for s in range(S):
