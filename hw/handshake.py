@@ -76,6 +76,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from hw.conn_table import FLOW_KEY
 from hw.headers import TcpFlags
 from hw.listen_table import LISTEN_ENTRY, ListenTable
 from hw.metadata import EVENT, PARSER_META, TX_HEADER, EventKind, FailStatus, FrameClass
@@ -86,7 +87,7 @@ from hw.syn_cookie import (COOKIE_ISS, COOKIE_MESSAGE, DEFAULT_MSS, MAX_WSCALE, 
                            TS_OPTION_BITS, TS_SACK, WSCALE_NONE)
 
 __all__ = ["HandshakeEngine", "HANDSHAKE_IN", "VERDICT", "Reason", "ControlOp",
-           "CONNECT_REQUEST", "DEFAULT_CONNECTS", "DEFAULT_RECENT", "FLOW_TUPLE", "control_layout",
+           "CONNECT_REQUEST", "DEFAULT_CONNECTS", "DEFAULT_RECENT", "control_layout",
            "REPLY_TTL"]
 
 
@@ -181,13 +182,8 @@ class _Class(enum.IntEnum):
     ACTIVE_DISCARD = 9
 
 
-#: A connection's identity (as in the connection table's key).
-FLOW_TUPLE = data.StructLayout({
-    "ingress": 8, "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
-})
-
 #: A recently established connection and the cycles it is still remembered for.
-_RECENT = data.StructLayout({"tuple": FLOW_TUPLE, "left": 13})
+_RECENT = data.StructLayout({"tuple": FLOW_KEY, "left": 13})
 
 #: Everything stage 3 hands to the output stage, carried past the hash in LUT RAM.
 _CARRY = data.StructLayout({
@@ -527,7 +523,7 @@ class HandshakeEngine(wiring.Component):
 
         # Stage 4 .. decide_at: the cookie.
         at = self.HASH_AT
-        hash_valid, digest = siphash_pipeline(m, "cookie", p.valid(at), p.get("key", at),
+        _, digest = siphash_pipeline(m, "cookie", p.valid(at), p.get("key", at),
                                               p.get("message", at))
         D = self.decide_at
         F = D + 1
@@ -540,10 +536,10 @@ class HandshakeEngine(wiring.Component):
         slot_bits = len(Value.cast(slot_index))
 
         def identity(carried):
-            return struct_value(FLOW_TUPLE, {
-                "ingress": carried.ingress, "peer_ip": carried.peer_ip,
-                "local_ip": carried.local_ip, "peer_port": carried.peer_port,
-                "local_port": carried.local_port})
+            """The connection-table key of a segment: the peer is its source."""
+            return struct_value(FLOW_KEY, {
+                "port": carried.ingress, "src": carried.peer_ip, "dst": carried.local_ip,
+                "sport": carried.peer_port, "dport": carried.local_port})
 
         # Connections established in the last RECENT_CYCLES (the last `recent` of them):
         # their later segments go to the host even before the connection table knows

@@ -8,6 +8,7 @@ must happen from the outside (genuine final ACKs establish, forged ones never do
 model that drifts with the RTL cannot hide a bug. Random stalls on all five streams.
 """
 
+import ipaddress
 import random
 
 import cocotb
@@ -32,8 +33,7 @@ OUTPUTS = {"verdict": VERDICT, "tx": TX_HEADER, "event": EVENT}
 
 
 def ip_int(text):
-    a, b, c, d = (int(x) for x in text.split("."))
-    return a << 24 | b << 16 | c << 8 | d
+    return int(ipaddress.IPv4Address(text))
 
 
 #: index -> listener entry
@@ -206,9 +206,6 @@ class EngineBench:
         assert bus.get("cookie_count") == target
         for _ in range(ticks):
             self.model.keys.tick()
-
-    def replies(self, results, reason=Reason.SYN_COOKIE):
-        return [reply for verdict, reply, _ in results if verdict["reason"] == reason]
 
 
 def _noise(rng, client):
@@ -453,8 +450,8 @@ class Server:
 
     def frame(self, flags, seq=None, ack=None, options=()):
         req = self.req
-        ip = lambda value: ".".join(str(value >> s & 0xFF) for s in (24, 16, 8, 0))
-        mac = lambda value: ":".join("%02x" % (value >> s & 0xFF) for s in range(40, -8, -8))
+        ip = lambda value: str(ipaddress.IPv4Address(value))
+        mac = lambda value: value.to_bytes(6, "big").hex(":")
         segment = (Ether(src=mac(req["peer_mac"]), dst=mac(req["local_mac"]))
                    / IP(src=ip(req["peer_ip"]), dst=ip(req["local_ip"]), flags="DF")
                    / TCP(sport=req["peer_port"], dport=req["local_port"], flags=flags,
