@@ -106,7 +106,9 @@ __all__ += ["TX_HEADER"]
 class EventKind(enum.IntEnum):
     """What an event on an engine's ``event`` stream reports."""
     ESTABLISHED = 1     # a connection completed its handshake on the NIC (passive or active open)
-    FAILED = 2          # an active open failed (``status`` says why)
+    FAILED = 2          # an active open failed (``status`` says why: FailStatus)
+    CLOSE_STATUS = 3    # the answer to a CLOSE command (``status``: CloseStatus)
+    CLOSED = 4          # the NIC finished a close it took over (``status``: CloseReason)
 
 
 class FailStatus(enum.IntEnum):
@@ -114,6 +116,37 @@ class FailStatus(enum.IntEnum):
     RESET = 1           # the peer answered with an acceptable RST
     TIMEOUT = 2         # no acceptable SYN-ACK after the last retransmission
     BUSY = 3            # every connect slot was in use: the host keeps the connection
+
+
+class CloseStatus(enum.IntEnum):
+    """The answer to a CLOSE command (``status`` of a CLOSE_STATUS event). Anything but OK
+    leaves the connection with the host, which closes it in software."""
+    OK = 0              # the NIC owns the close from now on
+    TABLE_FULL = 1      # the connection table had no room for the flow
+    ALREADY_CLOSING = 2  # the NIC is already closing this 4-tuple
+    NO_SLOT = 3         # every teardown slot is in use
+    NO_BUFFER = 4       # the command holds data and every data buffer is in use
+    BAD_LENGTH = 5      # more data than one buffer holds, or SND.NXT outside the held data
+    TABLE_ERROR = 6     # the table refused the insert or update for another reason
+
+
+class CloseReason(enum.IntEnum):
+    """How a close the NIC took over ended (``status`` of a CLOSED event)."""
+    NORMAL = 1          # both FINs acknowledged (TIME_WAIT expired, or LAST_ACK acknowledged)
+    RESET = 2           # the peer sent an acceptable RST
+    TIMEOUT = 3         # FIN retransmissions exhausted (RST sent), or FIN_WAIT_2 timed out
+    DATA = 4            # the peer sent new data after the close: RST sent, as Linux does
+    NEW_SYN = 5         # an acceptable SYN ended TIME_WAIT; the SYN went to the host
+
+
+class FlowKind(enum.IntEnum):
+    """What the connection table's value says about a flow."""
+    HOST = 1            # established through the NIC; the host owns it
+    CLOSING = 2         # the teardown engine owns it (``slot``: its teardown slot)
+
+
+#: The connection table's value: the flow's kind, and the engine slot that holds its state.
+FLOW_VALUE = data.StructLayout({"kind": 4, "slot": 12})
 
 
 #: One event for the host. Fields an event kind does not use are 0.
@@ -135,6 +168,11 @@ EVENT = data.StructLayout({
     "ts_ok": 1, "ts_recent": 32, "ts_echo": 32,
     "window": 16,                     # the window field of the peer's segment (unscaled)
     "payload_length": 16,             # bytes the segment carried (the frame goes to the host)
+    # CLOSED events: what the NIC did for the flow while it owned the close.
+    "retransmits": 4,                 # FIN retransmissions
+    "segments_in": 16,                # segments of the flow the NIC handled (saturates)
+    "segments_out": 16,               # segments the NIC sent for the flow (saturates)
 })
 
-__all__ += ["EventKind", "FailStatus", "EVENT"]
+__all__ += ["EventKind", "FailStatus", "CloseStatus", "CloseReason", "FlowKind", "FLOW_VALUE",
+            "EVENT"]

@@ -32,8 +32,6 @@ fails, and is dropped; the peer retransmits it.
 Ports: see ``__init__``; ``width`` is the datapath width (64 or 512 tested).
 """
 
-import enum
-
 from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
@@ -44,22 +42,13 @@ from hw.checksum_insert import ChecksumInserter
 from hw.conn_table import FLOW_KEY, ConnTable, Op, command_layout, response_layout
 from hw.handshake import HANDSHAKE_IN, VERDICT, HandshakeEngine, Reason, control_layout
 from hw.headers import MAX_FRAME_BYTES
-from hw.metadata import EVENT, PARSER_META, FrameClass
+from hw.metadata import EVENT, FLOW_VALUE, PARSER_META, FlowKind, FrameClass
 from hw.parser import Parser
 from hw.rx_dispatch import RxDispatch
 from hw.stream import packet_signature, struct_value
 from hw.tx_arbiter import TxArbiter
 
-__all__ = ["Nic", "FlowKind", "FLOW_VALUE"]
-
-
-class FlowKind(enum.IntEnum):
-    """What the connection table's value says about a flow."""
-    HOST = 1            # established through the NIC; the host owns it
-
-
-#: The connection table's value.
-FLOW_VALUE = data.StructLayout({"kind": 4})
+__all__ = ["Nic"]
 
 
 class Nic(wiring.Component):

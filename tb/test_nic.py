@@ -15,8 +15,8 @@ from scapy.layers.l2 import ARP, Ether
 
 from hw.conn_table import Op, Status, command_layout, response_layout
 from hw.handshake import VERDICT, ControlOp, Reason, control_layout
-from hw.metadata import EVENT, EventKind
-from hw.nic import FLOW_VALUE, Nic
+from hw.metadata import EVENT, FLOW_VALUE, EventKind
+from hw.nic import Nic
 from hw.stream import beats_to_frame, frame_to_beats, pack_struct, unpack_struct
 from sim.bus import StreamSink, StreamSource, run_until
 from sim.demo import _checksums_ok
