@@ -47,7 +47,7 @@ class Peer:
         self.port = rng.randrange(1024, 65536)
         self.local_ip = LOCAL_IP
         self.local_mac = NIC_MAC
-        self.local_port = local_port if local_port is not None else rng.randrange(5000, 32000)
+        self.local_port = local_port if local_port is not None else rng.randrange(10000, 32000)   # no listener there
         self.snd_una = rng.getrandbits(32) if snd_una is None else snd_una & MASK32
         self.data = rng.randbytes(data_length)
         self.unsent = min(unsent, data_length)
