@@ -1,33 +1,46 @@
-"""The NIC top level (first version: connection setup offload, plain host streams).
+"""The NIC top level: connection setup and teardown offload, plain host streams.
 
 ::
 
-  mac_rx -> Parser --frames--------------------------------> RxDispatch --> host_rx
-                   \\--meta--> ConnTable lookup --+                ^         host_rx_meta
-                   \\--meta--> meta FIFO ---------+-> Handshake ---+ verdict
-                                                     engine --tx--> TxBuilder --+
-                                                        |                       +-> TxArbiter -> mac_tx
-  host_tx -> ChecksumInserter --------------------------|-----------------------+
-                                                        +--event--> event (host)
-                                                        +--established--> ConnTable INSERT
+  mac_rx -> Parser --frames-----------------------------------> RxDispatch --> host_rx
+                   \--meta--> ConnTable lookup --+                   ^         host_rx_meta
+                   \--meta--> meta FIFO ---------+-> Handshake -----+ verdict (the teardown
+                                                 |   engine ----+    | engine's when it claims
+                                                 +-> Teardown --|----+ the frame)
+                                                     engine ----+--tx headers--> TxBuilder --+
+                                                       |  ^      (+ held data)               |
+  host_tx -> ChecksumInserter -------------------------|--|-----------------> TxArbiter <----+
+                                                       |  |                       |
+        close, close_data (host CLOSE commands) -------|--+                     mac_tx
+        event <-- both engines' events ----------------+
+        table_cmd/table_resp: the host's, the NIC's inserts (established flows) and the
+        teardown engine's inserts/deletes share the table's command port
 
 Every received frame is parsed, its 4-tuple is looked up in the connection table (one
-lookup per frame, in order) and the handshake engine decides, from the metadata and the
-lookup, whether the frame goes to the host or is dropped and whether the NIC answers it
-(``hw.handshake``). When the engine reports an *established* connection, the NIC inserts
-its 4-tuple into the connection table as a host-owned flow (``FlowKind.HOST``), so that
-the connection's later segments go to the host instead of being checked as cookies. The
-host's own frames (``host_tx``) get their checksums completed and share ``mac_tx`` with
-the NIC's replies, a frame at a time.
+lookup per frame, in order), and the record goes to both engines at once:
+
+* the handshake engine (``hw.handshake``) decides, from the metadata and the lookup,
+  whether the frame goes to the host or is dropped and whether the NIC answers it (SYN
+  cookies, active opens). When it reports an *established* connection, the NIC inserts
+  its 4-tuple into the connection table as a host-owned flow (``FlowKind.HOST``), so that
+  the connection's later segments go to the host instead of being checked as cookies;
+* the teardown engine (``hw.teardown``) claims the segments of the flows it is closing
+  (``FlowKind.CLOSING``) and answers them; its verdict replaces the handshake engine's
+  for those frames (``Reason.FLOW`` on ``host_rx_meta`` for the few it delivers).
+
+The host's own frames (``host_tx``) get their checksums completed and share ``mac_tx``
+with the NIC's segments, a frame at a time.
 
 Until the host-interface issue lands, the host side is plain streams: ``control``
-(listeners, cookie key, CONNECT), ``event``, ``host_rx`` + ``host_rx_meta``, ``host_tx``, and
-``table_cmd``/``table_resp`` (the connection table's command port, shared with the
-NIC's own inserts; the NIC's inserts go first).
+(listeners, cookie key, CONNECT), ``close`` + ``close_data`` (CLOSE commands and their
+held data), ``event`` (both engines' events), ``host_rx`` + ``host_rx_meta``,
+``host_tx``, and ``table_cmd``/``table_resp`` (the connection table's command port,
+shared with the NIC's own inserts and the teardown engine's commands, which go first).
 
-Known limit: a segment that reaches the table lookup within about 60 cycles after the
+Known limits: a segment that reaches the table lookup within about 60 cycles after the
 final ACK of its own connection (before the insert lands) is checked as a cookie ACK,
-fails, and is dropped; the peer retransmits it.
+fails, and is dropped; the peer retransmits it. Likewise, segments looked up before a
+CLOSE's table entry lands go to the host, which has let the connection go.
 
 Ports: see ``__init__``; ``width`` is the datapath width (64 or 512 tested).
 """
