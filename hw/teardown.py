@@ -125,12 +125,12 @@ MAX_HELD_DATA = MAX_FRAME_BYTES - 54 - TS_OPTION_BYTES
 
 class TdState(enum.IntEnum):
     """A teardown slot's TCP state (RFC 9293 names)."""
-    FREE = 0
-    FIN_WAIT_1 = 1
-    FIN_WAIT_2 = 2
-    CLOSING = 3
-    TIME_WAIT = 4
-    LAST_ACK = 5
+    FREE = 0                # the slot holds no flow
+    FIN_WAIT_1 = 1          # our FIN sent, not acknowledged; the peer's FIN not received
+    FIN_WAIT_2 = 2          # our FIN acknowledged; waiting for the peer's FIN
+    CLOSING = 3             # both FINs sent, ours not acknowledged yet (simultaneous close)
+    TIME_WAIT = 4           # both FINs acknowledged; held for 2*MSL to answer a lost ACK
+    LAST_ACK = 5            # passive close: the peer's FIN came first; our FIN not acknowledged
 
 
 class TdCounter(enum.IntEnum):
@@ -317,9 +317,11 @@ class TeardownEngine(wiring.Component):
         count_en = Signal()
         count_which = Signal(range(len(TdCounter)))
         delete_failed = Signal()
+        claimed_now = Signal()
         for c, counter in enumerate(counters):
-            if c == TdCounter.DELETE_FAILED:
-                with m.If(delete_failed):
+            if c in (TdCounter.DELETE_FAILED, TdCounter.CLAIMED):
+                # Counted on their own: they coincide with other counters.
+                with m.If(delete_failed if c == TdCounter.DELETE_FAILED else claimed_now):
                     m.d.sync += counter.eq(counter + 1)
             else:
                 with m.If(count_en & (count_which == c)):
@@ -593,6 +595,7 @@ class TeardownEngine(wiring.Component):
                                status_event=a_status_event),
                           st_wr, timers, tx_fifo, event_fifo, verdict_fifo, delete_fifo,
                           slot_pool, hold, count_en, count_which)
+                m.d.comb += claimed_now.eq((job == _Job.RX) & a_claimed)
                 m.next = "IDLE"
         return m
 
