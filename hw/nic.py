@@ -1,38 +1,51 @@
-"""The NIC top level (first version: connection setup offload, plain host streams).
+"""The NIC top level: connection setup and teardown offload, plain host streams.
 
 ::
 
-  mac_rx -> Parser --frames--------------------------------> RxDispatch --> host_rx
-                   \\--meta--> ConnTable lookup --+                ^         host_rx_meta
-                   \\--meta--> meta FIFO ---------+-> Handshake ---+ verdict
-                                                     engine --tx--> TxBuilder --+
-                                                        |                       +-> TxArbiter -> mac_tx
-  host_tx -> ChecksumInserter --------------------------|-----------------------+
-                                                        +--event--> event (host)
-                                                        +--established--> ConnTable INSERT
+  mac_rx -> Parser --frames-----------------------------------> RxDispatch --> host_rx
+                   \--meta--> ConnTable lookup --+                   ^         host_rx_meta
+                   \--meta--> meta FIFO ---------+-> Handshake -----+ verdict (the teardown
+                                                 |   engine ----+    | engine's when it claims
+                                                 +-> Teardown --|----+ the frame)
+                                                     engine ----+--tx headers--> TxBuilder --+
+                                                       |  ^      (+ held data)               |
+  host_tx -> ChecksumInserter -------------------------|--|-----------------> TxArbiter <----+
+                                                       |  |                       |
+        close, close_data (host CLOSE commands) -------|--+                     mac_tx
+        event <-- both engines' events ----------------+
+        table_cmd/table_resp: the host's, the NIC's inserts (established flows) and the
+        teardown engine's inserts/deletes share the table's command port
 
 Every received frame is parsed, its 4-tuple is looked up in the connection table (one
-lookup per frame, in order) and the handshake engine decides, from the metadata and the
-lookup, whether the frame goes to the host or is dropped and whether the NIC answers it
-(``hw.handshake``). When the engine reports an *established* connection, the NIC inserts
-its 4-tuple into the connection table as a host-owned flow (``FlowKind.HOST``), so that
-the connection's later segments go to the host instead of being checked as cookies. The
-host's own frames (``host_tx``) get their checksums completed and share ``mac_tx`` with
-the NIC's replies, a frame at a time.
+lookup per frame, in order), and the record goes to both engines at once:
+
+* the handshake engine (``hw.handshake``) decides, from the metadata and the lookup,
+  whether the frame goes to the host or is dropped and whether the NIC answers it (SYN
+  cookies, active opens). When it reports an *established* connection, the NIC inserts
+  its 4-tuple into the connection table as a host-owned flow (``FlowKind.HOST``), so that
+  the connection's later segments go to the host instead of being checked as cookies;
+* the teardown engine (``hw.teardown``) claims the segments of the flows it is closing
+  (``FlowKind.CLOSING``) and answers them; its verdict replaces the handshake engine's
+  for those frames (``Reason.FLOW`` on ``host_rx_meta`` for the few it delivers).
+
+The host's own frames (``host_tx``) get their checksums completed and share ``mac_tx``
+with the NIC's segments, a frame at a time.
 
 Until the host-interface issue lands, the host side is plain streams: ``control``
-(listeners, cookie key, CONNECT), ``event``, ``host_rx`` + ``host_rx_meta``, ``host_tx``, and
-``table_cmd``/``table_resp`` (the connection table's command port, shared with the
-NIC's own inserts; the NIC's inserts go first).
+(listeners, cookie key, CONNECT), ``close`` + ``close_data`` (CLOSE commands and their
+held data), ``event`` (both engines' events), ``host_rx`` + ``host_rx_meta``,
+``host_tx``, and ``table_cmd``/``table_resp`` (the connection table's command port,
+shared with the NIC's own inserts and the teardown engine's commands, which go first).
 
-Known limit: a segment that reaches the table lookup within about 60 cycles after the
+Known limits: a segment that reaches the table lookup within about 60 cycles after the
 final ACK of its own connection (before the insert lands) is checked as a cookie ACK,
-fails, and is dropped; the peer retransmits it.
+fails, and is dropped; the peer retransmits it. Likewise, segments looked up before a
+CLOSE's table entry lands go to the host, which has let the connection go.
 
 Ports: see ``__init__``; ``width`` is the datapath width (64 or 512 tested).
 """
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -42,24 +55,29 @@ from hw.checksum_insert import ChecksumInserter
 from hw.conn_table import FLOW_KEY, ConnTable, Op, command_layout, response_layout
 from hw.handshake import HANDSHAKE_IN, VERDICT, HandshakeEngine, Reason, control_layout
 from hw.headers import MAX_FRAME_BYTES
-from hw.metadata import EVENT, FLOW_VALUE, PARSER_META, FlowKind, FrameClass
+from hw.metadata import EVENT, FLOW_VALUE, PARSER_META, TX_HEADER, EventKind, FlowKind, FrameClass
 from hw.parser import Parser
 from hw.rx_dispatch import RxDispatch
 from hw.stream import packet_signature, struct_value
+from hw.stream_merge import StreamMerge
+from hw.teardown import (CLOSE_COMMAND, TEARDOWN_IN, TdCounter, TeardownEngine)
 from hw.tx_arbiter import TxArbiter
 
 __all__ = ["Nic"]
 
 
 class Nic(wiring.Component):
-    def __init__(self, width=64, entries=4096, listeners=16, max_frame_bytes=MAX_FRAME_BYTES):
+    def __init__(self, width=64, entries=4096, listeners=16, max_frame_bytes=MAX_FRAME_BYTES,
+                 teardown_slots=1024, teardown_buffers=16):
         self.width = width
         self.entries = entries
         self.listeners = listeners
         self.max_frame_bytes = max_frame_bytes
         self._table = ConnTable(entries=entries, value_width=FLOW_VALUE.size, stash=4,
-                                max_moves=256, state_width=8)
+                                max_moves=256, state_width=0)
         geo = self._table.geo
+        self._teardown = TeardownEngine(width, slots=teardown_slots, buffers=teardown_buffers,
+                                        table=geo)
         super().__init__({
             "mac_rx": In(packet_signature(width)),
             "mac_tx": Out(packet_signature(width)),
@@ -79,6 +97,15 @@ class Nic(wiring.Component):
             "flows": Out(range(geo.slots + 1)),
             "insert_failures": Out(32),
             "cut_frames": Out(32),
+            # teardown offload
+            "close": In(stream.Signature(CLOSE_COMMAND)),
+            "close_data": In(packet_signature(width)),
+            "tick_period": In(32), "fin_rto": In(32), "fin2_timeout": In(32),
+            "time_wait": In(32), "fin_retries": In(4),
+            "td_counters": Out(32 * len(TdCounter)),
+            "closing": Out(range(teardown_slots + 1)),
+            "timer_now": Out(32),
+            "ts_clock": Out(32),
         })
 
     def elaborate(self, platform):
@@ -87,6 +114,7 @@ class Nic(wiring.Component):
         m.submodules.parser = parser = Parser(w, self.max_frame_bytes)
         m.submodules.table = table = self._table
         m.submodules.engine = engine = HandshakeEngine(self.listeners)
+        m.submodules.teardown = teardown = self._teardown
         m.submodules.dispatch = dispatch = RxDispatch(w, self.max_frame_bytes)
         m.submodules.builder = builder = TxBuilder(w, self.max_frame_bytes)
         m.submodules.inserter = inserter = ChecksumInserter(w)
@@ -112,69 +140,118 @@ class Nic(wiring.Component):
             meta_fifo.w_data.eq(meta),
             parser.meta.ready.eq(table.i.ready & meta_fifo.w_rdy),
         ]
+        # Each record with its lookup result goes to both engines at once.
         waiting = PARSER_META(meta_fifo.r_data)
         both = table.o.valid & meta_fifo.r_rdy
         m.d.comb += [
-            engine.rx.valid.eq(both),
+            engine.rx.valid.eq(both & teardown.rx.ready),
             engine.rx.payload.eq(struct_value(HANDSHAKE_IN, {
                 "meta": meta_fifo.r_data, "ingress": 0,
                 "flow_hit": table.o.payload.hit & (waiting.frame_class == FrameClass.TCP)})),
-            table.o.ready.eq(engine.rx.ready & meta_fifo.r_rdy),
-            meta_fifo.r_en.eq(engine.rx.ready & table.o.valid),
+            teardown.rx.valid.eq(both & engine.rx.ready),
+            teardown.rx.payload.eq(struct_value(TEARDOWN_IN, {
+                "meta": meta_fifo.r_data, "ingress": 0, "hit": table.o.payload.hit,
+                "value": table.o.payload.value})),
+            table.o.ready.eq(engine.rx.ready & teardown.rx.ready & meta_fifo.r_rdy),
+            meta_fifo.r_en.eq(engine.rx.ready & teardown.rx.ready & table.o.valid),
         ]
-        wiring.connect(m, engine.verdict, dispatch.verdict)
+        # One verdict per frame from each engine; the teardown engine's wins when it
+        # claims the frame (a segment of a flow it is closing).
+        hs_verdict, td_verdict = engine.verdict, teardown.verdict
+        m.d.comb += [
+            dispatch.verdict.valid.eq(hs_verdict.valid & td_verdict.valid),
+            dispatch.verdict.payload.eq(Mux(
+                td_verdict.payload.claimed,
+                struct_value(VERDICT, {"to_host": td_verdict.payload.to_host,
+                                       "reason": Reason.FLOW}),
+                hs_verdict.payload.as_value())),
+            hs_verdict.ready.eq(td_verdict.valid & dispatch.verdict.ready),
+            td_verdict.ready.eq(hs_verdict.valid & dispatch.verdict.ready),
+        ]
         wiring.connect(m, wiring.flipped(self.control), engine.control)
         m.d.comb += [engine.cookie_period.eq(self.cookie_period),
                      engine.ts_period.eq(self.ts_period),
                      engine.rst_bad_cookie.eq(self.rst_bad_cookie),
                      engine.syn_rto.eq(self.syn_rto), engine.syn_retries.eq(self.syn_retries),
-                     self.counters.eq(engine.counters), self.flows.eq(table.count)]
+                     self.counters.eq(engine.counters), self.flows.eq(table.count),
+                     self.ts_clock.eq(engine.ts_clock)]
+        wiring.connect(m, wiring.flipped(self.close), teardown.close)
+        wiring.connect(m, wiring.flipped(self.close_data), teardown.close_data)
+        m.d.comb += [teardown.ts_clock.eq(engine.ts_clock),
+                     teardown.tick_period.eq(self.tick_period), teardown.fin_rto.eq(self.fin_rto),
+                     teardown.fin2_timeout.eq(self.fin2_timeout),
+                     teardown.time_wait.eq(self.time_wait),
+                     teardown.fin_retries.eq(self.fin_retries),
+                     self.td_counters.eq(teardown.counters), self.closing.eq(teardown.closing),
+                     self.timer_now.eq(teardown.now)]
 
         # ------------------------------------------------------------ events and inserts
-        # An established event goes to the host and its 4-tuple into the insert queue.
+        # Both engines' events go to the host; an established connection's 4-tuple also
+        # goes into the insert queue (the event waits until the queue has room).
         m.submodules.insert_fifo = insert_fifo = SyncFIFOBuffered(width=FLOW_KEY.size, depth=16)
+        m.submodules.event_merge = event_merge = StreamMerge(EVENT, inputs=2)
         ev = engine.event.payload
         m.d.comb += [
-            self.event.payload.eq(ev),
-            self.event.valid.eq(engine.event.valid & insert_fifo.w_rdy),
-            insert_fifo.w_en.eq(engine.event.valid & self.event.ready),
+            event_merge.i[0].valid.eq(engine.event.valid & insert_fifo.w_rdy),
+            event_merge.i[0].payload.eq(ev),
+            engine.event.ready.eq(event_merge.i[0].ready & insert_fifo.w_rdy),
+            insert_fifo.w_en.eq(engine.event.valid & engine.event.ready
+                                & (ev.kind == EventKind.ESTABLISHED)),
             insert_fifo.w_data.eq(struct_value(FLOW_KEY, {
                 "port": ev.ingress, "src": ev.peer_ip, "dst": ev.local_ip,
                 "sport": ev.peer_port, "dport": ev.local_port})),
-            engine.event.ready.eq(self.event.ready & insert_fifo.w_rdy),
         ]
-        # The table's command port: NIC inserts first, then host commands; a one-bit
-        # FIFO remembers who asked, so that each response goes back to its issuer.
-        m.submodules.issuer = issuer = SyncFIFOBuffered(width=1, depth=4)
-        nic_turn = insert_fifo.r_rdy
+        wiring.connect(m, teardown.event, event_merge.i[1])
+        wiring.connect(m, event_merge.o, wiring.flipped(self.event))
+
+        # The table's command port: NIC inserts first, then the teardown engine's
+        # commands, then the host's; a FIFO remembers who asked, so that each response
+        # goes back to its issuer.
+        NIC, TEARDOWN, HOST = 0, 1, 2
+        m.submodules.issuer = issuer = SyncFIFOBuffered(width=2, depth=4)
         insert_cmd = struct_value(command_layout(table.geo, FLOW_VALUE.size), {
             "op": Op.INSERT, "key": insert_fifo.r_data,
             "value": struct_value(FLOW_VALUE, {"kind": FlowKind.HOST})})
-        can_issue = issuer.w_rdy
+        who = Signal(2)
+        m.d.comb += who.eq(Mux(insert_fifo.r_rdy, NIC,
+                               Mux(teardown.table_cmd.valid, TEARDOWN, HOST)))
+        accepted = table.cmd.valid & table.cmd.ready
         m.d.comb += [
-            table.cmd.valid.eq(can_issue & (insert_fifo.r_rdy | self.table_cmd.valid)),
-            table.cmd.payload.eq(insert_cmd),
-            insert_fifo.r_en.eq(can_issue & table.cmd.ready),
-            self.table_cmd.ready.eq(can_issue & table.cmd.ready & ~nic_turn),
-            issuer.w_en.eq(table.cmd.valid & table.cmd.ready),
-            issuer.w_data.eq(nic_turn),
+            table.cmd.valid.eq(issuer.w_rdy & (insert_fifo.r_rdy | teardown.table_cmd.valid
+                                               | self.table_cmd.valid)),
+            table.cmd.payload.eq(Mux(who == NIC, insert_cmd,
+                                     Mux(who == TEARDOWN, teardown.table_cmd.payload.as_value(),
+                                         self.table_cmd.payload.as_value()))),
+            insert_fifo.r_en.eq(accepted & (who == NIC)),
+            teardown.table_cmd.ready.eq(issuer.w_rdy & table.cmd.ready & (who == TEARDOWN)),
+            self.table_cmd.ready.eq(issuer.w_rdy & table.cmd.ready & (who == HOST)),
+            issuer.w_en.eq(accepted),
+            issuer.w_data.eq(who),
         ]
-        with m.If(~nic_turn):
-            m.d.comb += table.cmd.payload.eq(self.table_cmd.payload)
-        from_nic = issuer.r_data[0]
+        asker = issuer.r_data
         m.d.comb += [
             self.table_resp.payload.eq(table.resp.payload),
-            self.table_resp.valid.eq(table.resp.valid & issuer.r_rdy & ~from_nic),
-            table.resp.ready.eq(issuer.r_rdy & (from_nic | self.table_resp.ready)),
+            teardown.table_resp.payload.eq(table.resp.payload),
+            self.table_resp.valid.eq(table.resp.valid & issuer.r_rdy & (asker == HOST)),
+            teardown.table_resp.valid.eq(table.resp.valid & issuer.r_rdy & (asker == TEARDOWN)),
+            table.resp.ready.eq(issuer.r_rdy & Mux(asker == NIC, 1,
+                                                   Mux(asker == TEARDOWN,
+                                                       teardown.table_resp.ready,
+                                                       self.table_resp.ready))),
             issuer.r_en.eq(table.resp.valid & table.resp.ready),
         ]
-        with m.If(table.resp.valid & table.resp.ready & from_nic
+        with m.If(table.resp.valid & table.resp.ready & (asker == NIC)
                   & (table.resp.payload.status != 0)):
             m.d.sync += self.insert_failures.eq(self.insert_failures + 1)
 
         # ------------------------------------------------------------ TX
-        wiring.connect(m, engine.tx, builder.header)
-        m.d.comb += builder.payload.valid.eq(0)
+        # Segments from both engines share the builder; only the teardown engine's carry
+        # data (its held data, on its own payload stream, in the order of its headers).
+        m.submodules.header_merge = header_merge = StreamMerge(TX_HEADER, inputs=2)
+        wiring.connect(m, engine.tx, header_merge.i[0])
+        wiring.connect(m, teardown.tx, header_merge.i[1])
+        wiring.connect(m, header_merge.o, builder.header)
+        wiring.connect(m, teardown.tx_payload, builder.payload)
         wiring.connect(m, wiring.flipped(self.host_tx), inserter.i)
         wiring.connect(m, builder.o, arbiter.i[0])
         wiring.connect(m, inserter.o, arbiter.i[1])

@@ -10,12 +10,13 @@ vector; ``pack_beat``/``unpack_beat`` convert between that integer and Python va
 using the field offsets of this same layout.
 """
 
-from amaranth.hdl import Cat, Const, Mux, Value
+from amaranth.hdl import Array, Cat, Const, Mux, Signal, Value
 from amaranth.lib import data, stream
 
 __all__ = ["SUPPORTED_WIDTHS", "packet_layout", "packet_signature",
            "beat_bytes", "frame_to_beats", "beats_to_frame", "pack_beat", "unpack_beat",
-           "pack_struct", "unpack_struct", "struct_value", "lowest_set", "one_hot_select"]
+           "pack_struct", "unpack_struct", "struct_value", "lowest_set", "one_hot_select",
+           "round_robin_grant"]
 
 #: Datapath widths in bits. 64 is 10G at 156.25 MHz, 512 the 100G class at 250 MHz.
 SUPPORTED_WIDTHS = (64, 128, 256, 512)
@@ -134,3 +135,18 @@ def one_hot_select(one_hot, values):
     for k, value in enumerate(values):
         result = result | Mux(one_hot[k], value, 0)
     return result
+
+
+def round_robin_grant(m, valids, last_served):
+    """The first index after ``last_served`` (a Signal), in round-robin order, whose valid
+    is set (``last_served`` itself last; any index when none is set), as a new Signal."""
+    n = len(valids)
+    grant = Signal(range(n))
+    candidates = Array(valids)
+    for offset in reversed(range(1, n + 1)):
+        k = Signal(range(n), name=f"candidate_{offset}")
+        m.d.comb += k.eq(Mux(last_served + offset >= n, last_served + offset - n,
+                             last_served + offset))
+        with m.If(candidates[k]):
+            m.d.comb += grant.eq(k)
+    return grant

@@ -14,7 +14,7 @@ from amaranth.hdl import Array, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.stream import packet_signature
+from hw.stream import packet_signature, round_robin_grant
 
 __all__ = ["TxArbiter"]
 
@@ -36,13 +36,7 @@ class TxArbiter(wiring.Component):
         last_served = Signal(range(n), init=n - 1)
 
         # The first waiting input after `last_served`, in round-robin order.
-        pick = Signal(range(n))
-        for offset in reversed(range(1, n + 1)):
-            k = Signal(range(n), name=f"candidate_{offset}")
-            m.d.comb += k.eq(Mux(last_served + offset >= n, last_served + offset - n,
-                                 last_served + offset))
-            with m.If(Array(port.valid for port in self.i)[k]):
-                m.d.comb += pick.eq(k)
+        pick = round_robin_grant(m, [port.valid for port in self.i], last_served)
         grant = Signal(range(n))
         m.d.comb += grant.eq(Mux(locked, owner, pick))
 

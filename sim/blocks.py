@@ -41,6 +41,8 @@ BLOCKS = {
                         "connection table: keyed 2x4-way cuckoo hash, one lookup per cycle"),
     "handshake": Block("hw.handshake:HandshakeEngine", {"listeners": 16},
                        "handshake engine: SYN cookies (SipHash-2-4), listen table, passive open"),
+    "teardown": Block("hw.teardown:TeardownEngine", {"width": 64, "slots": 1024, "buffers": 16},
+                      "teardown engine: FIN/RST/TIME_WAIT of closing flows, timers, held data"),
 }
 
 

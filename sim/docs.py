@@ -11,6 +11,7 @@ Pages in ``docs/`` carry blocks like::
 """
 
 import argparse
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ from pathlib import Path
 from amaranth.lib import data
 
 from hw.headers import HEADERS, TCP_OPTIONS
-from hw.metadata import ERROR_FLAGS, PARSER_META, TX_HEADER, FrameClass
+from hw.metadata import (ERROR_FLAGS, EVENT, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
+                         EventKind, FrameClass)
+from hw.teardown import CLOSE_COMMAND, TdCounter, TdState
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end generated -->)", re.S)
@@ -77,7 +80,26 @@ def errors_table():
     return "\n".join(rows) + "\n"
 
 
+def enum_table(cls):
+    """value | name | meaning, the meaning taken from the comment on each member's line."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        found = re.match(r"\s*(\w+)\s*=\s*[^#]+#\s*(.*)", line)
+        if found:
+            comments[found.group(1)] = found.group(2).strip()
+    rows = ["| value | name | meaning |", "|---:|---|---|"]
+    rows += [f"| {m.value} | `{m.name}` | {comments.get(m.name, '')} |" for m in cls]
+    return "\n".join(rows) + "\n"
+
+
 GENERATORS = {
+    "close_command": lambda: layout_doc(CLOSE_COMMAND),
+    "event": lambda: layout_doc(EVENT),
+    "event_kinds": lambda: enum_table(EventKind),
+    "close_status": lambda: enum_table(CloseStatus),
+    "close_reason": lambda: enum_table(CloseReason),
+    "td_counters": lambda: enum_table(TdCounter),
+    "td_states": lambda: enum_table(TdState),
     "headers": headers_table,
     "parser_meta": lambda: layout_doc(PARSER_META),
     "tx_header": lambda: layout_doc(TX_HEADER),

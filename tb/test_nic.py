@@ -65,9 +65,13 @@ class NicBench:
         self.host_rx_meta = StreamSink(bus, "host_rx_meta", stall=stall, rng=r())
         self.event = StreamSink(bus, "event", stall=stall, rng=r())
         self.table_resp = StreamSink(bus, "table_resp", stall=stall, rng=r())
+        self.close = StreamSource(bus, "close", stall=stall, rng=r())
+        self.close_data = StreamSource(bus, "close_data", stall=stall, rng=r())
         self.agents = [self.mac_rx, self.host_tx, self.control, self.table_cmd, self.mac_tx,
-                       self.host_rx, self.host_rx_meta, self.event, self.table_resp]
-        for port in ("cookie_period", "ts_period", "rst_bad_cookie", "syn_rto", "syn_retries"):
+                       self.host_rx, self.host_rx_meta, self.event, self.table_resp,
+                       self.close, self.close_data]
+        for port in ("cookie_period", "ts_period", "rst_bad_cookie", "syn_rto", "syn_retries",
+                     "tick_period", "fin_rto", "fin2_timeout", "time_wait", "fin_retries"):
             bus.set(port, 0)
 
     async def until(self, done, max_cycles=20000):
