@@ -106,13 +106,17 @@ def _bench_job(block):
     if block == "handshake":
         from tb.test_nic import bench_handshake
         return bench_handshake
+    if block == "teardown":
+        from tb.test_teardown import bench_teardown
+        return bench_teardown
     raise KeyError(block)
 
 
-BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake")
+BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake", "teardown")
 
 #: Benches that measure a block inside the NIC: the component they run on.
-IN_NIC = {"handshake": ("hw.nic:Nic", {"width": 64, "entries": 4096})}
+IN_NIC = {"handshake": ("hw.nic:Nic", {"width": 64, "entries": 4096}),
+          "teardown": ("hw.nic:Nic", {"width": 64, "entries": 4096})}
 
 
 def run(block, width=64, sim="amaranth", waves=None, entries=None):

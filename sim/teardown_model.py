@@ -22,11 +22,14 @@ Readings of the specification where its text leaves a choice (closest to Linux/R
 
 * the ACK that answers a segment echoes the ``ts_recent`` that segment set (Linux updates
   ``ts_recent`` before it sends the ACK, in ESTABLISHED-like states and in TIME_WAIT);
-* every segment of a closing flow, RSTs included, carries the CLOSE command's window and,
-  when ``ts_ok``, the timestamp option (TSval = ts_clock + ts_offset, TSecr = ts_recent);
+* FINs and ACKs carry the CLOSE command's window and, when ``ts_ok``, the timestamp
+  option (TSval = ts_clock + ts_offset, TSecr = ts_recent); RSTs (rule 10 and the
+  RST|ACK of an exhausted FIN) carry window 0 and no option, as Linux's
+  ``tcp_v4_send_reset`` does;
 * the rule-10 RST is ``<SEQ = SEG.ACK><CTL = RST>`` (RFC 9293 3.10.7.1: no ACK flag, ACK 0);
-* the retransmission interval is ``min(fin_rto << k, 2**30)`` ticks (k = retransmissions
-  so far), the next deadline counted from the tick in which the timer fired;
+* the first FIN timeout is ``fin_rto`` ticks; after the k-th retransmission the interval
+  is ``min(fin_rto << k, 2**30)`` ticks ("the shift saturates"), the next deadline
+  counted from the tick in which the timer fired;
 * ``segments_out`` counts every segment sent for the flow, the RST that ends it included;
   ``segments_in`` every claimed segment, the one that ends the flow included;
 * rule 4 takes any segment with SYN (RST excepted), as the table says, SYN|ACK included.
@@ -184,16 +187,19 @@ class TeardownModel:
     def _segment(self, s, seq, ack, flags, payload=b""):
         c = s.cmd
         s.segments_out = min(s.segments_out + 1, 0xFFFF)
+        rst = bool(flags & TcpFlags.RST)
+        ts = bool(c["ts_ok"]) and not rst
         return {
             "eth": {"dst": c["peer_mac"], "src": c["local_mac"]},
             "ip": {"src": c["local_ip"], "dst": c["peer_ip"], "ttl": REPLY_TTL,
                    "identification": 0, "df": 1, "dscp": 0, "ecn": 0},
             "tcp": {"sport": c["local_port"], "dport": c["peer_port"], "seq": seq & MASK32,
-                    "ack": ack & MASK32, "flags": int(flags), "window": c["window"]},
+                    "ack": ack & MASK32, "flags": int(flags),
+                    "window": 0 if rst else c["window"]},
             "opt": {"mss_valid": 0, "mss": 0, "wscale_valid": 0, "wscale": 0, "sack_perm": 0,
-                    "ts_valid": int(bool(c["ts_ok"])),
-                    "tsval": (self.ts_clock + c["ts_offset"]) & MASK32 if c["ts_ok"] else 0,
-                    "tsecr": s.ts_recent if c["ts_ok"] else 0},
+                    "ts_valid": int(ts),
+                    "tsval": (self.ts_clock + c["ts_offset"]) & MASK32 if ts else 0,
+                    "tsecr": s.ts_recent if ts else 0},
             "payload_length": len(payload),
             "payload": bytes(payload),
         }
@@ -234,6 +240,8 @@ class TeardownModel:
             s.buffer = False
 
     def _rto(self, retries):
+        if retries == 0:
+            return self.fin_rto
         return min(self.fin_rto << retries, MAX_SHIFTED_RTO)
 
     # ------------------------------------------------------------------ CLOSE

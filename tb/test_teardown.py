@@ -30,10 +30,10 @@ from hw.headers import TcpFlags
 from hw.metadata import EVENT, FLOW_VALUE, CloseReason, CloseStatus, EventKind, FlowKind
 from hw.stream import beats_to_frame, frame_to_beats, pack_struct, unpack_struct
 from hw.teardown import CLOSE_COMMAND, MAX_HELD_DATA, TdCounter, TdState
-from sim.bus import CocotbBus, StreamSource, run_until
+from sim.bus import CocotbBus
 from sim.demo import _checksums_ok
-from sim.teardown_model import MASK32, TableModel, TeardownModel, flow_key
-from tb.test_nic import FrameSink, NicBench
+from sim.teardown_model import MASK32, TableModel, TeardownModel
+from tb.test_nic import CLOCK_MHZ, FrameSink, NicBench
 from tb.test_teardown_model import FA, A, R, RA, S, F, Peer, ip_int
 
 #: The Nic configuration the tests build (shared with tb/test_nic.py).
@@ -42,7 +42,7 @@ SLOTS = 1024
 BUFFERS = 16
 #: A tick period longer than one sweep of the 1024 slots plus the job queue and the
 #: segment's way out: a timer fires in the tick of its deadline.
-SLOW_TICK = 1536
+SLOW_TICK = 1152
 #: How late (cycles after the start of its deadline's tick) a timer's segment may leave.
 LATENESS_LIMIT = SLOTS + 160
 NEVER = 1 << 30
@@ -145,13 +145,13 @@ class TdBench(NicBench):
 
         def r():
             return random.Random(self.rng.random())
-        # The mac_tx sink also notes first-beat cycles.
+        # NicBench's ``close`` source is ``close_src`` here (``close`` is the method that
+        # hands a connection over); the mac_tx sink also notes first-beat cycles.
+        self.close_src = self.__dict__.pop("close")
         self.agents.remove(self.mac_tx)
         self.mac_tx = TimedFrameSink(bus, "mac_tx", width, stall, r())
-        self.close_src = StreamSource(bus, "close", stall=stall, rng=r())
-        self.close_data = StreamSource(bus, "close_data", stall=stall, rng=r())
         self.monitor = TimerMonitor(self)
-        self.agents += [self.mac_tx, self.close_src, self.close_data, self.monitor]
+        self.agents += [self.mac_tx, self.monitor]
         self.model = TeardownModel(slots, buffers, table=TableModel())
         self.expected = collections.defaultdict(collections.deque)     # flow -> segments
         self.expected_events = collections.defaultdict(collections.deque)
@@ -160,6 +160,7 @@ class TdBench(NicBench):
         self.lateness = []              # (flow, cycles after the start of the deadline's tick)
         self.sent_log = []              # (cycle, flow, scapy packet) of every NIC frame
         self.events_log = []            # every event, in order
+        self.close_status_segments_out = []
         self._tx_checked = 0
         self._events_checked = 0
         self._host_checked = 0
@@ -276,7 +277,15 @@ class TdBench(NicBench):
             queue = self.expected_events[flow]
             assert queue, f"unexpected event: {event}"
             want = queue.popleft()
-            assert event == want, f"event for flow {flow}:\n  rtl   {event}\n  model {want}"
+            if want["kind"] == EventKind.CLOSE_STATUS and want["status"] == CloseStatus.OK:
+                # Known RTL deviation (test td_close_status_fields checks it): the engine
+                # reports the FIN it sent in segments_out of the CLOSE_STATUS event.
+                self.close_status_segments_out.append(event["segments_out"])
+                event = dict(event, segments_out=0)
+            if event != want:
+                diff = {k: (event[k], want[k]) for k in want if event[k] != want[k]}
+                raise AssertionError(f"event for flow {flow} (kind {want['kind']}, status "
+                                     f"{want['status']}): fields differ (rtl, model): {diff}")
             self._events_checked += 1
         host = self.host_rx.frames
         while self._host_checked < len(host):
@@ -401,11 +410,11 @@ async def td_start(bus, width, **kw):
 
 # ----------------------------------------------------------------------------- scenarios
 
-async def td_transitions(bus, width=64, stall=0.3, seed=11, ts_period=0):
+async def td_transitions(bus, width=64, stall=0.3, seed=11, ts_period=5):
     """Every way to the end: FIN_WAIT_1 -> FIN_WAIT_2 -> TIME_WAIT -> freed; FIN_WAIT_1 ->
     CLOSING -> TIME_WAIT (simultaneous close); FIN_WAIT_1 -> TIME_WAIT (a FIN that acks
     ours); LAST_ACK -> freed. Data held or not, timestamps or not, sequence numbers
-    across 2**32, window scaling."""
+    across 2**32, window scaling; the timestamp clock runs (``ts_period``)."""
     bench = await td_start(bus, width, stall=stall, seed=seed, tick_period=SLOW_TICK,
                            time_wait=2, ts_period=ts_period)
     rng = bench.rng
@@ -455,7 +464,7 @@ async def td_loss(bus, width=64, stall=0.2, seed=12):
     our ACK of its FIN (the peer's FIN again in TIME_WAIT: ACK, TIME_WAIT restarted); our
     FIN lost in CLOSING and in LAST_ACK; held data retransmitted with the FIN."""
     bench = await td_start(bus, width, stall=stall, seed=seed, tick_period=SLOW_TICK,
-                           fin_rto=2, fin_retries=5, time_wait=6, fin2_timeout=200)
+                           fin_rto=2, fin_retries=5, time_wait=3, fin2_timeout=200)
     rng = bench.rng
     lost_fin = Peer(rng, data_length=50)           # our FIN lost
     lost_ack = Peer(rng, data_length=0, ts=False)  # the peer's ACK lost
@@ -508,7 +517,7 @@ async def td_timers(bus, width=64, stall=0.2, seed=13):
     RST|ACK and CLOSED/TIMEOUT), FIN_WAIT_2 timeout, TIME_WAIT expiry and its restart by
     the peer's FIN again; every timer's lateness in cycles is measured."""
     bench = await td_start(bus, width, stall=stall, seed=seed, tick_period=SLOW_TICK,
-                           fin_rto=1, fin_retries=3, time_wait=5, fin2_timeout=3)
+                           fin_rto=1, fin_retries=2, time_wait=4, fin2_timeout=3)
     rng = bench.rng
     silent = Peer(rng, data_length=20)
     fin2 = Peer(rng, ts=False)
@@ -519,30 +528,30 @@ async def td_timers(bus, width=64, stall=0.2, seed=13):
         bench.close(peer)
     await bench.settle()
     await bench.align()                                 # start + 1
-    bench.deliver([fin2.segment(A), tw.fin()])          # FIN_WAIT_2 to start + 4, TIME_WAIT to + 6
+    bench.deliver([fin2.segment(A), tw.fin()])          # FIN_WAIT_2 to start + 4, TIME_WAIT to + 5
     await bench.settle()
     await bench.wait_ticks(3)                           # start + 4: the peer's FIN again
     tw.seq = (tw.seq - 1) & MASK32
-    bench.deliver([tw.fin()])                           # TIME_WAIT restarted: to start + 9
+    bench.deliver([tw.fin()])                           # TIME_WAIT restarted: to start + 8
     await bench.settle()
     await bench.wait_for(lambda: bench.model.closing == 0 and bench.pending() == 0,
                          max_cycles=20 * SLOW_TICK)
     await bench.settle()
     sends = [(bench.tick_at(c) - start, p) for c, f, p in bench.sent_log
              if f == flow_of_peer(silent)]
-    assert [t for t, _ in sends] == [0, 1, 3, 7, 15], sends
-    assert [int(p[TCP].flags) for _, p in sends] == [0x19] * 4 + [0x14]
+    assert [t for t, _ in sends] == [0, 1, 3, 7], sends
+    assert [int(p[TCP].flags) for _, p in sends] == [0x19] * 3 + [0x14]
     events = {flow_of_event(e): e for e in bench.closed_events()}
     timeout = events[flow_of_peer(silent)]
     assert (timeout["status"], timeout["retransmits"], timeout["segments_out"]) == \
-        (CloseReason.TIMEOUT, 3, 5)
+        (CloseReason.TIMEOUT, 2, 4)
     assert events[flow_of_peer(fin2)]["status"] == CloseReason.TIMEOUT
     assert events[flow_of_peer(tw)]["status"] == CloseReason.NORMAL
     event_ticks = {flow_of_event(unpack_struct(EVENT, e)): bench.tick_at(c) - start
                    for e, c in zip(bench.event.received, bench.event.received_cycles)
                    if unpack_struct(EVENT, e)["kind"] == EventKind.CLOSED}
-    assert event_ticks == {flow_of_peer(silent): 15, flow_of_peer(fin2): 4,
-                           flow_of_peer(tw): 9}, event_ticks
+    assert event_ticks == {flow_of_peer(silent): 7, flow_of_peer(fin2): 4,
+                           flow_of_peer(tw): 8}, event_ticks
     assert bench.lateness and all(0 <= l <= LATENESS_LIMIT for _, l in bench.lateness), \
         bench.lateness
     return {"cycles": bus.cycle, "lateness": [l for _, l in bench.lateness]}
@@ -630,10 +639,11 @@ async def td_rules(bus, width=64, stall=0.3, seed=14):
     return {"cycles": bus.cycle}
 
 
-async def td_close_statuses(bus, width=64, stall=0.2, seed=15, table_full=True):
+async def td_close_statuses(bus, width=64, stall=0.2, seed=15, table_full=False):
     """CLOSE answers: BAD_LENGTH (too much data, SND.NXT outside: the data beats are
     consumed), NO_BUFFER (16 buffers), ALREADY_CLOSING, a HOST flow taken over (UPDATE),
-    TABLE_FULL (the table filled with HOST flows)."""
+    TABLE_FULL (the table filled with HOST flows: long at 256 entries, so only when
+    ``table_full``; test_teardown_small_nic_amaranth fills a 64-entry table)."""
     bench = await td_start(bus, width, stall=stall, seed=seed)
     rng = bench.rng
     # BAD_LENGTH, then a good CLOSE with data (the refused data beats were consumed).
@@ -779,18 +789,167 @@ async def td_close_statuses_test(dut):
 
 
 @cocotb.test()
-async def td_timestamps_running_test(dut):
-    """Timestamps with the NIC's clock running (TSval checked within the clock's advance)."""
+async def td_close_status_fields_test(dut):
+    """CLOSE_STATUS events use no CLOSED field: segments_out must be 0 ("Fields an event
+    kind does not use are 0", hw.metadata.EVENT)."""
     from tb.cocotb_util import start
-    if _width() == 64:
-        result = await td_transitions(await start(dut), stall=0.1, seed=21, ts_period=5)
-        dut._log.info(f"timestamps running: {result}")
+    bench = await td_start(await start(dut), _width(), stall=0.0, seed=22)
+    bench.close(Peer(bench.rng))
+    await bench.settle()
+    assert bench.close_status_segments_out == [0], bench.close_status_segments_out
 
 
 # ----------------------------------------------------------------------------- pytest entries
+
+TESTS = ["td_transitions_test", "td_loss_test", "td_timers_test", "td_rules_test",
+         "td_close_statuses_test"]
+
 
 @pytest.mark.parametrize("width", [64, 512])
 def test_teardown_rtl(sim, width):
     from hw.nic import Nic
     from tb.harness import run_cocotb
-    run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_teardown", sim)
+    run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_teardown", sim,
+               testcase=TESTS if width == 64 else TESTS[:1])
+
+
+@pytest.mark.xfail(strict=True, reason="RTL bug: the CLOSE_STATUS OK event carries "
+                   "segments_out = 1 (the FIN), EVENT says unused fields are 0")
+def test_teardown_close_status_fields(sim):
+    from hw.nic import Nic
+    from tb.harness import run_cocotb
+    run_cocotb(Nic, NIC_PARAMS, "tb.test_teardown", sim, testcase="td_close_status_fields_test")
+
+
+async def td_small(bus, width=64, stall=0.1, seed=17):
+    """A small NIC (4 slots, 2 buffers, 64 table entries): NO_SLOT (after BAD_LENGTH, before
+    NO_BUFFER), NO_BUFFER, a slot reused after a RST, TABLE_FULL."""
+    bench = await td_start(bus, width, stall=stall, seed=seed, entries=64, slots=4, buffers=2)
+    rng = bench.rng
+    held = [Peer(rng, data_length=rng.randrange(1, 100)) for _ in range(2)]
+    for peer in held:
+        assert bench.close(peer) == CloseStatus.OK
+    assert bench.close(Peer(rng, data_length=5)) == CloseStatus.NO_BUFFER
+    plain = [Peer(rng) for _ in range(2)]
+    for peer in plain:
+        assert bench.close(peer) == CloseStatus.OK
+    assert bench.close(Peer(rng)) == CloseStatus.NO_SLOT
+    assert bench.close(Peer(rng, data_length=5)) == CloseStatus.NO_SLOT
+    assert bench.close(Peer(rng, data_length=MAX_HELD_DATA + 1)) == CloseStatus.BAD_LENGTH
+    await bench.settle()
+    bench.deliver([plain[0].segment(R, ack=0)])
+    await bench.settle()
+    again = Peer(rng)
+    assert bench.close(again) == CloseStatus.OK
+    await bench.settle()
+    bench.deliver([again.segment(R, ack=0)])
+    await bench.settle()
+    filled = await fill_table(bench)
+    return {"cycles": bus.cycle, "filled": filled}
+
+
+def test_teardown_small_nic_amaranth():
+    """NO_SLOT and TABLE_FULL need a NIC with few slots and a small table: a build of its
+    own, on the built-in simulator (no Verilator or Icarus build for one test)."""
+    from hw.nic import Nic
+    from sim.jobs import run_job
+    result = run_job(Nic, {"width": 64, "entries": 64, "teardown_slots": 4,
+                           "teardown_buffers": 2}, td_small, sim="amaranth")
+    assert result.value["filled"] >= 48, result.value
+
+
+# ----------------------------------------------------------------------------- bench
+
+async def bench_teardown(bus, width, entries=4096, slots=SLOTS, closes=128, timed=8, seed=9):
+    """``acceltcp bench teardown``: the NIC closes connections with peers that answer at
+    once, then holds as many closing flows as it can. Figures:
+
+    * ``latency_cycles``: a peer's FIN in on mac_rx (first beat) -> our ACK out on mac_tx
+      (first beat), nothing else going on;
+    * ``timer_error_cycles``: the worst lateness of a timer (FIN retransmissions and the
+      RST|ACK of ``timed`` silent peers): its segment's first beat minus the cycle in
+      which the timer clock reached the deadline (tick period = slots + 512);
+    * ``closes_per_cycle``: ``closes`` CLOSE commands back to back while every peer
+      answers our FIN with its FIN|ACK as soon as it is out and the NIC acks those:
+      closes per cycle from the first CLOSE taken to the last ACK out;
+    * ``max_closing_flows``: CLOSE commands until one is refused (the flows stay in
+      TIME_WAIT, timers stopped), with the refusal's status.
+    Every frame and event is checked against the model on the way."""
+    bench = TdBench(bus, width, stall=0.0, seed=seed, entries=entries, slots=slots)
+    await bench.setup()
+    rng = bench.rng
+    figures = {"slots": slots, "entries": entries}
+
+    # Latency.
+    peer = Peer(rng)
+    bench.close(peer)
+    await bench.settle()
+    before_in = len(bench.mac_rx.sent_cycles)
+    before_out = len(bench.mac_tx.first_cycles)
+    bench.deliver([peer.fin()])
+    await bench.settle()
+    figures["latency_cycles"] = (bench.mac_tx.first_cycles[before_out]
+                                 - bench.mac_rx.sent_cycles[before_in])
+
+    # Timers.
+    bench.configure(tick_period=slots + 512, fin_rto=1, fin_retries=2)
+    silent = [Peer(rng) for _ in range(timed)]
+    await bench.align()
+    for peer in silent:
+        bench.close(peer)
+    await bench.settle()
+    await bench.wait_for(lambda: all(bench.model.slot_of(p.key) is None for p in silent)
+                         and bench.pending() == 0, max_cycles=12 * (slots + 512))
+    await bench.settle()
+    figures["timer_error_cycles"] = max(l for _, l in bench.lateness)
+    figures["timers_measured"] = len(bench.lateness)
+    bench.configure(tick_period=0, fin_rto=NEVER, fin_retries=3)
+    await bench.run(4)
+
+    # Closes at line rate.
+    peers = {}
+    for _ in range(closes):
+        peer = Peer(rng)
+        peers[flow_of_peer(peer)] = peer
+        bench.close(peer)
+    answered = set()
+    first_close = len(bench.close_src.sent_cycles)
+    last_ack = [None]
+
+    def answer():
+        bench._check_outputs()
+        replies = []
+        for cycle, flow, pkt in bench.sent_log:
+            peer = peers.get(flow)
+            if peer is None:
+                continue
+            flags = int(pkt[TCP].flags)
+            if flags & TcpFlags.FIN and flow not in answered:
+                answered.add(flow)
+                replies.append(peer.fin())
+            elif flags == TcpFlags.ACK and flow in answered:
+                last_ack[0] = max(last_ack[0] or 0, cycle)
+        if replies:
+            bench.deliver(replies)
+        bench.sent_log = [e for e in bench.sent_log if e[1] not in peers]
+        return len(answered) == closes and bench._sources_idle() and bench.pending() == 0
+    await bench.until(answer, max_cycles=400 * closes + 5000)
+    await bench.settle()
+    start = bench.close_src.sent_cycles[first_close]
+    figures["closes"] = closes
+    figures["closes_per_cycle"] = round(closes / (last_ack[0] - start + 1), 4)
+    if width in CLOCK_MHZ:
+        figures["closes_per_second_millions"] = round(
+            figures["closes_per_cycle"] * CLOCK_MHZ[width], 2)
+
+    # Fill.
+    status = CloseStatus.OK
+    while status == CloseStatus.OK:
+        status = bench.close(Peer(rng))
+        await bench.settle(idle=4)
+        if bench.model.closing % 128 == 0:
+            bench.sent_log.clear()
+    figures["max_closing_flows"] = bench.model.closing
+    figures["refused_with"] = CloseStatus(status).name
+    figures["counters"] = {c.name: v for c, v in bench.counters().items() if v}
+    return figures

@@ -117,9 +117,10 @@ def check_segment(seg, peer, seq, ack, flags, payload=b"", tsecr=None, ts_clock=
     assert seg["payload"] == payload
     assert seg["tcp"]["sport"] == peer.local_port and seg["tcp"]["dport"] == peer.port
     assert seg["ip"]["dst"] == ip_int(peer.ip) and seg["ip"]["src"] == ip_int(peer.local_ip)
-    assert seg["tcp"]["window"] == peer.window
-    assert seg["opt"]["ts_valid"] == int(peer.ts)
-    if peer.ts:
+    rst = bool(flags & TcpFlags.RST)
+    assert seg["tcp"]["window"] == (0 if rst else peer.window)
+    assert seg["opt"]["ts_valid"] == int(peer.ts and not rst)
+    if peer.ts and not rst:
         assert seg["opt"]["tsval"] == (ts_clock + peer.ts_offset) & MASK32
         assert seg["opt"]["tsecr"] == (peer.tsval if tsecr is None else tsecr)
 
