@@ -28,7 +28,7 @@ from scapy.layers.l2 import Ether
 from hw.conn_table import Op, Status
 from hw.headers import TcpFlags
 from hw.metadata import EVENT, FLOW_VALUE, CloseReason, CloseStatus, EventKind, FlowKind
-from hw.stream import beats_to_frame, frame_to_beats, pack_struct, unpack_struct
+from hw.stream import beats_to_frame, frame_to_beats, pack_struct, packet_layout, unpack_struct
 from hw.teardown import CLOSE_COMMAND, MAX_HELD_DATA, TdCounter, TdState
 from sim.bus import CocotbBus
 from sim.demo import _checksums_ok
@@ -194,8 +194,10 @@ class TdBench(NicBench):
         for event in out.events:
             self.expected_events[flow_of_event(event)].append(event)
 
-    def close(self, peer, data=None, **overrides):
-        """The host's CLOSE for ``peer``'s connection; returns the model's status."""
+    def close(self, peer, data=None, mangle=False, **overrides):
+        """The host's CLOSE for ``peer``'s connection; returns the model's status.
+        ``mangle``: the data beats have random ``keep`` and ``last`` and junk after the
+        data (the engine counts beats by ``data_length`` and must ignore all three)."""
         cmd = peer.command(**overrides)
         length = cmd["data_length"]
         if data is None:
@@ -205,7 +207,14 @@ class TdBench(NicBench):
         self._expect(out)
         self.close_src.send([pack_struct(CLOSE_COMMAND, **cmd)])
         if length:
-            self.close_data.send(frame_to_beats(data, self.width))
+            beats = frame_to_beats(data, self.width)
+            if mangle:
+                nb = self.width // 8
+                beats = [pack_struct(packet_layout(self.width),
+                                     data=int.from_bytes(data[i:i + nb].ljust(nb, b"\xa5"), "little"),
+                                     keep=self.rng.getrandbits(nb), last=self.rng.getrandbits(1))
+                         for i in range(0, len(data), nb)]
+            self.close_data.send(beats)
         return out.status
 
     def deliver(self, frames):
@@ -526,13 +535,14 @@ async def td_timers(bus, width=64, stall=0.2, seed=13):
     start = bench.now
     for peer in (silent, fin2, tw):
         bench.close(peer)
+    await bench.settle(idle=8)
+    # Still in tick `start` (the FIN timers expire at start + 1):
+    bench.deliver([fin2.segment(A), tw.fin()])          # FIN_WAIT_2 to start + 3, TIME_WAIT to + 4
     await bench.settle()
-    await bench.align()                                 # start + 1
-    bench.deliver([fin2.segment(A), tw.fin()])          # FIN_WAIT_2 to start + 4, TIME_WAIT to + 5
-    await bench.settle()
-    await bench.wait_ticks(3)                           # start + 4: the peer's FIN again
+    assert bench.now == start
+    await bench.wait_ticks(2)                           # start + 2: the peer's FIN again
     tw.seq = (tw.seq - 1) & MASK32
-    bench.deliver([tw.fin()])                           # TIME_WAIT restarted: to start + 8
+    bench.deliver([tw.fin()])                           # TIME_WAIT restarted: to start + 6
     await bench.settle()
     await bench.wait_for(lambda: bench.model.closing == 0 and bench.pending() == 0,
                          max_cycles=20 * SLOW_TICK)
@@ -541,6 +551,11 @@ async def td_timers(bus, width=64, stall=0.2, seed=13):
              if f == flow_of_peer(silent)]
     assert [t for t, _ in sends] == [0, 1, 3, 7], sends
     assert [int(p[TCP].flags) for _, p in sends] == [0x19] * 3 + [0x14]
+    # In cycles: send k+1 follows send k by (fin_rto << k) ticks, within one sweep.
+    cycles = [c for c, f, _ in bench.sent_log if f == flow_of_peer(silent)]
+    for k, (before, after) in enumerate(zip(cycles, cycles[1:])):
+        interval = (1 << k) * SLOW_TICK
+        assert abs(after - before - interval) <= LATENESS_LIMIT, (k, after - before, interval)
     events = {flow_of_event(e): e for e in bench.closed_events()}
     timeout = events[flow_of_peer(silent)]
     assert (timeout["status"], timeout["retransmits"], timeout["segments_out"]) == \
@@ -550,8 +565,8 @@ async def td_timers(bus, width=64, stall=0.2, seed=13):
     event_ticks = {flow_of_event(unpack_struct(EVENT, e)): bench.tick_at(c) - start
                    for e, c in zip(bench.event.received, bench.event.received_cycles)
                    if unpack_struct(EVENT, e)["kind"] == EventKind.CLOSED}
-    assert event_ticks == {flow_of_peer(silent): 7, flow_of_peer(fin2): 4,
-                           flow_of_peer(tw): 8}, event_ticks
+    assert event_ticks == {flow_of_peer(silent): 7, flow_of_peer(fin2): 3,
+                           flow_of_peer(tw): 6}, event_ticks
     assert bench.lateness and all(0 <= l <= LATENESS_LIMIT for _, l in bench.lateness), \
         bench.lateness
     return {"cycles": bus.cycle, "lateness": [l for _, l in bench.lateness]}
@@ -656,8 +671,8 @@ async def td_close_statuses(bus, width=64, stall=0.2, seed=15, table_full=False)
     await bench.settle()
     # NO_BUFFER: 15 more closes with data fill the 16 buffers.
     holders = [Peer(rng, data_length=rng.randrange(1, 200)) for _ in range(BUFFERS - 1)]
-    for peer in holders:
-        assert bench.close(peer) == CloseStatus.OK
+    for k, peer in enumerate(holders):
+        assert bench.close(peer, mangle=k % 2 == 1) == CloseStatus.OK
     extra = Peer(rng, data_length=10)
     assert bench.close(extra) == CloseStatus.NO_BUFFER
     plain = Peer(rng)
@@ -671,6 +686,8 @@ async def td_close_statuses(bus, width=64, stall=0.2, seed=15, table_full=False)
     assert bench.close(holders[1]) == CloseStatus.NO_BUFFER
     assert bench.close(holders[0], data=b"", data_length=0,
                        snd_nxt=holders[0].snd_una) == CloseStatus.ALREADY_CLOSING
+    await bench.settle()
+    bench.deliver([holders[2].segment(A)])               # a buffer for the next one
     await bench.settle()
     # A HOST flow: its segments go to the host, then the host closes it through the NIC.
     host = Peer(rng, data_length=64)
