@@ -470,8 +470,9 @@ async def td_transitions(bus, width=64, stall=0.3, seed=11, ts_period=5):
 async def td_loss(bus, width=64, stall=0.2, seed=12):
     """Each segment of a close lost once, and the recovery: our FIN (retransmitted), the
     peer's ACK (our FIN again, the peer acks again), the peer's FIN (it retransmits it),
-    our ACK of its FIN (the peer's FIN again in TIME_WAIT: ACK, TIME_WAIT restarted); our
-    FIN lost in CLOSING and in LAST_ACK; held data retransmitted with the FIN."""
+    our ACK of its FIN (the peer's FIN again in TIME_WAIT: ACK, TIME_WAIT restarted; in
+    CLOSING: ACK); our FIN lost in CLOSING and in LAST_ACK; held data retransmitted with
+    the FIN."""
     bench = await td_start(bus, width, stall=stall, seed=seed, tick_period=SLOW_TICK,
                            fin_rto=2, fin_retries=5, time_wait=3, fin2_timeout=200)
     rng = bench.rng
@@ -503,6 +504,10 @@ async def td_loss(bus, width=64, stall=0.2, seed=12):
     lost_pfin.seq = (lost_pfin.seq - 1) & MASK32
     lost_our_ack.seq = (lost_our_ack.seq - 1) & MASK32
     await bench.align()                                         # start + 3
+    # closing's peer did not get our ACK of its FIN either: its FIN again, in CLOSING
+    # (rule 7: ACK), then its ACK of our retransmitted FIN.
+    closing.seq = (closing.seq - 1) & MASK32
+    bench.deliver([closing.fin(ack=closing.snd_una)])
     bench.deliver([lost_fin.fin(), lost_ack.segment(A), closing.segment(A),
                    last_ack.segment(A), lost_pfin.fin(), lost_our_ack.fin()])
     await bench.settle()
