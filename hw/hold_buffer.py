@@ -21,6 +21,7 @@ Ports
   job       In(stream of HOLD_JOB)
   o         Out(packet stream)
   free      Out(range(buffers + 1))      buffers in the pool
+  job_level Out(range(job_depth + 1))    jobs queued
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
@@ -53,6 +54,7 @@ class HoldBuffer(wiring.Component):
             "job": In(stream.Signature(self.job_layout)),
             "o": Out(packet_signature(width)),
             "free": Out(range(buffers + 1)),
+            "job_level": Out(range(job_depth + 1)),
         })
 
     def elaborate(self, platform):
@@ -75,7 +77,7 @@ class HoldBuffer(wiring.Component):
         m.submodules.jobs = jobs = SyncFIFOBuffered(width=self.job_layout.size,
                                                     depth=self.job_depth)
         m.d.comb += [jobs.w_en.eq(self.job.valid), jobs.w_data.eq(self.job.payload),
-                     self.job.ready.eq(jobs.w_rdy)]
+                     self.job.ready.eq(jobs.w_rdy), self.job_level.eq(jobs.level)]
         job = data.View(self.job_layout, jobs.r_data)
 
         # The reader: one job at a time; a beat is read only when the output FIFO has room

@@ -257,7 +257,7 @@ class TeardownEngine(wiring.Component):
         self.state_layout = slot_state_layout(buffers)
         #: Cycles of one segment's processing (accept -> state written): the engine
         #: takes a segment of a closing flow every ``JOB_CYCLES`` cycles at most.
-        self.job_cycles = 4
+        self.job_cycles = 6
         super().__init__({
             "rx": In(stream.Signature(TEARDOWN_IN)),
             "verdict": Out(stream.Signature(TEARDOWN_VERDICT)),
@@ -308,9 +308,15 @@ class TeardownEngine(wiring.Component):
                            (verdict_fifo, self.verdict)):
             m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data),
                          fifo.r_en.eq(port.ready)]
+        # Room for one more entry in every output queue, from registered levels: a job
+        # writes at most one entry to each, and the levels lag by one cycle, so two free
+        # entries a cycle ago mean at least one now.
         room = Signal()
-        m.d.comb += room.eq(tx_fifo.w_rdy & event_fifo.w_rdy & verdict_fifo.w_rdy
-                            & delete_fifo.w_rdy & hold.job.ready)
+        m.d.sync += room.eq((tx_fifo.level < tx_fifo.depth - 2)
+                            & (event_fifo.level < event_fifo.depth - 2)
+                            & (verdict_fifo.level < verdict_fifo.depth - 2)
+                            & (delete_fifo.level < delete_fifo.depth - 2)
+                            & (hold.job_level < hold.job_depth - 2))
 
         counters = [Signal(32, name=f"count_{c.name.lower()}") for c in TdCounter]
         m.d.comb += self.counters.eq(Cat(*counters))
@@ -343,9 +349,10 @@ class TeardownEngine(wiring.Component):
         value = struct_value(FLOW_VALUE, {"kind": FlowKind.CLOSING, "slot": i_slot})
         cmd_layout = command_layout(self.geo, FLOW_VALUE.size)
         resp = self.table_resp.payload
-        bad_length = Signal()
-        m.d.comb += bad_length.eq((cmd.data_length > self.max_data)
-                                  | ((cmd.snd_nxt - cmd.snd_una)[:32] > cmd.data_length))
+        bad_length, has_data = Signal(), Signal()
+        take_slot, take_buffer = Signal(), Signal()
+        m.d.sync += [take_slot.eq(0), take_buffer.eq(0)]
+        m.d.comb += [slot_pool.alloc.ready.eq(take_slot), hold.alloc.ready.eq(take_buffer)]
         m.d.comb += [hold.wr_buffer.eq(i_buffer), hold.wr_beat.eq(beat_index),
                      hold.wr_data.eq(self.close_data.payload.data)]
 
@@ -356,7 +363,12 @@ class TeardownEngine(wiring.Component):
                 with m.Elif(self.close.valid):
                     m.d.comb += self.close.ready.eq(1)
                     m.d.sync += cmd.eq(self.close.payload)
-                    m.next = "CHECK"
+                    m.next = "LENGTHS"
+            with m.State("LENGTHS"):
+                m.d.sync += [bad_length.eq((cmd.data_length > self.max_data)
+                                           | ((cmd.snd_nxt - cmd.snd_una)[:32] > cmd.data_length)),
+                             has_data.eq(cmd.data_length != 0)]
+                m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.sync += [beats_left.eq((cmd.data_length + nb - 1) >> (nb.bit_length() - 1)),
                              beat_index.eq(0), own_slot.eq(0), own_buffer.eq(0),
@@ -366,13 +378,14 @@ class TeardownEngine(wiring.Component):
                     m.d.sync += i_status.eq(CloseStatus.BAD_LENGTH)
                 with m.Elif(~slot_pool.alloc.valid):
                     m.d.sync += i_status.eq(CloseStatus.NO_SLOT)
-                with m.Elif((cmd.data_length != 0) & ~hold.alloc.valid):
+                with m.Elif(has_data & ~hold.alloc.valid):
                     m.d.sync += i_status.eq(CloseStatus.NO_BUFFER)
                 with m.Else():
+                    # The slot and buffer shown now are taken at the next edge but one
+                    # (from registers: nothing else takes from these pools).
                     m.d.sync += [i_status.eq(CloseStatus.OK), own_slot.eq(1),
-                                 own_buffer.eq(cmd.data_length != 0)]
-                    m.d.comb += [slot_pool.alloc.ready.eq(1),
-                                 hold.alloc.ready.eq(cmd.data_length != 0)]
+                                 own_buffer.eq(has_data), take_slot.eq(1),
+                                 take_buffer.eq(has_data)]
                 m.next = "DATA"
             with m.State("DATA"):
                 with m.If(beats_left == 0):
@@ -416,7 +429,7 @@ class TeardownEngine(wiring.Component):
                         m.d.sync += i_status.eq(CloseStatus.TABLE_ERROR)
                     m.next = "REPORT"
             with m.State("REPORT"):
-                m.d.comb += handoff.eq(1)
+                m.d.sync += handoff.eq(~handoff_taken)
                 with m.If(handoff_taken):
                     m.next = "IDLE"
             with m.State("DELETE"):
@@ -455,7 +468,10 @@ class TeardownEngine(wiring.Component):
         c_d, c_wnd, c_last, c_end = Signal(32), Signal(32), Signal(32), Signal(32)
         c_acknew, c_tsdiff = Signal(32), Signal(32)
         c_passed, c_retry_ok = Signal(), Signal()
-        c_backoff = Signal(32)
+        c_shifted, c_backoff = Signal(48), Signal(32)
+        tests = {name: Signal(name=f"t_{name}") for name in (
+            "d_zero", "seq_ok", "syn_ok", "fin_again", "ack_too_new", "fin_acked", "new_data",
+            "fin_in_order", "ts_newer")}
         snd_max = Signal(32)
 
         a_claimed, a_to_host = Signal(), Signal()
@@ -470,7 +486,14 @@ class TeardownEngine(wiring.Component):
         a_status_event = Signal()             # a CLOSE_STATUS OK event (install)
         a_write = Signal()                    # the slot's state is written
 
-        m.d.comb += st_rd.addr.eq(self.rx.payload.value.slot)
+        # The slot memory is read speculatively for the job IDLE would start (a read has no
+        # side effect), so that the address does not wait for the queue checks.
+        others = Signal()
+        serve_rx = Signal()
+        m.d.comb += [others.eq(handoff | timers.expired.valid),
+                     serve_rx.eq(self.rx.valid & ~(rx_served_last & others)),
+                     st_rd.addr.eq(Mux(serve_rx, self.rx.payload.value.slot,
+                                       timers.expired.payload))]
 
         def flag(name):
             return rec_flags[TcpFlags[name].bit_length() - 1]
@@ -478,15 +501,14 @@ class TeardownEngine(wiring.Component):
 
         with m.FSM(name="job"):
             with m.State("IDLE"):
-                others = handoff | timers.expired.valid
-                with m.If(self.rx.valid & ~(rx_served_last & others)):
+                with m.If(serve_rx):
                     with m.If(~candidate):
                         with m.If(verdict_fifo.w_rdy):
                             m.d.comb += [self.rx.ready.eq(1), verdict_fifo.w_en.eq(1),
                                          verdict_fifo.w_data.eq(0)]
                             m.d.sync += rx_served_last.eq(1)
                     with m.Elif(room):
-                        m.d.comb += [self.rx.ready.eq(1), st_rd.addr.eq(self.rx.payload.value.slot)]
+                        m.d.comb += self.rx.ready.eq(1)
                         m.d.sync += [
                             job.eq(_Job.RX), slot.eq(self.rx.payload.value.slot),
                             rec_flags.eq(meta.tcp.flags), rec_seq.eq(meta.tcp.seq),
@@ -495,41 +517,46 @@ class TeardownEngine(wiring.Component):
                             rec_src.eq(meta.ip.src), rec_dst.eq(meta.ip.dst),
                             rec_sport.eq(meta.tcp.sport), rec_dport.eq(meta.tcp.dport),
                             rx_served_last.eq(1)]
-                        m.next = "COMPARE"
+                        m.next = "LOAD"
                 with m.Elif(handoff & room):
                     m.d.comb += handoff_taken.eq(1)
-                    m.d.sync += rx_served_last.eq(0)
+                    m.d.sync += [rx_served_last.eq(0), job.eq(_Job.INSTALL), slot.eq(i_slot)]
                     with m.If(i_status == CloseStatus.OK):
-                        m.d.sync += [job.eq(_Job.INSTALL), slot.eq(i_slot)]
                         m.next = "INSTALL"
                     with m.Else():
-                        # A refused CLOSE: its event, and back what it had taken.
-                        m.d.comb += [
-                            event_fifo.w_en.eq(1),
-                            event_fifo.w_data.eq(struct_value(EVENT, {
-                                "kind": EventKind.CLOSE_STATUS, "status": i_status,
-                                "ingress": cmd.ingress,
-                                "eth": {"peer": cmd.peer_mac, "local": cmd.local_mac},
-                                "peer_ip": cmd.peer_ip, "local_ip": cmd.local_ip,
-                                "peer_port": cmd.peer_port, "local_port": cmd.local_port})),
-                            slot_pool.release.valid.eq(own_slot),
-                            slot_pool.release.payload.eq(i_slot),
-                            hold.job.valid.eq(own_buffer),
-                            hold.job.payload.eq(struct_value(hold.job_layout, {
-                                "buffer": i_buffer, "release": 1})),
-                            count_en.eq(1), count_which.eq(TdCounter.CLOSE_REFUSED)]
+                        m.next = "REFUSE"
                 with m.Elif(timers.expired.valid & room):
-                    m.d.comb += [timers.expired.ready.eq(1),
-                                 st_rd.addr.eq(timers.expired.payload)]
+                    m.d.comb += timers.expired.ready.eq(1)
                     m.d.sync += [job.eq(_Job.TIMER), slot.eq(timers.expired.payload),
                                  rx_served_last.eq(0)]
-                    m.next = "COMPARE"
+                    m.next = "LOAD"
+
+            with m.State("REFUSE"):
+                # A refused CLOSE: its event, and back what it had taken.
+                m.d.comb += [
+                    event_fifo.w_en.eq(1),
+                    event_fifo.w_data.eq(struct_value(EVENT, {
+                        "kind": EventKind.CLOSE_STATUS, "status": i_status,
+                        "ingress": cmd.ingress,
+                        "eth": {"peer": cmd.peer_mac, "local": cmd.local_mac},
+                        "peer_ip": cmd.peer_ip, "local_ip": cmd.local_ip,
+                        "peer_port": cmd.peer_port, "local_port": cmd.local_port})),
+                    slot_pool.release.valid.eq(own_slot),
+                    slot_pool.release.payload.eq(i_slot),
+                    hold.job.valid.eq(own_buffer),
+                    hold.job.payload.eq(struct_value(hold.job_layout, {
+                        "buffer": i_buffer, "release": 1})),
+                    count_en.eq(1), count_which.eq(TdCounter.CLOSE_REFUSED)]
+                m.next = "IDLE"
+
+            with m.State("LOAD"):
+                m.d.sync += st.eq(st_rd.data)
+                m.next = "COMPARE"
 
             with m.State("COMPARE"):
-                s = st_rd.data
+                s = st
                 length = rec_payload + syn + fin
                 m.d.sync += [
-                    st.eq(s),
                     claim.eq((s.state != TdState.FREE) & (s.peer_ip == rec_src)
                              & (s.local_ip == rec_dst) & (s.peer_port == rec_sport)
                              & (s.local_port == rec_dport)),
@@ -543,15 +570,20 @@ class TeardownEngine(wiring.Component):
                     c_retry_ok.eq(s.retries < self.fin_retries),
                     snd_max.eq(s.data_seq + s.data_length + 1),
                 ]
-                shifted = Signal(48)
-                m.d.comb += shifted.eq(self.fin_rto << (s.retries + 1))
-                m.d.sync += c_backoff.eq(Mux(shifted >= MAX_BACKOFF, MAX_BACKOFF, shifted))
+                m.d.sync += c_shifted.eq(self.fin_rto << (s.retries + 1))
+                m.next = "TEST"
+
+            with m.State("TEST"):
+                for name, expr in self._tests(st, syn, fin, rec_payload, rec_ts_valid, c_d,
+                                              c_wnd, c_last, c_end, c_acknew,
+                                              c_tsdiff).items():
+                    m.d.sync += tests[name].eq(expr)
+                m.d.sync += c_backoff.eq(Mux(c_shifted[30:] != 0, MAX_BACKOFF, c_shifted))
                 m.next = "DECIDE"
 
             with m.State("DECIDE"):
-                self._decide(m, st, job, claim, rst, syn, fin, ack, rec_payload, rec_ts_valid,
-                             c_d, c_wnd, c_last, c_end, c_acknew, c_tsdiff, c_passed,
-                             c_retry_ok, dict(claimed=a_claimed, to_host=a_to_host,
+                self._decide(m, st, job, claim, rst, syn, ack, c_passed, c_retry_ok, tests,
+                             dict(claimed=a_claimed, to_host=a_to_host,
                                               send=a_send, free=a_free, reason=a_reason,
                                               state=a_state, rcv_inc=a_rcv_inc,
                                               ts_update=a_ts_update, retry_inc=a_retry_inc,
@@ -600,23 +632,32 @@ class TeardownEngine(wiring.Component):
         return m
 
     # ---------------------------------------------------------------- decision (stage D)
-    def _decide(self, m, st, job, claim, rst, syn, fin, ack, payload, ts_valid,
-                c_d, c_wnd, c_last, c_end, c_acknew, c_tsdiff, c_passed, c_retry_ok, a):
-        """The rules of the module docstring, from registered comparisons, into ``a``."""
-        state = st.state
+    @staticmethod
+    def _tests(st, syn, fin, payload, ts_valid, c_d, c_wnd, c_last, c_end, c_acknew, c_tsdiff):
+        """The segment's tests (stage T), as expressions of the registered differences."""
         d_zero = c_d == 0
-        d_positive = ~c_d[31] & ~d_zero
         empty = (payload == 0) & ~syn & ~fin
         window_nonzero = c_wnd != 0
-        seq_ok = Mux(empty, c_d < Mux(window_nonzero, c_wnd, 1),
-                     window_nonzero & ((c_d < c_wnd) | (c_last < c_wnd)))
         ts_both = st.ts_ok & ts_valid
-        syn_ok = Mux(ts_both, ~c_tsdiff[31] & (c_tsdiff != 0), d_positive)
-        fin_again = fin & (c_end == 0xFFFFFFFF)
-        ack_too_new = ~c_acknew[31] & (c_acknew != 0)
-        fin_acked = c_acknew == 0
-        new_data = (payload != 0) & ~c_end[31] & (c_end != 0)
-        fin_in_order = fin & (c_end == 0)
+        return {
+            "d_zero": d_zero,
+            "seq_ok": Mux(empty, c_d < Mux(window_nonzero, c_wnd, 1),
+                          window_nonzero & ((c_d < c_wnd) | (c_last < c_wnd))),
+            "syn_ok": Mux(ts_both, ~c_tsdiff[31] & (c_tsdiff != 0), ~c_d[31] & ~d_zero),
+            "fin_again": fin & (c_end == 0xFFFFFFFF),
+            "ack_too_new": ~c_acknew[31] & (c_acknew != 0),
+            "fin_acked": c_acknew == 0,
+            "new_data": (payload != 0) & ~c_end[31] & (c_end != 0),
+            "fin_in_order": fin & (c_end == 0),
+            "ts_newer": ts_both & d_zero & ~c_tsdiff[31],
+        }
+
+    def _decide(self, m, st, job, claim, rst, syn, ack, c_passed, c_retry_ok, t, a):
+        """The rules of the module docstring, from registered tests ``t``, into ``a``."""
+        state = st.state
+        d_zero, seq_ok, syn_ok = t["d_zero"], t["seq_ok"], t["syn_ok"]
+        fin_again, ack_too_new, fin_acked = t["fin_again"], t["ack_too_new"], t["fin_acked"]
+        new_data, fin_in_order = t["new_data"], t["fin_in_order"]
         waiting_fin = (state == TdState.FIN_WAIT_1) | (state == TdState.FIN_WAIT_2)
         fin_unacked = ((state == TdState.FIN_WAIT_1) | (state == TdState.CLOSING)
                        | (state == TdState.LAST_ACK))
@@ -642,7 +683,7 @@ class TeardownEngine(wiring.Component):
             if release is not None:
                 out.append(a["release"].eq(release & st.has_buffer))
             if ts:
-                out.append(a["ts_update"].eq(ts_both & d_zero & ~c_tsdiff[31]))
+                out.append(a["ts_update"].eq(t["ts_newer"]))
             return out
 
         with m.If(job == _Job.TIMER):

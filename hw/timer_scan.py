@@ -1,11 +1,12 @@
 """Per-slot timers served by a round-robin sweep: one slot compared per cycle.
 
 ``TimerScan(slots)`` keeps an armed bit and a 32-bit deadline per slot in a block RAM.
-A sweep reads one slot per cycle, in order, round after round, and offers every armed
-slot whose deadline has passed (``now - deadline`` is not negative, modulo 2**32) on
-``expired``. Its cost per cycle is one memory read and one compare whatever the number
-of slots; a timer fires at most ``slots`` + 2 cycles after its deadline while ``expired``
-is read (the sweep waits on a slot it cannot hand over, so none is skipped). This is a
+A sweep reads one slot per cycle, in order, round after round, and queues every armed
+slot whose deadline has passed (``now - deadline`` is not negative, modulo 2**32) for
+``expired`` (an 8-entry queue). Its cost per cycle is one memory read and one compare
+whatever the number of slots; a timer is queued at most ``slots`` + 3 cycles after its
+deadline while ``expired`` is read (the sweep pauses while the queue is nearly full, so
+none is skipped). This is a
 timer wheel with one slot per bucket and a ``slots``-cycle revolution.
 
 Writes (``set_en``: slot, armed, deadline) go straight to the memory. A sweep read at
@@ -13,7 +14,7 @@ the edge of a write may report the slot's old deadline, and an expiry is reporte
 each round until the slot is re-armed or disarmed, so the user checks an expiry against
 its own copy of the deadline before acting on it.
 
-Latency: deadline -> ``expired`` at most slots + 2 cycles. Throughput: one expiry per
+Latency: deadline -> ``expired`` at most slots + 4 cycles while ``expired`` is read. Throughput: one expiry per
 cycle at most.
 
 Ports
@@ -24,6 +25,7 @@ Ports
 
 from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -59,22 +61,27 @@ class TimerScan(wiring.Component):
                      wr.data.eq(struct_value(TIMER_ENTRY, {"armed": self.set_armed,
                                                            "deadline": self.set_deadline}))]
 
-        # rd.data holds the timer of slot `current` (read at the previous edge). An expired
-        # slot goes to the output register; when that is still occupied the sweep reads
-        # the same slot again instead of moving on.
-        current = Signal(range(n))
-        due = Signal()
-        out_free = Signal()
-        stall = Signal()
-        following = Signal(range(n))
+        # Three stages: read slot `addr`; register its timer (`entry`, `entry_slot`);
+        # compare and queue an expired slot. The sweep pauses while the queue could not
+        # take the slots already in the stages, so no expiry is lost and nothing in the
+        # compare feeds back into the read address.
+        m.submodules.queue = queue = SyncFIFOBuffered(width=max(1, (n - 1).bit_length()),
+                                                      depth=8)
+        addr = Signal(range(n))
+        read_valid, read_slot = Signal(), Signal(range(n))
+        entry_valid, entry_slot = Signal(), Signal(range(n))
+        entry = Signal(TIMER_ENTRY)
+        go = Signal()
+        m.d.comb += [go.eq(queue.level < queue.depth - 3), rd.addr.eq(addr)]
+        m.d.sync += [read_valid.eq(go), read_slot.eq(addr),
+                     entry_valid.eq(read_valid), entry_slot.eq(read_slot), entry.eq(rd.data)]
+        with m.If(go):
+            m.d.sync += addr.eq(Mux(addr == n - 1, 0, addr + 1))
         m.d.comb += [
-            due.eq(rd.data.armed & deadline_passed(self.now, rd.data.deadline)),
-            out_free.eq(~self.expired.valid | self.expired.ready),
-            stall.eq(due & ~out_free),
-            following.eq(Mux(current == n - 1, 0, current + 1)),
-            rd.addr.eq(Mux(stall, current, following)),
+            queue.w_en.eq(entry_valid & entry.armed
+                          & deadline_passed(self.now, entry.deadline)),
+            queue.w_data.eq(entry_slot),
+            self.expired.valid.eq(queue.r_rdy), self.expired.payload.eq(queue.r_data),
+            queue.r_en.eq(self.expired.ready),
         ]
-        m.d.sync += current.eq(rd.addr)
-        with m.If(out_free):
-            m.d.sync += [self.expired.valid.eq(due), self.expired.payload.eq(current)]
         return m
