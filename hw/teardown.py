@@ -846,7 +846,9 @@ class TeardownEngine(wiring.Component):
                 "ingress": st.ingress, "eth": {"peer": st.peer_mac, "local": st.local_mac},
                 "peer_ip": st.peer_ip, "local_ip": st.local_ip,
                 "peer_port": st.peer_port, "local_port": st.local_port,
-                "retransmits": retries, "segments_in": segments_in,
-                "segments_out": segments_out})),
+                # CLOSED events only (the other kinds leave unused fields 0).
+                "retransmits": Mux(a["free"], retries, 0),
+                "segments_in": Mux(a["free"], segments_in, 0),
+                "segments_out": Mux(a["free"], segments_out, 0)})),
             count_en.eq(a["count_en"]), count_which.eq(a["count"]),
         ]
