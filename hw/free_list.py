@@ -36,12 +36,19 @@ class FreeList(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         n = self.n
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=max(1, (n - 1).bit_length()), depth=n)
+        # One entry more than there are indices: SyncFIFOBuffered(depth) keeps depth - 1 in
+        # its memory and one in its output register, and refuses a write while the memory
+        # is full even when the register is about to take one; with n in the memory, a
+        # release always has room (at most n indices exist).
+        m.submodules.fifo = fifo = SyncFIFOBuffered(width=max(1, (n - 1).bit_length()),
+                                                    depth=n + 1)
         filling = Signal(init=1)
         next_fill = Signal(range(n + 1))
+        fill = Signal()
         m.d.comb += [
             self.release.ready.eq(1),
-            fifo.w_en.eq(self.release.valid | filling),
+            fill.eq(filling & ~self.release.valid & fifo.w_rdy),
+            fifo.w_en.eq(self.release.valid | fill),
             fifo.w_data.eq(next_fill),
             self.alloc.valid.eq(fifo.r_rdy),
             self.alloc.payload.eq(fifo.r_data),
@@ -49,7 +56,7 @@ class FreeList(wiring.Component):
         ]
         with m.If(self.release.valid):
             m.d.comb += fifo.w_data.eq(self.release.payload)
-        with m.Elif(filling):
+        with m.If(fill):
             m.d.sync += next_fill.eq(next_fill + 1)
             with m.If(next_fill == n - 1):
                 m.d.sync += filling.eq(0)

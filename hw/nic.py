@@ -1,4 +1,4 @@
-"""The NIC top level: connection setup and teardown offload, plain host streams.
+r"""The NIC top level: connection setup and teardown offload, plain host streams.
 
 ::
 

@@ -9,7 +9,8 @@ deadline while ``expired`` is read (the sweep pauses while the queue is nearly f
 none is skipped). This is a
 timer wheel with one slot per bucket and a ``slots``-cycle revolution.
 
-Writes (``set_en``: slot, armed, deadline) go straight to the memory. A sweep read at
+After a reset every timer is disarmed (the memory is cleared in ``slots`` cycles, then
+``ready`` rises). Writes (``set_en``: slot, armed, deadline) go straight to the memory. A sweep read at
 the edge of a write may report the slot's old deadline, and an expiry is reported again
 each round until the slot is re-armed or disarmed, so the user checks an expiry against
 its own copy of the deadline before acting on it.
@@ -21,6 +22,8 @@ Ports
   now                     In(32)             the timer clock
   set_en, set_slot, set_armed, set_deadline  In     write one slot's timer
   expired                 Out(stream of range(slots))
+  ready                   Out(1)             the memory is cleared (``slots`` cycles after a
+                                             reset); writes before that are lost
 """
 
 from amaranth.hdl import Module, Mux, Signal
@@ -49,6 +52,7 @@ class TimerScan(wiring.Component):
             "set_en": In(1), "set_slot": In(range(slots)), "set_armed": In(1),
             "set_deadline": In(32),
             "expired": Out(stream.Signature(range(slots))),
+            "ready": Out(1),
         })
 
     def elaborate(self, platform):
@@ -57,9 +61,20 @@ class TimerScan(wiring.Component):
         m.submodules.mem = mem = Memory(shape=TIMER_ENTRY, depth=n, init=[])
         wr = mem.write_port()
         rd = mem.read_port()
-        m.d.comb += [wr.en.eq(self.set_en), wr.addr.eq(self.set_slot),
-                     wr.data.eq(struct_value(TIMER_ENTRY, {"armed": self.set_armed,
-                                                           "deadline": self.set_deadline}))]
+        # After a reset the memory is cleared (every timer disarmed), one slot per cycle,
+        # before the sweep starts: block RAMs have no reset.
+        clearing = Signal(init=1)
+        clear_slot = Signal(range(n))
+        m.d.comb += self.ready.eq(~clearing)
+        with m.If(clearing):
+            m.d.comb += [wr.en.eq(1), wr.addr.eq(clear_slot), wr.data.eq(0)]
+            m.d.sync += clear_slot.eq(clear_slot + 1)
+            with m.If(clear_slot == n - 1):
+                m.d.sync += clearing.eq(0)
+        with m.Else():
+            m.d.comb += [wr.en.eq(self.set_en), wr.addr.eq(self.set_slot),
+                         wr.data.eq(struct_value(TIMER_ENTRY, {"armed": self.set_armed,
+                                                               "deadline": self.set_deadline}))]
 
         # Three stages: read slot `addr`; register its timer (`entry`, `entry_slot`);
         # compare and queue an expired slot. The sweep pauses while the queue could not
@@ -72,7 +87,7 @@ class TimerScan(wiring.Component):
         entry_valid, entry_slot = Signal(), Signal(range(n))
         entry = Signal(TIMER_ENTRY)
         go = Signal()
-        m.d.comb += [go.eq(queue.level < queue.depth - 3), rd.addr.eq(addr)]
+        m.d.comb += [go.eq(~clearing & (queue.level < queue.depth - 3)), rd.addr.eq(addr)]
         m.d.sync += [read_valid.eq(go), read_slot.eq(addr),
                      entry_valid.eq(read_valid), entry_slot.eq(read_slot), entry.eq(rd.data)]
         with m.If(go):

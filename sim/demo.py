@@ -45,6 +45,9 @@ NIC_MSS, NIC_WSCALE = 1460, 7
 
 #: The setup-offload phase: clients that complete handshakes, SYNs in the flood, forged ACKs.
 SETUP_CLIENTS, SETUP_FLOOD, SETUP_FORGED = 8, 200, 200
+#: How each scenario of the teardown phase (tb.demo_teardown.SCENARIOS) must end.
+EXPECTED_CLOSE_REASONS = ["NORMAL", "NORMAL", "NORMAL", "RESET", "TIMEOUT", "DATA", "NORMAL",
+                          "NORMAL"]
 
 
 def _progress(label, total, unit):
@@ -281,6 +284,11 @@ def main(args):
                   job_args={"width": width, "clients": SETUP_CLIENTS, "flood": SETUP_FLOOD,
                             "forged": SETUP_FORGED})
     setup = nic.value
+    from tb.demo_teardown import SCENARIOS, TIMERS, demo_teardown
+    print(f"NIC: {len(SCENARIOS)} connections closed by the teardown offload ...", flush=True)
+    closing = run_job(Nic, {"width": width, "entries": 4096}, demo_teardown, sim=sim,
+                      job_args={"width": width})
+    teardown = closing.value
 
     # ---- report
     line = "-" * 64
@@ -334,7 +342,21 @@ def main(args):
     print(f"   forged final ACKs: {setup['forged']}, accepted: {setup['forged_accepted']}")
     print("   counters: " + ", ".join(f"{k} {v}" for k, v in setup["counters"].items()))
     print()
-    jobs = [rx, ins, nic] + ([tx] if tx is not None else [])
+    print(f" NIC teardown offload (hw/teardown.py): {len(teardown['rows'])} closes handed over "
+          f"by the host, done in {teardown['cycles']} cycles")
+    print(f"   timers (cycles): FIN RTO {TIMERS['fin_rto']} doubling, {TIMERS['fin_retries']} "
+          f"retransmissions; TIME_WAIT {TIMERS['time_wait']}")
+    print(f"   {'scenario':<17}{'held':>5}  {'CLOSE':<20}{'ended':<9}{'retx':>5}{'in':>4}"
+          f"{'out':>4}  NIC sent")
+    for row in teardown["rows"]:
+        print(f"   {row['scenario']:<17}{row['held_bytes']:>5}  {'/'.join(row['status']):<20}"
+              f"{row['reason']:<9}{row['retransmits']:>5}{row['segments_in']:>4}"
+              f"{row['segments_out']:>4}  {' '.join(row['sent'])}")
+    print(f"   closing flows left: {teardown['closing_after']}; table flows left: "
+          f"{teardown['flows_after']}")
+    print("   counters: " + ", ".join(f"{k} {v}" for k, v in teardown["counters"].items()))
+    print()
+    jobs = [rx, ins, nic, closing] + ([tx] if tx is not None else [])
     cycles = sum(j.cycles for j in jobs)
     seconds = sum(j.seconds for j in jobs)
     print(f" Simulation: {cycles} cycles in {seconds:.1f} s of simulation "
@@ -346,7 +368,9 @@ def main(args):
     ok = (agree == count and rx.value["out_frames_ok"] and completed_ok == len(completed) == len(host)
           and (tx is None or replies_ok == len(replies) == len(tx.value["frames"]))
           and len(setup["connections"]) == SETUP_CLIENTS == setup["flows_after_flood"]
-          and setup["flood_synacks"] == setup["flood_syns"] and setup["forged_accepted"] == 0)
+          and setup["flood_synacks"] == setup["flood_syns"] and setup["forged_accepted"] == 0
+          and [r["reason"] for r in teardown["rows"]] == EXPECTED_CLOSE_REASONS
+          and teardown["closing_after"] == 0 and teardown["flows_after"] == 0)
     if not ok:
         print(" RESULT: MISMATCHES FOUND (see above)", file=sys.stderr)
         return 1

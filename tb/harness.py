@@ -66,6 +66,9 @@ def _sim_tool_check(sim):
 
 _built = {}
 
+#: Change this when the simulator build flags below change, so that cached builds redo.
+BUILD_FLAGS_VERSION = "icarus-g2005"
+
 
 @contextlib.contextmanager
 def _verilator_make_fix(sim):
@@ -103,7 +106,8 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
 
     _sim_tool_check(sim)
     src, text = build_verilog(block, params, toplevel)
-    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    # The build flags count too: a flag changed here rebuilds every model.
+    digest = hashlib.sha1((text + BUILD_FLAGS_VERSION).encode()).hexdigest()[:12]
     waves = os.environ.get("WAVES", "0") not in ("", "0")
     build_dir = build_dir_root() / "sim" / f"{block.__name__.lower()}_{_key(block, params)}_{sim}{'_waves' if waves else ''}"
     runner = get_runner(sim)
@@ -112,6 +116,13 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
         if build_dir.exists():
             shutil.rmtree(build_dir)
         build_args = []
+        if sim == "icarus":
+            # Yosys writes Verilog-2005 and wakes every `always @*` block at time 0 through
+            # a register with an initializer (`reg trigger = 0;`). Verilog-2005 makes that
+            # initializer an event; SystemVerilog (cocotb's default -g2012) does not, and a
+            # combinational block whose inputs never change then stays X for ever. The
+            # later -g wins.
+            build_args = ["-g2005"]
         if sim == "verilator":
             build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT", "-Wno-UNSIGNED", "-Wno-CMPCONST",
                           ]
