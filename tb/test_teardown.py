@@ -160,7 +160,6 @@ class TdBench(NicBench):
         self.lateness = []              # (flow, cycles after the start of the deadline's tick)
         self.sent_log = []              # (cycle, flow, scapy packet) of every NIC frame
         self.events_log = []            # every event, in order
-        self.close_status_segments_out = []
         self._tx_checked = 0
         self._events_checked = 0
         self._host_checked = 0
@@ -286,11 +285,6 @@ class TdBench(NicBench):
             queue = self.expected_events[flow]
             assert queue, f"unexpected event: {event}"
             want = queue.popleft()
-            if want["kind"] == EventKind.CLOSE_STATUS and want["status"] == CloseStatus.OK:
-                # Known RTL deviation (test td_close_status_fields checks it): the engine
-                # reports the FIN it sent in segments_out of the CLOSE_STATUS event.
-                self.close_status_segments_out.append(event["segments_out"])
-                event = dict(event, segments_out=0)
             if event != want:
                 diff = {k: (event[k], want[k]) for k in want if event[k] != want[k]}
                 raise AssertionError(f"event for flow {flow} (kind {want['kind']}, status "
@@ -810,52 +804,22 @@ async def td_close_statuses_test(dut):
         dut._log.info(f"close statuses: {await td_close_statuses(await start(dut))}")
 
 
-@cocotb.test()
-async def td_close_status_fields_test(dut):
-    """CLOSE_STATUS events use no CLOSED field: segments_out must be 0 ("Fields an event
-    kind does not use are 0", hw.metadata.EVENT)."""
-    from tb.cocotb_util import start
-    bench = await td_start(await start(dut), _width(), stall=0.0, seed=22)
-    bench.close(Peer(bench.rng))
-    await bench.settle()
-    assert bench.close_status_segments_out == [0], bench.close_status_segments_out
-
-
 # ----------------------------------------------------------------------------- pytest entries
 
 TESTS = ["td_transitions_test", "td_loss_test", "td_timers_test", "td_rules_test",
          "td_close_statuses_test"]
 
 
-#: Known RTL bug on Icarus (the NIC's own test_nic fails the same way).
-ICARUS_X = ("RTL bug on Icarus: comb outputs the teardown engine drives inside its intake "
-            "FSM states (table_cmd.valid, close_data.ready, table_resp.ready) stay X until "
-            "the FSM state changes (Yosys always @* blocks Icarus never runs), so "
-            "Nic.table_cmd__ready is X after reset; with those patched, the first FIN with "
-            "held data still leaves with an X TCP checksum")
-
-
-def _icarus_xfail(request, sim):
-    if sim == "icarus":
-        request.applymarker(pytest.mark.xfail(reason=ICARUS_X, strict=False))
-
-
 @pytest.mark.parametrize("width", [64, 512])
-def test_teardown_rtl(request, sim, width):
+def test_teardown_rtl(sim, width):
     from hw.nic import Nic
     from tb.harness import run_cocotb
-    _icarus_xfail(request, sim)
     run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_teardown", sim,
                testcase=TESTS if width == 64 else TESTS[:1])
 
 
-@pytest.mark.xfail(strict=True, reason="RTL bug: the CLOSE_STATUS OK event carries "
-                   "segments_out = 1 (the FIN), EVENT says unused fields are 0")
-def test_teardown_close_status_fields(sim):
-    from hw.nic import Nic
-    from tb.harness import run_cocotb
-    run_cocotb(Nic, NIC_PARAMS, "tb.test_teardown", sim, testcase="td_close_status_fields_test")
 
+# ----------------------------------------------------------------------------- small NIC
 
 async def td_small(bus, width=64, stall=0.1, seed=17):
     """A small NIC (4 slots, 3 buffers, 64 table entries): NO_BUFFER, NO_SLOT (after
@@ -893,10 +857,7 @@ def test_teardown_small_nic_amaranth():
     assert result.value["filled"] >= 48, result.value
 
 
-@pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.xfail(
-    strict=True, reason="RTL bug: FreeList(2) loses index 1 during its reset fill (it writes "
-    "without checking the FIFO's w_rdy, and SyncFIFOBuffered(depth=2) is not ready in the "
-    "second cycle), so Nic(teardown_buffers=2) holds one buffer")), 3, 16])
+@pytest.mark.parametrize("n", [1, 2, 3, 16])
 def test_free_list_hands_out_every_index(n):
     """hw.free_list.FreeList(n) must offer all n indices after its reset fill (the NIC
     with teardown_buffers=2 or teardown_slots=2 relies on it)."""
