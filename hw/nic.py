@@ -37,10 +37,13 @@ held data), ``event`` (both engines' events), ``host_rx`` + ``host_rx_meta``,
 ``host_tx``, and ``table_cmd``/``table_resp`` (the connection table's command port,
 shared with the NIC's own inserts and the teardown engine's commands, which go first).
 
-Known limits: a segment that reaches the table lookup within about 60 cycles after the
-final ACK of its own connection (before the insert lands) is checked as a cookie ACK,
-fails, and is dropped; the peer retransmits it. Likewise, segments looked up before a
-CLOSE's table entry lands go to the host, which has let the connection go.
+Known limits: a segment that reaches the table lookup after the final ACK of its own
+connection but before the insert lands (about 60 cycles) is recognised by the handshake
+engine's recent-connection memory and goes to the host; only when more than 16
+connections are established within 4096 cycles can such a segment miss it, be checked
+as a cookie ACK, fail and be dropped (the peer retransmits it). Segments looked up
+before a CLOSE's table entry lands go to the host, which has let the connection go and
+answers them as a closed socket would.
 
 Ports: see ``__init__``; ``width`` is the datapath width (64 or 512 tested).
 """

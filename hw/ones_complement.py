@@ -4,9 +4,9 @@ Helpers, not a component: the builder and the patch buffer's users sum 16-bit wo
 with them.
 """
 
-from amaranth.hdl import Cat, Const, Mux
+from amaranth.hdl import Cat, Const, Mux, Value
 
-__all__ = ["ones_add", "fold", "tree_sum", "beat_words", "word_sum"]
+__all__ = ["ones_add", "fold", "tree_sum", "beat_words", "word_sum", "checksum_update"]
 
 
 def ones_add(a, b):
@@ -44,3 +44,14 @@ def beat_words(beat_data):
 def word_sum(beat_data, lane_enable):
     """Plain (unfolded) sum of the beat's 16-bit words whose bit in ``lane_enable`` is set."""
     return tree_sum(Mux(lane_enable[j], word, 0) for j, word in enumerate(beat_words(beat_data)))
+
+
+def checksum_update(checksum, old_words, new_words):
+    """RFC 1624 eqn. 3: the checksum after 16-bit words ``old_words`` of the covered data
+    became ``new_words``: ``~(~HC + ~m + m')`` in one's-complement arithmetic, without
+    reading the rest of the data. Unlike eqn. 2 it never turns a correct checksum into
+    0xFFFF where a full recomputation gives 0x0000, and it keeps a wrong checksum wrong by
+    the same amount (it adds the same difference), so it never "repairs" a corrupted
+    packet. Pure combinational: one adder tree and a fold."""
+    terms = [~checksum[:16]] + [~Value.cast(w)[:16] for w in old_words] + list(new_words)
+    return ~fold(tree_sum(terms))[:16]

@@ -21,6 +21,7 @@ from amaranth.lib import data
 from hw.headers import HEADERS, TCP_OPTIONS
 from hw.metadata import (ERROR_FLAGS, EVENT, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
                          EventKind, FrameClass)
+from hw.registers import REGISTERS, Access
 from hw.teardown import CLOSE_COMMAND, TdCounter, TdState
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -92,7 +93,24 @@ def enum_table(cls):
     return "\n".join(rows) + "\n"
 
 
+def registers_table():
+    params = "width, entries, listeners, teardown_slots, teardown_buffers"
+    rows = ["| offset | register | access | reset / value | meaning |", "|---:|---|---|---|---|"]
+    for reg in REGISTERS:
+        where = f"0x{reg.offset:03X}" + (f" .. 0x{reg.end - 4:03X}" if reg.count > 1 else "")
+        name = reg.name + (f"[{reg.count}]" if reg.count > 1 else "")
+        if reg.access is Access.CONST:
+            fixed = "build time"
+        elif reg.access is Access.RW:
+            fixed = f"{reg.reset}"
+        else:
+            fixed = "-"
+        rows.append(f"| {where} | `{name}` | {reg.access.value} | {fixed} | {reg.doc} |")
+    return "\n".join(rows) + f"\n\n(`const` values come from the NIC's parameters: {params}.)\n"
+
+
 GENERATORS = {
+    "registers": registers_table,
     "close_command": lambda: layout_doc(CLOSE_COMMAND),
     "event": lambda: layout_doc(EVENT),
     "event_kinds": lambda: enum_table(EventKind),

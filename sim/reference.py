@@ -6,14 +6,15 @@ gives). It is written plainly, byte by byte, from the single header declaration 
 ``hw.headers``; the testbenches check it against scapy on well-formed frames and the
 RTL against it on every frame.
 
-``ones_sum`` / ``fold`` are the RFC 1071 one's-complement helpers.
+``ones_sum`` / ``fold`` are the RFC 1071 one's-complement helpers, ``checksum_update``
+the RFC 1624 incremental update.
 """
 
 from hw.headers import (ETHERNET, VLAN, IPV4, TCP, EtherType, IpProto, TcpOption,
                         TCP_OPTIONS, ETH_LEN, VLAN_LEN, MIN_FRAME_BYTES, MAX_FRAME_BYTES)
 from hw.metadata import FrameClass, ERROR_FLAGS, PARSER_META
 
-__all__ = ["ones_sum", "fold", "parse_frame", "empty_meta"]
+__all__ = ["ones_sum", "fold", "checksum_update", "parse_frame", "empty_meta"]
 
 
 def fold(value):
@@ -29,6 +30,13 @@ def ones_sum(buf):
     if len(buf) % 2:
         buf += b"\0"
     return fold(sum(int.from_bytes(buf[i:i + 2], "big") for i in range(0, len(buf), 2)))
+
+
+def checksum_update(checksum, old_words, new_words):
+    """RFC 1624 eqn. 3, ``HC' = ~(~HC + ~m + m')``: the checksum after the 16-bit words
+    ``old_words`` of the covered data were replaced by ``new_words``."""
+    total = (~checksum & 0xFFFF) + sum(~w & 0xFFFF for w in old_words) + sum(new_words)
+    return ~fold(total) & 0xFFFF
 
 
 def empty_meta():
