@@ -32,7 +32,13 @@ Readings of the specification where its text leaves a choice (closest to Linux/R
   counted from the tick in which the timer fired;
 * ``segments_out`` counts every segment sent for the flow, the RST that ends it included;
   ``segments_in`` every claimed segment, the one that ends the flow included;
-* rule 4 takes any segment with SYN (RST excepted), as the table says, SYN|ACK included.
+* rule 4 takes any segment with SYN (RST excepted), as the table says, SYN|ACK included;
+* a frame is claimed whatever its VLAN tag (the docstring asks for TCP without parser
+  errors only); the 4-tuple match ignores the ingress port;
+* between a flow's freeing and its table DELETE landing, its frames hit a CLOSING entry
+  whose slot is free: not claimed, counted STALE (``apply_deletes`` ends that window);
+* CLOSE_STATUS events carry the command's 4-tuple, ingress and MACs; their CLOSED
+  counters (retransmits, segments_in, segments_out) are 0.
 """
 
 import dataclasses
