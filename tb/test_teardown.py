@@ -628,8 +628,9 @@ async def td_rules(bus, width=64, stall=0.3, seed=14):
         window.segment(A, ack=window.snd_max + 1),
         last_ack.segment("PA", payload=b"late", ack=last_ack.snd_una),
         window.segment(A, seq=window.seq + 39, ack=window.snd_una),     # in window, old ACK
+        window.segment(A, ack=window.snd_una, vlan=5),                  # VLAN-tagged: claimed
     ])
-    assert [o.rule for o in outs] == [10, 10, 7, 7, 8, 9, 11, 13]
+    assert [o.rule for o in outs] == [10, 10, 7, 7, 8, 9, 11, 13, 13]
     await bench.settle()
     # A FIN of a closing flow with a bad checksum: not claimed, to the host as it is.
     bad = bytearray(window.segment(FA))

@@ -10,7 +10,7 @@ import random
 
 import pytest
 from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
 from hw.conn_table import Status
@@ -83,7 +83,7 @@ class Peer:
 
     # The peer's segments.
     def segment(self, flags, seq=None, ack=None, payload=b"", ts=None, tsval=None,
-                window=None, options=None):
+                window=None, options=None, vlan=None):
         """A frame from the peer; ``seq`` defaults to its next sequence number, ``ack`` to
         SND.MAX (our FIN acknowledged), the TS option to its clock (when ``ts``)."""
         use_ts = self.ts if ts is None else ts
@@ -91,7 +91,10 @@ class Peer:
             options = ([("NOP", None), ("NOP", None),
                         ("Timestamp", (self.tsval if tsval is None else tsval, 0))]
                        if use_ts else [])
-        frame = (Ether(src=self.mac, dst=self.local_mac)
+        eth = Ether(src=self.mac, dst=self.local_mac)
+        if vlan is not None:
+            eth = eth / Dot1Q(vlan=vlan)
+        frame = (eth
                  / IP(src=self.ip, dst=self.local_ip, flags="DF", ttl=64)
                  / TCP(sport=self.port, dport=self.local_port, flags=flags,
                        seq=(self.seq if seq is None else seq) & MASK32,
@@ -531,6 +534,12 @@ def test_buffers_released():
     model.frame(b.segment(R, ack=0))                # freed by RST: buffer free
     c = Peer(rng, data_length=9)
     assert model.close(c.command(), c.data).status == CloseStatus.OK
+
+
+def test_vlan_tagged_segment_claimed():
+    model, peer, _ = opened()
+    out = model.frame(peer.segment(A, vlan=7))
+    assert out.claimed and out.rule == 13 and model.state_of(peer.key) == TdState.FIN_WAIT_2
 
 
 def test_not_claimed():
