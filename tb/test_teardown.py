@@ -156,6 +156,8 @@ class TdBench(NicBench):
         self.expected = collections.defaultdict(collections.deque)     # flow -> segments
         self.expected_events = collections.defaultdict(collections.deque)
         self.expected_host = collections.deque()
+        self.expected_reasons = collections.deque()
+        self._meta_checked = 0
         self.timer_segments = {}        # id(segment) -> deadline tick of the timer that sent it
         self.lateness = []              # (flow, cycles after the start of the deadline's tick)
         self.sent_log = []              # (cycle, flow, scapy packet) of every NIC frame
@@ -225,9 +227,27 @@ class TdBench(NicBench):
             self._expect(out)
             if not out.claimed or out.to_host:
                 self.expected_host.append(bytes(frame))
+                self.expected_reasons.append(self._host_reason(frame, out))
             self.mac_rx.send(frame_to_beats(frame, self.width))
             outs.append(out)
         return outs
+
+    def _host_reason(self, frame, out):
+        """The reason on host_rx_meta of a frame the model sends to the host: the
+        teardown engine's (FLOW) when it claims it, else the handshake engine's."""
+        from hw.handshake import Reason
+        from sim.reference import parse_frame
+        if out.claimed:
+            return Reason.FLOW
+        meta = parse_frame(frame)
+        if any(meta["errors"].values()):
+            return Reason.PARSE_ERROR
+        if meta["eth"]["vlan_valid"]:
+            return Reason.VLAN
+        ip, tcp = meta["ip"], meta["tcp"]
+        if (0, ip["src"], ip["dst"], tcp["sport"], tcp["dport"]) in self.model.table.entries:
+            return Reason.FLOW
+        return Reason.NO_LISTENER            # the tests' local ports have no listener
 
     def on_tick(self, now):
         self.model.ts_clock = self._ts_clock()
@@ -245,7 +265,7 @@ class TdBench(NicBench):
     def pending(self):
         return (sum(len(q) for q in self.expected.values())
                 + sum(len(q) for q in self.expected_events.values())
-                + len(self.expected_host) - 0)
+                + len(self.expected_host) + len(self.expected_reasons))
 
     def _check_outputs(self):
         frames = self.mac_tx.frames
@@ -297,6 +317,14 @@ class TdBench(NicBench):
             got = host[self._host_checked]
             assert got == want, f"host frame:\n  rtl   {Ether(got).summary()}\n  sent  {Ether(want).summary()}"
             self._host_checked += 1
+        metas = self.host_rx_meta.received
+        while self._meta_checked < len(metas):
+            from hw.handshake import VERDICT
+            verdict = unpack_struct(VERDICT, metas[self._meta_checked])
+            assert self.expected_reasons, f"unexpected host_rx_meta record {verdict}"
+            want = self.expected_reasons.popleft()
+            assert verdict == {"to_host": 1, "reason": want}, (verdict, want)
+            self._meta_checked += 1
 
     def _sources_idle(self):
         return all(s.idle for s in (self.mac_rx, self.host_tx, self.control, self.table_cmd,
