@@ -157,6 +157,7 @@ class TdBench(NicBench):
         self.expected_events = collections.defaultdict(collections.deque)
         self.expected_host = collections.deque()
         self.expected_reasons = collections.deque()
+        self.fired = {}                 # tick -> keys of the flows whose timer fired in it
         self._meta_checked = 0
         self.timer_segments = {}        # id(segment) -> deadline tick of the timer that sent it
         self.lateness = []              # (flow, cycles after the start of the deadline's tick)
@@ -250,6 +251,8 @@ class TdBench(NicBench):
         return Reason.NO_LISTENER            # the tests' local ports have no listener
 
     def on_tick(self, now):
+        self.fired[now] = {s.key for s in self.model.slots if s is not None
+                           and ((now - s.deadline) & MASK32) < 1 << 31}
         self.model.ts_clock = self._ts_clock()
         out = self.model.advance(now)
         self._expect(out, deadline=now)
@@ -818,6 +821,75 @@ async def td_burst(bus, width=64, seed=18):
     return {"cycles": bus.cycle}
 
 
+def _random_segment(rng, peer):
+    """One segment of a peer that may be right, late, duplicated or wrong."""
+    kind = rng.choices(["ack", "old_ack", "fin", "oow", "rst_out", "rst_window", "syn",
+                        "data", "too_new", "rst"],
+                       weights=[6, 2, 5, 2, 1, 1, 1, 1, 1, 1])[0]
+    if rng.random() < 0.3:
+        peer.tick(rng.randrange(1, 5))
+    if kind == "ack":
+        return peer.segment(A)
+    if kind == "old_ack":
+        return peer.segment(A, ack=peer.snd_una)
+    if kind == "fin":
+        if not getattr(peer, "fin_done", False):
+            peer.fin_done = True
+            return peer.fin(ack=rng.choice([peer.snd_max, peer.snd_una]))
+        return peer.segment(FA, seq=peer.seq - 1)             # its FIN again
+    if kind == "oow":
+        return peer.segment(A, seq=peer.seq - rng.randrange(1, 5000))
+    if kind == "rst_out":
+        return peer.segment(R, seq=peer.seq - rng.randrange(1, 5000), ack=0)
+    if kind == "rst_window":
+        return peer.segment(RA, seq=peer.seq + 1)
+    if kind == "syn":
+        return peer.segment(S, seq=peer.seq + rng.choice([0, 100000]), ack=0)
+    if kind == "data":
+        return peer.segment("PA", payload=rng.randbytes(rng.randrange(1, 40)))
+    if kind == "too_new":
+        return peer.segment(A, ack=peer.snd_max + rng.randrange(1, 1000))
+    return peer.segment(R, ack=0)
+
+
+async def td_random(bus, width=64, stall=0.2, seed=19, flows=10, steps=5):
+    """Random peers (right, late, duplicated and wrong segments, losses) on flows in every
+    state, with the timers running, for ``steps`` ticks, then until every flow is gone.
+    A peer is silent in a tick in which its flow's timer fires (the engine may take the
+    timer before or after the segment: both are right, the model picks one order)."""
+    bench = await td_start(bus, width, stall=stall, seed=seed, tick_period=SLOW_TICK,
+                           fin_rto=2, fin_retries=1, fin2_timeout=5, time_wait=3)
+    rng = bench.rng
+    peers = [Peer(rng, data_length=rng.choice([0, 0, 10, 300]), ts=rng.random() < 0.5,
+                  peer_fin=rng.random() < 0.25, wscale=rng.choice([0, 2, 7]),
+                  snd_una=rng.choice([None, MASK32 - 5]), seq=rng.choice([None, MASK32 - 2]))
+             for _ in range(flows)]
+    await bench.align()
+    for peer in peers:
+        bench.close(peer)
+    await bench.settle()
+    rules = collections.Counter()
+    for _ in range(steps):
+        await bench.align()
+        fired = bench.fired.get(bench.now, set())
+        frames = []
+        for peer in peers:
+            if bench.model.slot_of(peer.key) is None or peer.key in fired:
+                continue
+            if rng.random() < 0.3:
+                continue                                      # nothing, or lost
+            frames.append(_random_segment(rng, peer))
+        for out in bench.deliver(frames):
+            rules[out.rule] += 1
+        await bench.settle()
+    await bench.wait_for(lambda: bench.model.closing == 0 and bench.pending() == 0,
+                         max_cycles=12 * SLOW_TICK)
+    await bench.settle()
+    reasons = collections.Counter(CloseReason(e["status"]).name for e in bench.closed_events())
+    assert sum(reasons.values()) == flows
+    return {"cycles": bus.cycle, "rules": dict(rules), "reasons": dict(reasons)}
+
+
 # ----------------------------------------------------------------------------- cocotb tests
 
 def _width():
@@ -839,6 +911,17 @@ async def td_transitions_test(dut):
 async def td_burst_test(dut):
     from tb.cocotb_util import start
     dut._log.info(f"burst: {await td_burst(await start(dut), _width())}")
+
+
+@cocotb.test()
+async def td_random_test(dut):
+    from tb.cocotb_util import start
+    import os
+    if _width() == 64:
+        # TD_RANDOM_SEED / TD_RANDOM_FLOWS / TD_RANDOM_STEPS: other and longer scenarios.
+        args = {name: int(os.environ[f"TD_RANDOM_{name.upper()}"])
+                for name in ("seed", "flows", "steps") if f"TD_RANDOM_{name.upper()}" in os.environ}
+        dut._log.info(f"random: {await td_random(await start(dut), **args)}")
 
 
 @cocotb.test()
@@ -872,7 +955,7 @@ async def td_close_statuses_test(dut):
 # ----------------------------------------------------------------------------- pytest entries
 
 TESTS = ["td_transitions_test", "td_burst_test", "td_loss_test", "td_timers_test",
-         "td_rules_test", "td_close_statuses_test"]
+         "td_rules_test", "td_close_statuses_test", "td_random_test"]
 
 
 @pytest.mark.parametrize("width", [64, 512])
