@@ -71,7 +71,7 @@ Ports
 
 import enum
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -82,7 +82,7 @@ from hw.listen_table import LISTEN_ENTRY, ListenTable
 from hw.metadata import EVENT, PARSER_META, TX_HEADER, EventKind, FailStatus, FrameClass
 from hw.pipeline import Pipeline
 from hw.siphash import siphash_latency, siphash_pipeline
-from hw.stream import lowest_set, struct_value
+from hw.stream import lowest_set, one_hot_select, struct_value
 from hw.syn_cookie import (COOKIE_ISS, COOKIE_MESSAGE, DEFAULT_MSS, MAX_WSCALE, MSS_TABLE,
                            TS_OPTION_BITS, TS_SACK, WSCALE_NONE)
 
@@ -307,9 +307,11 @@ class HandshakeEngine(wiring.Component):
         # commands and retransmission timers act here, through one-entry "side"
         # registers that the FIFOs take when the pipeline does not write them.
         slots = [Signal(_SLOT, name=f"connect_{k}") for k in range(self.connects)]
-        slot_array = Array(slots)
+        n_slots = self.connects
+        active_bits = Cat(*[slot.active for slot in slots])
         now = Signal(32)
-        m.d.sync += now.eq(now + 1)
+        now_next = Signal(32, init=1)           # always now + 1
+        m.d.sync += [now.eq(now_next), now_next.eq(now_next + 1)]
         side_tx_valid, side_ev_valid = Signal(), Signal()
         side_tx, side_ev = Signal(TX_HEADER), Signal(EVENT)
         side_tx_taken, side_ev_taken = Signal(), Signal()
@@ -338,44 +340,72 @@ class HandshakeEngine(wiring.Component):
                 "peer_ip": req.peer_ip, "local_ip": req.local_ip,
                 "peer_port": req.peer_port, "local_port": req.local_port, "iss": req.iss})
 
-        # CONNECT: the first free slot, or a BUSY failure.
-        any_free, free_index = lowest_set([~slot.active for slot in slots])
+        # Timers: one slot per cycle (every slot is looked at every `connects` cycles),
+        # the scanned slot one-hot in `scan`. What the timer needs of the scanned slot
+        # (its request, retries and next deadline) is read a cycle ahead into registers,
+        # and whether each slot's deadline has passed is registered too: a slot changes
+        # only when the timer acts on it, and then the scan comes back to it `connects`
+        # (>= 2) cycles later, or by a CONNECT or a segment, and then the side registers
+        # or the busy mask below keep the timer off it in the next cycle.
+        scan = Signal(n_slots, init=1)
+        scan_next = Cat(scan[-1], scan[:-1])
+        m.d.sync += scan.eq(scan_next)
+        passed = Signal(n_slots)
+        m.d.sync += passed.eq(Cat(*[~(now - slot.deadline)[31] for slot in slots]))
+        scanned_req = Signal(CONNECT_REQUEST)
+        scanned_retries = Signal(4)
+        next_deadline = Signal(32)              # now + the scanned slot's rto << 1
+        m.d.sync += [
+            scanned_req.eq(one_hot_select(scan_next, [slot.req.as_value() for slot in slots])),
+            scanned_retries.eq(one_hot_select(scan_next, [slot.retries for slot in slots])),
+            next_deadline.eq(now_next + (one_hot_select(scan_next,
+                                                        [slot.rto for slot in slots]) << 1)[:32]),
+        ]
+        # Slots whose segments are in the two decision stages (set below, registered).
+        busy = Signal(n_slots)
         connect = control_accept & (ctl.op == ControlOp.CONNECT)
+        timer_may = side_free & ~connect
+        due = Cat(*[scan[k] & slots[k].active & passed[k] & ~busy[k] for k in range(n_slots)])
+        act = Signal()
+        retry = Signal()
+        m.d.comb += [act.eq(timer_may & due.any()), retry.eq(scanned_retries < self.syn_retries)]
+
+        # CONNECT: the first free slot, or a BUSY failure.
+        free = [~slot.active for slot in slots]
+        any_free = active_bits != (1 << n_slots) - 1
+        free_first = [free[k] & (active_bits[:k].all() if k else 1) for k in range(n_slots)]
+        # The side registers load whenever they are empty (their contents matter only
+        # while valid): a CONNECT's segment or failure, else the timer's.
+        with m.If(~side_tx_valid):
+            m.d.sync += side_tx.eq(Mux(connect, syn_segment(ctl.connect),
+                                       syn_segment(scanned_req)))
+        with m.If(~side_ev_valid):
+            m.d.sync += side_ev.eq(Mux(connect, failed_event(ctl.connect, FailStatus.BUSY),
+                                       failed_event(scanned_req, FailStatus.TIMEOUT)))
         with m.If(connect):
             with m.If(any_free):
-                new = slot_array[free_index]
-                m.d.sync += [new.active.eq(1), new.gen.eq(new.gen + 1), new.retries.eq(0),
-                             new.deadline.eq(now + self.syn_rto), new.rto.eq(self.syn_rto),
-                             new.req.eq(ctl.connect),
-                             new.ack_expected.eq(ctl.connect.iss + 1),
-                             side_tx_valid.eq(1), side_tx.eq(syn_segment(ctl.connect))]
+                m.d.sync += side_tx_valid.eq(1)
             with m.Else():
-                m.d.sync += [side_ev_valid.eq(1),
-                             side_ev.eq(failed_event(ctl.connect, FailStatus.BUSY))]
-
-        # Timers: one slot per cycle (every slot is looked at every `connects` cycles).
-        # Whether each slot's deadline has passed is registered (one cycle late): the
-        # scan comes back to a slot only `connects` (>= 2) cycles after acting on it.
-        passed = Signal(self.connects)
-        m.d.sync += passed.eq(Cat(*[~(now - slot.deadline)[31] for slot in slots]))
-        scan = Signal(range(self.connects))
-        m.d.sync += scan.eq(Mux(scan == self.connects - 1, 0, scan + 1))
-        scanned = slot_array[scan]
-        due = scanned.active & passed.bit_select(scan, 1)
-        # Slots whose segments are in the two decision stages (set below).
-        busy_slot_d, busy_slot_f = Signal(), Signal()
-        busy_index_d, busy_index_f = Signal(range(self.connects)), Signal(range(self.connects))
-        act = (due & side_free & ~connect & ~(busy_slot_d & (busy_index_d == scan))
-               & ~(busy_slot_f & (busy_index_f == scan)))
+                m.d.sync += side_ev_valid.eq(1)
+        for k, slot in enumerate(slots):
+            with m.If(connect & free_first[k]):
+                m.d.sync += [slot.active.eq(1), slot.gen.eq(slot.gen + 1), slot.retries.eq(0),
+                             slot.deadline.eq(now + self.syn_rto), slot.rto.eq(self.syn_rto),
+                             slot.req.eq(ctl.connect),
+                             slot.ack_expected.eq(ctl.connect.iss + 1)]
         with m.If(act):
-            with m.If(scanned.retries < self.syn_retries):
-                backoff = (scanned.rto << 1)[:32]        # exponential backoff
-                m.d.sync += [scanned.retries.eq(scanned.retries + 1), scanned.rto.eq(backoff),
-                             scanned.deadline.eq(now + backoff),
-                             side_tx_valid.eq(1), side_tx.eq(syn_segment(scanned.req))]
+            with m.If(retry):
+                m.d.sync += side_tx_valid.eq(1)
             with m.Else():
-                m.d.sync += [scanned.active.eq(0), side_ev_valid.eq(1),
-                             side_ev.eq(failed_event(scanned.req, FailStatus.TIMEOUT))]
+                m.d.sync += side_ev_valid.eq(1)
+        for k, slot in enumerate(slots):
+            with m.If(timer_may & due[k]):
+                with m.If(retry):
+                    m.d.sync += [slot.retries.eq(slot.retries + 1),
+                                 slot.rto.eq((slot.rto << 1)[:32]),     # exponential backoff
+                                 slot.deadline.eq(next_deadline)]
+                with m.Else():
+                    m.d.sync += slot.active.eq(0)
 
         # ------------------------------------------------------------ stage 0 -> 1
         p = Pipeline(m, "hs", accept)
@@ -410,14 +440,17 @@ class HandshakeEngine(wiring.Component):
             for slot in slots]), 1)
         # Stage 2: the matching slot, its contents, and whether the segment acknowledges
         # our SYN.
-        slot_hit, slot_index = lowest_set(list(p.get("slot_match", 2)))
+        match_2 = p.get("slot_match", 2)
+        slot_hit, slot_index = lowest_set(list(match_2))
+        slot_oh = match_2 & -match_2                # the lowest match, one-hot
         p.define("slot_hit", slot_hit, 2)
         p.define("slot_index", slot_index, 2)
-        slot_2 = slot_array[slot_index]
+        p.define("slot_oh", slot_oh, 2)
         ack_2 = HANDSHAKE_IN(p.get("rec", 2)).meta.tcp.ack
-        p.define("slot_ack_ok", ack_2 == slot_2.ack_expected, 2)
-        p.define("slot_req", slot_2.req, 2)
-        p.define("slot_gen", slot_2.gen, 2)
+        p.define("slot_ack_ok", Cat(*[slot_oh[k] & (ack_2 == slot.ack_expected)
+                                      for k, slot in enumerate(slots)]).any(), 2)
+        p.define("slot_req", one_hot_select(slot_oh, [slot.req.as_value() for slot in slots]), 2)
+        p.define("slot_gen", one_hot_select(slot_oh, [slot.gen for slot in slots]), 2)
 
         # Stage 3: the listener and the slot are known; classify, build the cookie message.
         r3 = HANDSHAKE_IN(p.get("rec", 3))
@@ -518,6 +551,9 @@ class HandshakeEngine(wiring.Component):
             "l_wscale": Mux(is_active, slot_req.wscale, entry.wscale),
             "l_window": Mux(is_active, slot_req.window, entry.window)})
         p.define("carry", carry, 3)
+        slot_oh_3 = p.get("slot_oh", 3)
+        p.define("timer_busy", Mux((cls == _Class.ACTIVE_EST) | (cls == _Class.ACTIVE_RST),
+                                   slot_oh_3, 0), 3)
         p.define("rst_ack_3", g["rst_ack"], 3)
         p.define("ts_now", self.ts_clock, 3)
 
@@ -530,10 +566,9 @@ class HandshakeEngine(wiring.Component):
         p.inject("digest", digest, D)
         middle = (3 + D) // 2
         # (Read half-way first: two LUT-RAM delay lines instead of a chain of registers.)
-        for name in ("carry", "rst_ack_3", "ts_now"):
+        for name in ("carry", "rst_ack_3", "ts_now", "slot_oh", "timer_busy"):
             p.get(name, middle)
         c_d = _CARRY(p.get("carry", D))
-        slot_bits = len(Value.cast(slot_index))
 
         def identity(carried):
             """The connection-table key of a segment: the peer is its source."""
@@ -550,7 +585,7 @@ class HandshakeEngine(wiring.Component):
         for r in recent:
             with m.If(r.left != 0):
                 m.d.sync += r.left.eq(r.left - 1)
-        recent_pointer = Signal(range(self.recent))
+        recent_pointer = Signal(self.recent, init=1)        # one-hot
         last_write_valid = Signal()              # an entry was written at the last clock edge
 
         # Stage D: the cookie's MAC compare, the recent connections, the connect slot.
@@ -562,8 +597,9 @@ class HandshakeEngine(wiring.Component):
         p.define("recent_seen", Cat(*[alive[k] & (r.tuple.as_value() == identity(c_d))
                                       for k, r in enumerate(recent)]).any(), D)
         # A connect slot may have been freed (timeout) since stage 3: then do nothing.
-        slot_at_d = slot_array[c_d.listener[:slot_bits]]
-        p.define("slot_live", slot_at_d.active & (slot_at_d.gen == c_d.slot_gen), D)
+        slot_oh_d = p.get("slot_oh", D)
+        p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
+                                    for k, slot in enumerate(slots)]).any(), D)
 
         # The record ahead (at F in this cycle) may establish the same connection: its
         # entry is written only at the end of this cycle, so compare with it directly.
@@ -576,26 +612,26 @@ class HandshakeEngine(wiring.Component):
         recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid))
                       & (c.cls != _Class.PASS))
         cls_d = Mux(recent_hit, _Class.PASS, c.cls)
-        slot_d = slot_array[c.listener[:slot_bits]]
         active_cls = ((cls_d == _Class.ACTIVE_EST) | (cls_d == _Class.ACTIVE_RST)
                       | (cls_d == _Class.ACTIVE_BAD) | (cls_d == _Class.ACTIVE_DISCARD))
         active_est = (cls_d == _Class.ACTIVE_EST) & slot_live
         active_rst = (cls_d == _Class.ACTIVE_RST) & slot_live
-        with m.If(p.valid(F) & (active_est | active_rst)):
-            m.d.sync += slot_d.active.eq(0)
-        # The timers leave alone a slot whose segment is in the decision stages.
-        c_d_active = (c_d.cls == _Class.ACTIVE_EST) | (c_d.cls == _Class.ACTIVE_RST)
-        c_active = (c.cls == _Class.ACTIVE_EST) | (c.cls == _Class.ACTIVE_RST)
-        m.d.comb += [
-            busy_slot_d.eq(p.valid(D) & c_d_active), busy_index_d.eq(c_d.listener[:slot_bits]),
-            busy_slot_f.eq(p.valid(F) & c_active), busy_index_f.eq(c.listener[:slot_bits])]
+        slot_oh_f = p.get("slot_oh", F)
+        for k, slot in enumerate(slots):
+            with m.If(p.valid(F) & slot_oh_f[k] & (active_est | active_rst)):
+                m.d.sync += slot.active.eq(0)
+        # The timers leave alone a slot whose segment is in the decision stages (D and
+        # F): the mask of the next cycle, from the stages before.
+        m.d.sync += busy.eq(Mux(p.valid(D - 1), p.get("timer_busy", D - 1), 0)
+                            | Mux(p.valid(D), p.get("timer_busy", D), 0))
         established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
         m.d.sync += last_write_valid.eq(p.valid(F) & established)
         with m.If(p.valid(F) & established):
-            m.d.sync += [Array(recent)[recent_pointer].eq(struct_value(_RECENT, {
-                             "tuple": tuple_f, "left": self.RECENT_CYCLES})),
-                         recent_pointer.eq(Mux(recent_pointer == self.recent - 1, 0,
-                                               recent_pointer + 1))]
+            m.d.sync += recent_pointer.eq(Cat(recent_pointer[-1], recent_pointer[:-1]))
+            for k, r in enumerate(recent):
+                with m.If(recent_pointer[k]):
+                    m.d.sync += r.eq(struct_value(_RECENT, {
+                        "tuple": tuple_f, "left": self.RECENT_CYCLES}))
         final_reason = Mux(recent_hit, Reason.FLOW,
                            Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK,
                                Mux(active_cls & ~slot_live, Reason.ACTIVE_DISCARD, c.reason)))
