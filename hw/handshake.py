@@ -350,8 +350,12 @@ class HandshakeEngine(wiring.Component):
         scan = Signal(n_slots, init=1)
         scan_next = Cat(scan[-1], scan[:-1])
         m.d.sync += scan.eq(scan_next)
-        passed = Signal(n_slots)
-        m.d.sync += passed.eq(Cat(*[~(now - slot.deadline)[31] for slot in slots]))
+        # `due`: the slot is scanned, its deadline has passed and no segment of it is in
+        # the decision stages (`busy_next`, set below); all registered.
+        due = Signal(n_slots)
+        busy_next = Signal(n_slots)
+        m.d.sync += due.eq(scan_next & Cat(*[~(now - slot.deadline)[31] for slot in slots])
+                           & ~busy_next)
         scanned_req = Signal(CONNECT_REQUEST)
         scanned_retries = Signal(4)
         next_deadline = Signal(32)              # now + the scanned slot's rto << 1
@@ -361,14 +365,12 @@ class HandshakeEngine(wiring.Component):
             next_deadline.eq(now_next + (one_hot_select(scan_next,
                                                         [slot.rto for slot in slots]) << 1)[:32]),
         ]
-        # Slots whose segments are in the two decision stages (set below, registered).
-        busy = Signal(n_slots)
         connect = control_accept & (ctl.op == ControlOp.CONNECT)
         timer_may = side_free & ~connect
-        due = Cat(*[scan[k] & slots[k].active & passed[k] & ~busy[k] for k in range(n_slots)])
         act = Signal()
         retry = Signal()
-        m.d.comb += [act.eq(timer_may & due.any()), retry.eq(scanned_retries < self.syn_retries)]
+        m.d.comb += [act.eq(timer_may & (due & active_bits).any()),
+                     retry.eq(scanned_retries < self.syn_retries)]
 
         # CONNECT: the first free slot, or a BUSY failure.
         free = [~slot.active for slot in slots]
@@ -399,7 +401,7 @@ class HandshakeEngine(wiring.Component):
             with m.Else():
                 m.d.sync += side_ev_valid.eq(1)
         for k, slot in enumerate(slots):
-            with m.If(timer_may & due[k]):
+            with m.If(timer_may & due[k] & slot.active):
                 with m.If(retry):
                     m.d.sync += [slot.retries.eq(slot.retries + 1),
                                  slot.rto.eq((slot.rto << 1)[:32]),     # exponential backoff
@@ -438,17 +440,18 @@ class HandshakeEngine(wiring.Component):
             & (slot.req.peer_ip == m1.ip.src) & (slot.req.local_ip == m1.ip.dst)
             & (slot.req.peer_port == m1.tcp.sport) & (slot.req.local_port == m1.tcp.dport)
             for slot in slots]), 1)
+        # (A matched slot's ack_expected is the same in stage 2: only a free slot is written.)
+        p.define("slot_ack_eq", Cat(*[m1.tcp.ack == slot.ack_expected for slot in slots]), 1)
         # Stage 2: the matching slot, its contents, and whether the segment acknowledges
         # our SYN.
         match_2 = p.get("slot_match", 2)
         slot_hit, slot_index = lowest_set(list(match_2))
-        slot_oh = match_2 & -match_2                # the lowest match, one-hot
+        slot_oh = Cat(*[match_2[k] & ~match_2[:k].any() if k else match_2[0]
+                        for k in range(self.connects)])     # the lowest match, one-hot
         p.define("slot_hit", slot_hit, 2)
         p.define("slot_index", slot_index, 2)
         p.define("slot_oh", slot_oh, 2)
-        ack_2 = HANDSHAKE_IN(p.get("rec", 2)).meta.tcp.ack
-        p.define("slot_ack_ok", Cat(*[slot_oh[k] & (ack_2 == slot.ack_expected)
-                                      for k, slot in enumerate(slots)]).any(), 2)
+        p.define("slot_ack_ok", (slot_oh & p.get("slot_ack_eq", 2)).any(), 2)
         p.define("slot_req", one_hot_select(slot_oh, [slot.req.as_value() for slot in slots]), 2)
         p.define("slot_gen", one_hot_select(slot_oh, [slot.gen for slot in slots]), 2)
 
@@ -586,7 +589,12 @@ class HandshakeEngine(wiring.Component):
             with m.If(r.left != 0):
                 m.d.sync += r.left.eq(r.left - 1)
         recent_pointer = Signal(self.recent, init=1)        # one-hot
-        last_write_valid = Signal()              # an entry was written at the last clock edge
+        last_write_valid = Signal()              # the record now at G establishes
+        # An entry is written from registers, when its record is at G (a cycle after the
+        # decision): `pending` is that write, to the entry at `recent_pointer`. Until it
+        # is done, the entry there counts as gone and the new one is compared directly.
+        pending = Signal()
+        alive_now = alive & ~Mux(pending, recent_pointer, 0)
 
         # Stage D: the cookie's MAC compare, the recent connections, the connect slot.
         mac = digest[:COOKIE_ISS["mac"].width]
@@ -594,7 +602,7 @@ class HandshakeEngine(wiring.Component):
             "mss_index": c_d.mss_index, "count_lsb": c_d.count_lsb, "key_gen": c_d.key_gen,
             "mac": mac}), D)
         p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS((c_d.ack - 1)[:32]).mac == mac), D)
-        p.define("recent_seen", Cat(*[alive[k] & (r.tuple.as_value() == identity(c_d))
+        p.define("recent_seen", Cat(*[alive_now[k] & (r.tuple.as_value() == identity(c_d))
                                       for k, r in enumerate(recent)]).any(), D)
         # A connect slot may have been freed (timeout) since stage 3: then do nothing.
         slot_oh_d = p.get("slot_oh", D)
@@ -604,12 +612,15 @@ class HandshakeEngine(wiring.Component):
         # The record ahead (at F in this cycle) may establish the same connection: its
         # entry is written only at the end of this cycle, so compare with it directly.
         p.define("same_as_next", identity(c_d) == identity(_CARRY(p.get("carry", F))), D)
+        # And the record two ahead (at G), whose entry is written at the end of this cycle.
+        p.define("same_as_pending", pending
+                 & (identity(c_d) == identity(_CARRY(p.get("carry", F + 1)))), D)
 
         # Stage F = D + 1: decide (small signals only).
         c = _CARRY(p.get("carry", F))
         cookie_ok, slot_live = p.get("cookie_ok", F), p.get("slot_live", F)
-        tuple_f = identity(c)
-        recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid))
+        recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid)
+                       | p.get("same_as_pending", F))
                       & (c.cls != _Class.PASS))
         cls_d = Mux(recent_hit, _Class.PASS, c.cls)
         active_cls = ((cls_d == _Class.ACTIVE_EST) | (cls_d == _Class.ACTIVE_RST)
@@ -622,16 +633,20 @@ class HandshakeEngine(wiring.Component):
                 m.d.sync += slot.active.eq(0)
         # The timers leave alone a slot whose segment is in the decision stages (D and
         # F): the mask of the next cycle, from the stages before.
-        m.d.sync += busy.eq(Mux(p.valid(D - 1), p.get("timer_busy", D - 1), 0)
-                            | Mux(p.valid(D), p.get("timer_busy", D), 0))
+        m.d.comb += busy_next.eq(Mux(p.valid(D - 1), p.get("timer_busy", D - 1), 0)
+                                 | Mux(p.valid(D), p.get("timer_busy", D), 0))
         established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
         m.d.sync += last_write_valid.eq(p.valid(F) & established)
-        with m.If(p.valid(F) & established):
+        # The entry is written a cycle later (stage G) with one cycle less to live: it
+        # expires when it would have, written at the end of this cycle.
+        m.d.comb += pending.eq(last_write_valid)
+        tuple_g = identity(_CARRY(p.get("carry", F + 1)))
+        with m.If(pending):
             m.d.sync += recent_pointer.eq(Cat(recent_pointer[-1], recent_pointer[:-1]))
             for k, r in enumerate(recent):
                 with m.If(recent_pointer[k]):
                     m.d.sync += r.eq(struct_value(_RECENT, {
-                        "tuple": tuple_f, "left": self.RECENT_CYCLES}))
+                        "tuple": tuple_g, "left": self.RECENT_CYCLES - 1}))
         final_reason = Mux(recent_hit, Reason.FLOW,
                            Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK,
                                Mux(active_cls & ~slot_live, Reason.ACTIVE_DISCARD, c.reason)))
