@@ -190,7 +190,7 @@ _CARRY = data.StructLayout({
     "cls": 4, "reason": 4, "ingress": 8, "listener": 8, "slot_gen": 4, "a_mss": 16,
     "eth_peer": 48, "eth_local": 48,
     "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
-    "seq": 32, "ack": 32, "fin": 1, "window": 16, "payload_length": 16,
+    "seq": 32, "ack": 32, "iss": 32, "fin": 1, "window": 16, "payload_length": 16,
     "tsval": 32, "tsecr": 32, "ts_ok": 1, "ts_options": TS_OPTION_BITS,
     "mss_index": 2, "count_lsb": 1, "key_gen": 1, "key_ok": 1,
     "l_mss": 16, "l_wscale": 4, "l_window": 16,
@@ -544,7 +544,7 @@ class HandshakeEngine(wiring.Component):
             "eth_peer": m3.eth.src, "eth_local": m3.eth.dst,
             "peer_ip": m3.ip.src, "local_ip": m3.ip.dst,
             "peer_port": m3.tcp.sport, "local_port": m3.tcp.dport,
-            "seq": m3.tcp.seq, "ack": m3.tcp.ack, "fin": m3.tcp.flags[0],
+            "seq": m3.tcp.seq, "ack": m3.tcp.ack, "iss": g["iss"], "fin": m3.tcp.flags[0],
             "window": m3.tcp.window, "payload_length": m3.payload_length,
             "tsval": m3.opt.tsval, "tsecr": m3.opt.tsecr,
             "ts_ok": ts_ok, "ts_options": ts_options, "mss_index": mss_index,
@@ -554,6 +554,10 @@ class HandshakeEngine(wiring.Component):
             "l_wscale": Mux(is_active, slot_req.wscale, entry.wscale),
             "l_window": Mux(is_active, slot_req.window, entry.window)})
         p.define("carry", carry, 3)
+        # The connection-table key of the segment (the peer is its source).
+        p.define("ident", struct_value(FLOW_KEY, {
+            "port": r3.ingress, "src": m3.ip.src, "dst": m3.ip.dst,
+            "sport": m3.tcp.sport, "dport": m3.tcp.dport}), 3)
         slot_oh_3 = p.get("slot_oh", 3)
         p.define("timer_busy", Mux((cls == _Class.ACTIVE_EST) | (cls == _Class.ACTIVE_RST),
                                    slot_oh_3, 0), 3)
@@ -569,15 +573,9 @@ class HandshakeEngine(wiring.Component):
         p.inject("digest", digest, D)
         middle = (3 + D) // 2
         # (Read half-way first: two LUT-RAM delay lines instead of a chain of registers.)
-        for name in ("carry", "rst_ack_3", "ts_now", "slot_oh", "timer_busy"):
+        for name in ("carry", "rst_ack_3", "ts_now", "slot_oh", "timer_busy", "ident"):
             p.get(name, middle)
         c_d = _CARRY(p.get("carry", D))
-
-        def identity(carried):
-            """The connection-table key of a segment: the peer is its source."""
-            return struct_value(FLOW_KEY, {
-                "port": carried.ingress, "src": carried.peer_ip, "dst": carried.local_ip,
-                "sport": carried.peer_port, "dport": carried.local_port})
 
         # Connections established in the last RECENT_CYCLES (the last `recent` of them):
         # their later segments go to the host even before the connection table knows
@@ -601,9 +599,20 @@ class HandshakeEngine(wiring.Component):
         p.define("cookie", struct_value(COOKIE_ISS, {
             "mss_index": c_d.mss_index, "count_lsb": c_d.count_lsb, "key_gen": c_d.key_gen,
             "mac": mac}), D)
-        p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS((c_d.ack - 1)[:32]).mac == mac), D)
-        p.define("recent_seen", Cat(*[alive_now[k] & (r.tuple.as_value() == identity(c_d))
-                                      for k, r in enumerate(recent)]).any(), D)
+        p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS(c_d.iss).mac == mac), D)
+        # The tuples are compared a stage earlier (D - 1), with the entries as they are
+        # then; the entry written at the end of that cycle (`written_last`) is compared
+        # with the tuple written into it instead.
+        ident_pre = p.get("ident", D - 1)
+        ident_d, ident_f, ident_g = (p.get("ident", at) for at in (D, F, F + 1))
+        written_last = Signal(self.recent)
+        m.d.sync += written_last.eq(Mux(pending, recent_pointer, 0))
+        p.define("recent_eq", Cat(*[r.tuple.as_value() == ident_pre for r in recent]), D - 1)
+        p.define("pending_eq", ident_pre == ident_g, D - 1)
+        recent_eq_d, pending_eq_d = p.get("recent_eq", D), p.get("pending_eq", D)
+        p.define("recent_seen", Cat(*[
+            alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
+            for k in range(self.recent)]).any(), D)
         # A connect slot may have been freed (timeout) since stage 3: then do nothing.
         slot_oh_d = p.get("slot_oh", D)
         p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
@@ -611,10 +620,10 @@ class HandshakeEngine(wiring.Component):
 
         # The record ahead (at F in this cycle) may establish the same connection: its
         # entry is written only at the end of this cycle, so compare with it directly.
-        p.define("same_as_next", identity(c_d) == identity(_CARRY(p.get("carry", F))), D)
+        p.define("same_as_next", ident_d == ident_f, D)
         # And the record two ahead (at G), whose entry is written at the end of this cycle.
         p.define("same_as_pending", pending
-                 & (identity(c_d) == identity(_CARRY(p.get("carry", F + 1)))), D)
+                 & (ident_d == ident_g), D)
 
         # Stage F = D + 1: decide (small signals only).
         c = _CARRY(p.get("carry", F))
@@ -640,7 +649,7 @@ class HandshakeEngine(wiring.Component):
         # The entry is written a cycle later (stage G) with one cycle less to live: it
         # expires when it would have, written at the end of this cycle.
         m.d.comb += pending.eq(last_write_valid)
-        tuple_g = identity(_CARRY(p.get("carry", F + 1)))
+        tuple_g = ident_g
         with m.If(pending):
             m.d.sync += recent_pointer.eq(Cat(recent_pointer[-1], recent_pointer[:-1]))
             for k, r in enumerate(recent):
@@ -664,6 +673,11 @@ class HandshakeEngine(wiring.Component):
         p.define("f_active_est", active_est, F)
         p.define("f_active_rst", active_rst, F)
         p.define("f_closed", cls_d == _Class.CLOSED_SYN, F)
+        # Stage G's arithmetic, from the carried fields (not from the decision).
+        p.define("seq_plus_1", (c.seq + 1)[:32], F)
+        p.define("seq_minus_1", (c.seq - 1)[:32], F)
+        p.define("active_window", c.l_window >> Mux(c.ts_options[:4] != WSCALE_NONE,
+                                                    c.l_wscale, 0), F)
 
         # Stage G = F + 1: format the segment and the event.
         G = F + 1
@@ -673,7 +687,7 @@ class HandshakeEngine(wiring.Component):
         cookie = p.get("cookie", G)
         send_synack, active_est = p.get("f_synack", G), p.get("f_active_est", G)
         active_rst, closed = p.get("f_active_rst", G), p.get("f_closed", G)
-        iss_d = (c.ack - 1)[:32]
+        iss_d = c.iss
         wscale_ok = c.ts_ok & (c.ts_options[:4] != WSCALE_NONE)
         sack_ok = c.ts_ok & c.ts_options[4]
         # For a CONNECT the options were agreed with or without timestamps.
@@ -691,13 +705,13 @@ class HandshakeEngine(wiring.Component):
             "ip": {"src": c.local_ip, "dst": c.peer_ip, "ttl": REPLY_TTL, "df": 1},
             "tcp": {"sport": c.local_port, "dport": c.peer_port,
                     "seq": Mux(send_synack, cookie, Mux(closed, 0, c.ack)),
-                    "ack": Mux(send_synack | active_est, (c.seq + 1)[:32],
+                    "ack": Mux(send_synack | active_est, p.get("seq_plus_1", G),
                                Mux(closed, rst_ack, 0)),
                     "flags": Mux(send_synack, TcpFlags.SYN | TcpFlags.ACK,
                                  Mux(active_est, TcpFlags.ACK,
                                      Mux(closed, TcpFlags.RST | TcpFlags.ACK, TcpFlags.RST))),
                     "window": Mux(send_synack, c.l_window,
-                                  Mux(active_est, c.l_window >> Mux(a_wscale_ok, c.l_wscale, 0),
+                                  Mux(active_est, p.get("active_window", G),
                                       0))},
             "opt": reply_opt,
         })
@@ -712,7 +726,7 @@ class HandshakeEngine(wiring.Component):
             "peer_ip": c.peer_ip, "local_ip": c.local_ip,
             "peer_port": c.peer_port, "local_port": c.local_port,
             "iss": iss_d,
-            "irs": Mux(active_rst, 0, Mux(active_est, c.seq, (c.seq - 1)[:32])),
+            "irs": Mux(active_rst, 0, Mux(active_est, c.seq, p.get("seq_minus_1", G))),
             "mss": Mux(active_rst, 0, Mux(active_est, c.a_mss, table_mss)),
             "wscale_ok": ev_wscale_ok & ~active_rst,
             "peer_wscale": Mux(ev_wscale_ok & ~active_rst, c.ts_options[:4], 0),
