@@ -681,9 +681,7 @@ class ConnTable(wiring.Component):
                         m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
                         m.d.sync += goto("DECIDE", "RESPOND")
                     with m.Elif(d_room):
-                        m.d.comb += [we.eq(1), we_t.eq(d_tsel), we_w.eq(d_wsel),
-                                     w_valid.eq(1), w_index.eq(index_new),
-                                     w_alt.eq(Mux(d_tsel, b[0], b[1])), commit.eq(1)]
+                        m.d.comb += commit.eq(1)
                         m.d.sync += resp.status.eq(Status.OK)
                         m.d.sync += resp_valid.eq(1)
                         m.d.sync += goto("DECIDE", "RESPOND")
@@ -701,13 +699,7 @@ class ConnTable(wiring.Component):
                 with m.Case(Op.DELETE, Op.UPDATE):
                     with m.If(d_found):
                         m.d.sync += resp.status.eq(Status.OK)
-                        with m.If(any_slot):
-                            m.d.comb += [we.eq(1), we_t.eq(ft), we_w.eq(fw)]
-                            with m.If(cmd.op == Op.UPDATE):
-                                # key and value: the command's (the key is found.key)
-                                m.d.comb += [w_valid.eq(1), w_index.eq(found.index),
-                                             w_alt.eq(found.alt)]
-                        with m.Else():
+                        with m.If(~any_slot):
                             with m.Switch(which_s):
                                 for s in range(S):
                                     with m.Case(s):
@@ -726,9 +718,6 @@ class ConnTable(wiring.Component):
             # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
             is_free = [~data.View(E, x).valid for x in bkt]
             any_free, w_free = lowest_set(is_free)
-            with m.If(any_free | ~steps_max):
-                m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict)),
-                             w_valid.eq(1), w_index.eq(carry_index), w_alt.eq(carry_alt)]
             with m.If(any_free):
                 # The carried entry lands; if it is not the new one, the new one is
                 # still pending somewhere: FINALIZE makes it visible.
@@ -741,8 +730,7 @@ class ConnTable(wiring.Component):
                 with m.Else():
                     m.d.sync += goto("WALK", "FINALIZE")
             with m.Elif(~steps_max):
-                m.d.comb += [w_pending.eq(carry_pending),
-                             path_w.en.eq(1), path_w.data.eq(w_evict)]
+                m.d.comb += [path_w.en.eq(1), path_w.data.eq(w_evict)]
                 with m.If(carry_pending):
                     m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
                                  new_alt.eq(carry_alt)]
@@ -782,9 +770,6 @@ class ConnTable(wiring.Component):
             # cn_value, cn_index, cn_pending: src_carry)
             t_u = ~carry_t
             w_u = path_r.data
-            m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u), w_valid.eq(1),
-                         w_pending.eq(carry_pending), w_index.eq(carry_index),
-                         w_alt.eq(carry_b)]
             m.d.sync += [cn_load.eq(1), cn_valid.eq(~steps_one),
                          cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(pick.alt),
                          steps.eq(steps - 1), last.eq(last - 1)]
@@ -813,8 +798,7 @@ class ConnTable(wiring.Component):
             m.d.sync += goto("FINALIZE", "FINALIZE_WRITE")
 
         with m.If(st["FINALIZE_WRITE"]):
-            m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w), w_valid.eq(1),
-                         w_index.eq(index_new), w_alt.eq(new_alt), commit.eq(1)]
+            m.d.comb += commit.eq(1)
             m.d.sync += resp.status.eq(Status.OK)
             m.d.sync += resp_valid.eq(1)
             m.d.sync += goto("FINALIZE_WRITE", "RESPOND")
@@ -824,9 +808,39 @@ class ConnTable(wiring.Component):
                 m.d.sync += resp_valid.eq(0)
                 m.d.sync += goto("RESPOND", "IDLE")
 
-        # The response's other writers (see respond_when).
+        # The memory write of the next edge (we, we_t, we_w, w_*), one AND-OR per field
+        # over the writers' mutually exclusive conditions: (condition, table, way,
+        # valid, pending, index, alt).
         decide_found = st["DECIDE"] & (op_insert | op_delete | op_update) & d_found
         decide_room = st["DECIDE"] & op_insert & ~d_found & ~full & d_room
+        walk_write = st["WALK"] & (any_free | ~steps_max)
+        writes = [
+            (decide_room, d_tsel, d_wsel, 1, 0, index_new, Mux(d_tsel, b[0], b[1])),
+            # DELETE writes an empty word; UPDATE the command's key and value (the
+            # key is found.key) with the entry's index and alt.
+            (decide_found & op_delete & any_slot, ft, fw, 0, 0, 0, 0),
+            (decide_found & op_update & any_slot, ft, fw, 1, 0, found.index, found.alt),
+            (walk_write, carry_t, Mux(any_free, w_free, w_evict), 1,
+             ~any_free & carry_pending, carry_index, carry_alt),
+            (st["UNDO"], ~carry_t, path_r.data, 1, carry_pending, carry_index, carry_b),
+            (st["FINALIZE_WRITE"], new_t, new_w, 1, 0, index_new, new_alt),
+        ]
+        write_sel = Cat(*[w[0] for w in writes])
+        m.d.comb += [
+            we.eq(write_sel.any()),
+            we_t.eq(one_hot_select(write_sel, [w[1] for w in writes])),
+            we_w.eq(one_hot_select(write_sel, [w[2] for w in writes])),
+            w_valid.eq(one_hot_select(write_sel, [Const(w[3], 1) if isinstance(w[3], int)
+                                                  else w[3] for w in writes])),
+            w_pending.eq(one_hot_select(write_sel, [Const(w[4], 1) if isinstance(w[4], int)
+                                                    else w[4] for w in writes])),
+            w_index.eq(one_hot_select(write_sel, [Const(w[5], IB) if isinstance(w[5], int)
+                                                  else w[5] for w in writes])),
+            w_alt.eq(one_hot_select(write_sel, [Const(w[6], BB) if isinstance(w[6], int)
+                                                else w[6] for w in writes])),
+        ]
+
+        # The response's other writers (see respond_when).
         respond_when(decide_found, index=found_index, slot=found_slot,
                      value=Mux(op_update, cmd.value, found_value))
         respond_when(decide_room, index=index_new,
