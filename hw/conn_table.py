@@ -61,7 +61,7 @@ from amaranth.lib.wiring import In, Out
 
 from .pipeline import Pipeline
 from .siphash import siphash_latency, siphash_pipeline
-from .stream import lowest_set, pack_struct, struct_value
+from .stream import lowest_set, one_hot_select, pack_struct, struct_value
 
 __all__ = ["FLOW_KEY", "Op", "Status", "TABLES", "WAYS", "RNG_SEED", "Geometry",
            "flow_key_bytes", "xorshift32", "ConnTable", "entry_layout", "result_layout",
@@ -164,6 +164,11 @@ def response_layout(geo, value_width):
     """A control response: the entry concerned (key, value, flow index, slot)."""
     return data.StructLayout({"status": 3, "op": 3, "index": geo.index_bits,
                               "slot": geo.slot_bits, "key": FLOW_KEY, "value": value_width})
+
+
+#: The control FSM's states (see ``ConnTable.elaborate``).
+STATES = ("SWEEP", "IDLE", "DISPATCH", "HASH", "RD", "DATA", "READ", "CMP", "SELECT", "DECIDE",
+          "WALK", "HOMELESS", "UNDO", "SETUP", "FINALIZE", "FINALIZE_WRITE", "RESPOND")
 
 
 def _hw_xorshift32(x):
@@ -439,17 +444,14 @@ class ConnTable(wiring.Component):
             return struct_value(E, {"valid": valid, "pending": pending, "key": key,
                                     "value": value, "index": index, "alt": alt})
 
-        def respond(status, index=None, slot=None, key=None, value=None):
-            stmts = [resp.status.eq(status)]
-            if index is not None:
-                stmts.append(resp.index.eq(index))
-            if slot is not None:
-                stmts.append(resp.slot.eq(slot))
-            if key is not None:
-                stmts.append(resp.key.eq(key))
-            if value is not None:
-                stmts.append(resp.value.eq(value))
-            return stmts
+        # The response's wide fields are written by one AND-OR per field (below the FSM):
+        # each writer adds its condition (mutually exclusive: one-hot state bits and
+        # registered flags) and value here. The status is set in the states.
+        resp_writes = {"key": [], "value": [], "index": [], "slot": []}
+
+        def respond_when(cond, **fields):
+            for name, value in fields.items():
+                resp_writes[name].append((cond, value))
 
         phase = Signal(2)                    # what to do with the data of RD/DATA
         PH_FIND, PH_WALK, PH_UNDO, PH_READ = range(4)
@@ -482,329 +484,382 @@ class ConnTable(wiring.Component):
             cn_pending.eq(Mux(src_carry, pick.pending, 1)),
         ]
 
-        with m.FSM(init="SWEEP") as fsm:
-            with m.State("SWEEP"):
-                m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
-                with m.If(ctl_addr[0] == geo.buckets - 1):
-                    m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
-                    m.d.sync += sweeping.eq(0)
-                    with m.If(sweep_reply):
-                        m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
-                        m.next = "RESPOND"
-                    with m.Else():
-                        m.next = "IDLE"
+        # The control FSM, one-hot: one register per state (Amaranth's FSM is
+        # binary coded and Yosys does not re-encode it; a state decode then
+        # takes LUTs in front of every register the state controls).
+        st = {name: Signal(name=f"st_{name.lower()}", init=(name == "SWEEP"))
+              for name in STATES}
 
-            with m.State("IDLE"):
-                with m.If(self.cmd.valid):
-                    m.d.sync += cmd.eq(self.cmd.payload)
-                    m.next = "DISPATCH"
+        # The command's op and slot, decoded when it is taken (with ``cmd``).
+        op_insert, op_delete, op_update = Signal(), Signal(), Signal()
+        op_read, op_key = Signal(), Signal()
+        slot_bad, slot_stash = Signal(), Signal()
+        stash_sel = Signal(S)
 
-            with m.State("DISPATCH"):
-                m.d.sync += [resp.op.eq(cmd.op), resp.key.eq(0), resp.value.eq(0),
-                             resp.index.eq(0), resp.slot.eq(0), resp.status.eq(Status.OK),
-                             src_carry.eq(0)]
-                with m.Switch(cmd.op):
-                    with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
-                        m.d.comb += ctl_start.eq(1)
-                        m.d.sync += resp.key.eq(cmd.key)
-                        with m.If(cmd.op == Op.INSERT):
-                            m.d.sync += resp.value.eq(cmd.value)
-                        m.next = "HASH"
-                    with m.Case(Op.READ):
-                        m.d.sync += resp.slot.eq(cmd.slot)
-                        with m.If(cmd.slot >= geo.slots):
-                            m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
-                            m.next = "RESPOND"
-                        with m.Elif(cmd.slot >= geo.entries):
-                            with m.Switch(cmd.slot - geo.entries):
-                                for s in range(S):
-                                    with m.Case(s):
-                                        with m.If(stash_valid[s]):
-                                            m.d.sync += [resp.key.eq(stash_key[s]),
-                                                         resp.value.eq(stash_value[s]),
-                                                         resp.index.eq(stash_index[s])]
-                                        with m.Else():
-                                            m.d.sync += resp.status.eq(Status.NOT_FOUND)
-                            m.d.sync += resp_valid.eq(1)
-                            m.next = "RESPOND"
-                        with m.Else():
-                            t_sel = cmd.slot[geo.bucket_bits + 2]
-                            m.d.sync += [read_t.eq(t_sel), read_w.eq(cmd.slot[:2]),
-                                         phase.eq(PH_READ)]
-                            for t in range(TABLES):
-                                with m.If(t_sel == t):
-                                    m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
-                            m.next = "RD"
-                    with m.Case(Op.SET_KEY):
-                        with m.If(empty):
-                            m.d.sync += hash_key.eq(cmd.hash_key)
-                        with m.Else():
-                            m.d.sync += resp.status.eq(Status.NOT_EMPTY)
-                        m.d.sync += resp_valid.eq(1)
-                        m.next = "RESPOND"
-                    with m.Case(Op.CLEAR):
-                        m.d.sync += [s.eq(0) for s in stash_valid]
-                        m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
-                                     rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
-                        m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
-                        m.next = "SWEEP"
-                    with m.Default():
-                        m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
-                        m.next = "RESPOND"
+        def goto(here, there):
+            return [st[here].eq(0), st[there].eq(1)]
 
-            with m.State("HASH"):
-                with m.If(cv):
-                    for t in range(TABLES):
-                        m.d.sync += [b[t].eq(bucket_bits(ch, t)), ctl_addr[t].eq(bucket_bits(ch, t))]
-                    m.d.sync += phase.eq(PH_FIND)
-                    m.next = "RD"
-
-            with m.State("RD"):                   # the control ports read ctl_addr
-                m.next = "DATA"
-
-            with m.State("DATA"):
-                with m.Switch(phase):
-                    with m.Case(PH_FIND):
-                        m.next = "CMP"
-                    with m.Case(PH_WALK):
-                        m.next = "WALK"
-                    with m.Case(PH_UNDO):
-                        m.next = "UNDO"
-                    with m.Case(PH_READ):
-                        m.next = "READ"
-
-            with m.State("READ"):
-                sel = Signal(E)
-                m.d.comb += sel.eq(Mux(read_t, Cat(*[rd[1, w] for w in range(WAYS)]),
-                                       Cat(*[rd[0, w] for w in range(WAYS)])).word_select(read_w, E.size))
-                with m.If(sel.valid):
-                    m.d.sync += respond(Status.OK, sel.index, key=sel.key, value=sel.value)
+        with m.If(st["SWEEP"]):
+            m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
+            with m.If(ctl_addr[0] == geo.buckets - 1):
+                m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
+                m.d.sync += sweeping.eq(0)
+                with m.If(sweep_reply):
+                    m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
+                    m.d.sync += goto("SWEEP", "RESPOND")
                 with m.Else():
-                    m.d.sync += resp.status.eq(Status.NOT_FOUND)
-                m.d.sync += resp_valid.eq(1)
-                m.next = "RESPOND"
+                    m.d.sync += goto("SWEEP", "IDLE")
 
-            with m.State("CMP"):
-                key = cmd.key.as_value()
-                m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & (rd[t, w].key.as_value() == key)
-                                            for t in range(TABLES) for w in range(WAYS)]))
-                m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & (stash_key[s] == key)
-                                             for s in range(S)]))
-                for t in range(TABLES):
-                    m.d.sync += free[t].eq(Cat(*[~rd[t, w].valid for w in range(WAYS)]))
-                    total = Const(0, 3)
-                    for w in range(WAYS):
-                        total = total + rd[t, w].valid
-                    m.d.sync += used[t].eq(total)
-                m.next = "SELECT"
+        with m.If(st["IDLE"]):
+            with m.If(self.cmd.valid):
+                new_cmd = self.cmd.payload
+                m.d.sync += [cmd.eq(new_cmd),
+                             op_insert.eq(new_cmd.op == Op.INSERT),
+                             op_delete.eq(new_cmd.op == Op.DELETE),
+                             op_update.eq(new_cmd.op == Op.UPDATE),
+                             op_read.eq(new_cmd.op == Op.READ),
+                             op_key.eq((new_cmd.op == Op.INSERT) | (new_cmd.op == Op.DELETE)
+                                       | (new_cmd.op == Op.UPDATE)),
+                             slot_bad.eq(new_cmd.slot >= geo.slots),
+                             slot_stash.eq((new_cmd.slot >= geo.entries)
+                                           & (new_cmd.slot < geo.slots)),
+                             stash_sel.eq(Cat(*[new_cmd.slot == geo.entries + k
+                                                for k in range(S)]))]
+                m.d.sync += goto("IDLE", "DISPATCH")
 
-            # Registered results of SELECT, used by DECIDE.
-            any_slot, any_stash = Signal(name="any_slot"), Signal(name="any_stash")
-            which, which_s = Signal(3, name="which"), Signal(range(max(2, S)), name="which_s")
-            found = Signal(E)
-            found_index = Signal(IB)
-            found_value = Signal(V)
-            found_slot = Signal(geo.slot_bits)
-            ft, fw = which[2], which[:2]
-            d_found = Signal(name="d_found")
-            d_room = Signal(name="d_room")
-            d_tsel = Signal(name="d_tsel")
-            d_wsel = Signal(2, name="d_wsel")
-
-            with m.State("SELECT"):
-                c_any_slot, c_which = lowest_set([f_slot[k] for k in range(TABLES * WAYS)])
-                c_any_stash, c_which_s = lowest_set([f_stash[s] for s in range(S)])
-                # At most one slot matches: select it with an AND-OR (shallower than a mux).
-                c_found_raw = Const(0, E.size)
-                for t in range(TABLES):
-                    for w in range(WAYS):
-                        c_found_raw = c_found_raw | Mux(f_slot[t * WAYS + w], rd[t, w].as_value(), 0)
-                c_found = data.View(E, c_found_raw)
-                m.d.sync += [any_slot.eq(c_any_slot), which.eq(c_which),
-                             any_stash.eq(c_any_stash), which_s.eq(c_which_s),
-                             found.eq(c_found)]
-                # DECIDE's choices, registered: found, room in a bucket, and where.
-                _, w0 = lowest_set([free[0][w] for w in range(WAYS)])
-                _, w1 = lowest_set([free[1][w] for w in range(WAYS)])
-                c_tsel = used[1] < used[0]
-                m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
-                             d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
-                             d_tsel.eq(c_tsel), d_wsel.eq(Mux(c_tsel, w1, w0))]
-                with m.If(c_any_slot):
-                    m.d.sync += [found_index.eq(c_found.index), found_value.eq(c_found.value),
-                                 found_slot.eq(slot_number(c_which[2], Mux(c_which[2], b[1], b[0]),
-                                                           c_which[:2]))]
-                with m.Else():
-                    with m.Switch(c_which_s):
-                        for s in range(S):
-                            with m.Case(s):
-                                m.d.sync += [found_index.eq(stash_index[s]),
-                                             found_value.eq(stash_value[s]),
-                                             found_slot.eq(geo.entries + s)]
-                m.next = "DECIDE"
-
-            with m.State("DECIDE"):
-                with m.Switch(cmd.op):
-                    with m.Case(Op.INSERT):
-                        with m.If(d_found):
-                            m.d.sync += respond(Status.DUPLICATE, found_index, found_slot,
-                                                value=found_value)
-                            m.d.sync += resp_valid.eq(1)
-                            m.next = "RESPOND"
-                        with m.Elif(full):
-                            m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
-                            m.next = "RESPOND"
-                        with m.Elif(d_room):
-                            m.d.comb += [we.eq(1), we_t.eq(d_tsel), we_w.eq(d_wsel),
-                                         w_valid.eq(1), w_index.eq(index_new),
-                                         w_alt.eq(Mux(d_tsel, b[0], b[1])), commit.eq(1)]
-                            m.d.sync += respond(Status.OK, index_new,
-                                                slot_number(d_tsel, Mux(d_tsel, b[1], b[0]), d_wsel))
-                            m.d.sync += resp_valid.eq(1)
-                            m.next = "RESPOND"
-                        with m.Else():
-                            # The walk starts with the new entry (cn_key, cn_value, cn_index
-                            # and cn_pending take the command's: src_carry is still low).
-                            t_sel = rng_next[0]
-                            m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
-                                         cn_t.eq(t_sel),
-                                         cn_b.eq(Mux(t_sel, b[1], b[0])),
-                                         cn_alt.eq(Mux(t_sel, b[0], b[1])),
-                                         steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
-                                         bkt_sel.eq(t_sel), src_carry.eq(1)]
-                            m.next = "RD"        # ctl_addr still holds both buckets
-                    with m.Case(Op.DELETE, Op.UPDATE):
-                        with m.If(d_found):
-                            m.d.sync += respond(Status.OK, found_index, found_slot, value=found_value)
-                            with m.If(cmd.op == Op.UPDATE):
-                                m.d.sync += resp.value.eq(cmd.value)
-                            with m.If(any_slot):
-                                m.d.comb += [we.eq(1), we_t.eq(ft), we_w.eq(fw)]
-                                with m.If(cmd.op == Op.UPDATE):
-                                    # key and value: the command's (the key is found.key)
-                                    m.d.comb += [w_valid.eq(1), w_index.eq(found.index),
-                                                 w_alt.eq(found.alt)]
-                            with m.Else():
-                                with m.Switch(which_s):
-                                    for s in range(S):
-                                        with m.Case(s):
-                                            with m.If(cmd.op == Op.UPDATE):
-                                                m.d.sync += stash_value[s].eq(cmd.value)
-                                            with m.Else():
-                                                m.d.sync += stash_valid[s].eq(0)
-                            with m.If(cmd.op == Op.DELETE):
-                                m.d.comb += [release.eq(1), release_index.eq(found_index)]
-                        with m.Else():
+        with m.If(st["DISPATCH"]):
+            m.d.sync += [resp.op.eq(cmd.op), resp.status.eq(Status.OK), src_carry.eq(0)]
+            # key, value, index, slot: the command's, a stash entry's or 0 (one write).
+            stash_read = Signal(S)
+            m.d.comb += stash_read.eq(Cat(*[op_read & slot_stash & stash_sel[s] & stash_valid[s]
+                                            for s in range(S)]))
+            respond_when(st["DISPATCH"],
+                         key=Mux(op_key, cmd.key.as_value(),
+                                 one_hot_select(stash_read, stash_key)),
+                         value=Mux(op_insert, cmd.value, one_hot_select(stash_read, stash_value)),
+                         index=one_hot_select(stash_read, stash_index),
+                         slot=Mux(op_read, cmd.slot, 0))
+            with m.Switch(cmd.op):
+                with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
+                    m.d.comb += ctl_start.eq(1)
+                    m.d.sync += goto("DISPATCH", "HASH")
+                with m.Case(Op.READ):
+                    with m.If(slot_bad):
+                        m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
+                        m.d.sync += goto("DISPATCH", "RESPOND")
+                    with m.Elif(slot_stash):
+                        with m.If(~stash_read.any()):
                             m.d.sync += resp.status.eq(Status.NOT_FOUND)
                         m.d.sync += resp_valid.eq(1)
-                        m.next = "RESPOND"
-
-            with m.State("WALK"):
-                # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
-                is_free = [~data.View(E, x).valid for x in bkt]
-                any_free, w_free = lowest_set(is_free)
-                with m.If(any_free | ~steps_max):
-                    m.d.comb += [we.eq(1), we_t.eq(carry_t), we_w.eq(Mux(any_free, w_free, w_evict)),
-                                 w_valid.eq(1), w_index.eq(carry_index), w_alt.eq(carry_alt)]
-                with m.If(any_free):
-                    # The carried entry lands; if it is not the new one, the new one is
-                    # still pending somewhere: FINALIZE makes it visible.
-                    m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
-                    with m.If(carry_pending):
-                        m.d.comb += commit.eq(1)
-                        m.d.sync += respond(Status.OK, carry_index,
-                                            slot_number(carry_t, carry_b, w_free))
-                        m.d.sync += resp_valid.eq(1)
-                        m.next = "RESPOND"
+                        m.d.sync += goto("DISPATCH", "RESPOND")
                     with m.Else():
-                        m.next = "FINALIZE"
-                with m.Elif(~steps_max):
-                    m.d.comb += [w_pending.eq(carry_pending),
-                                 path_w.en.eq(1), path_w.data.eq(w_evict)]
-                    with m.If(carry_pending):
-                        m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
-                                     new_alt.eq(carry_alt)]
-                    # cn_key, cn_value, cn_index, cn_pending: the victim's (src_carry)
-                    m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), last.eq(steps), cn_load.eq(1),
-                                 cn_valid.eq(1),
-                                 cn_t.eq(~carry_t), cn_b.eq(pick.alt), cn_alt.eq(carry_b)]
-                    m.next = "SETUP"
-                with m.Else():
-                    m.next = "HOMELESS"
-
-            with m.State("HOMELESS"):
-                free_s, s_free = lowest_set([~v for v in stash_valid])
-                with m.If(free_s):
-                    with m.Switch(s_free):
-                        for s in range(S):
-                            with m.Case(s):
-                                m.d.sync += [stash_valid[s].eq(1), stash_key[s].eq(carry_key),
-                                             stash_value[s].eq(carry_value),
-                                             stash_index[s].eq(carry_index)]
-                    # One cycle in both the stash and the carry register: same entry.
-                    m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
-                    with m.If(carry_pending):
-                        m.d.comb += commit.eq(1)
-                        m.d.sync += respond(Status.OK, carry_index, geo.entries + s_free)
-                        m.d.sync += resp_valid.eq(1)
-                        m.next = "RESPOND"
+                        t_sel = cmd.slot[geo.bucket_bits + 2]
+                        m.d.sync += [read_t.eq(t_sel), read_w.eq(cmd.slot[:2]),
+                                     phase.eq(PH_READ)]
+                        for t in range(TABLES):
+                            with m.If(t_sel == t):
+                                m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
+                        m.d.sync += goto("DISPATCH", "RD")
+                with m.Case(Op.SET_KEY):
+                    with m.If(empty):
+                        m.d.sync += hash_key.eq(cmd.hash_key)
                     with m.Else():
-                        m.next = "FINALIZE"
-                with m.Else():
-                    # Undo the walk: step k moved into (1 - carry_t, carry_alt, path[k]).
-                    m.d.sync += phase.eq(PH_UNDO)
-                    m.next = "SETUP"
+                        m.d.sync += resp.status.eq(Status.NOT_EMPTY)
+                    m.d.sync += resp_valid.eq(1)
+                    m.d.sync += goto("DISPATCH", "RESPOND")
+                with m.Case(Op.CLEAR):
+                    m.d.sync += [s.eq(0) for s in stash_valid]
+                    m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
+                                 rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
+                    m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
+                    m.d.sync += goto("DISPATCH", "SWEEP")
+                with m.Default():
+                    m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
+                    m.d.sync += goto("DISPATCH", "RESPOND")
 
-            with m.State("UNDO"):
-                # pick: way path[steps - 1] of table t_u, the entry taken back (cn_key,
-                # cn_value, cn_index, cn_pending: src_carry)
-                t_u = ~carry_t
-                w_u = path_r.data
-                m.d.comb += [we.eq(1), we_t.eq(t_u), we_w.eq(w_u), w_valid.eq(1),
-                             w_pending.eq(carry_pending), w_index.eq(carry_index),
-                             w_alt.eq(carry_b)]
-                m.d.sync += [cn_load.eq(1), cn_valid.eq(~steps_one),
-                             cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(pick.alt),
-                             steps.eq(steps - 1), last.eq(last - 1)]
-                with m.If(steps_one):
-                    m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
-                    m.next = "RESPOND"
-                with m.Else():
-                    m.next = "SETUP"
-
-            with m.State("SETUP"):
-                # The next bucket to read, from registers: a walk goes to the carried
-                # entry's bucket, an undo to the slot the carried entry was taken from.
-                m.d.sync += bkt_sel.eq(Mux(phase == PH_WALK, cn_t, ~cn_t))
+        with m.If(st["HASH"]):
+            with m.If(cv):
                 for t in range(TABLES):
-                    with m.If((phase == PH_WALK) & (cn_t == t)):
-                        m.d.sync += ctl_addr[t].eq(cn_b)
-                    with m.If((phase == PH_UNDO) & (cn_t != t)):
-                        m.d.sync += ctl_addr[t].eq(cn_alt)
-                m.next = "RD"
+                    m.d.sync += [b[t].eq(bucket_bits(ch, t)), ctl_addr[t].eq(bucket_bits(ch, t))]
+                m.d.sync += phase.eq(PH_FIND)
+                m.d.sync += goto("HASH", "RD")
 
-            with m.State("FINALIZE"):
-                for t in range(TABLES):
-                    with m.If(new_t == t):
-                        m.d.sync += ctl_addr[t].eq(new_b)
-                m.d.sync += src_carry.eq(0)          # FINALIZE_WRITE writes the command's entry
-                m.next = "FINALIZE_WRITE"
+        with m.If(st["RD"]):                   # the control ports read ctl_addr
+            m.d.sync += goto("RD", "DATA")
 
-            with m.State("FINALIZE_WRITE"):
-                m.d.comb += [we.eq(1), we_t.eq(new_t), we_w.eq(new_w), w_valid.eq(1),
-                             w_index.eq(index_new), w_alt.eq(new_alt), commit.eq(1)]
-                m.d.sync += respond(Status.OK, index_new, slot_number(new_t, new_b, new_w))
-                m.d.sync += resp_valid.eq(1)
-                m.next = "RESPOND"
+        with m.If(st["DATA"]):
+            with m.Switch(phase):
+                with m.Case(PH_FIND):
+                    m.d.sync += goto("DATA", "CMP")
+                with m.Case(PH_WALK):
+                    m.d.sync += goto("DATA", "WALK")
+                with m.Case(PH_UNDO):
+                    m.d.sync += goto("DATA", "UNDO")
+                with m.Case(PH_READ):
+                    m.d.sync += goto("DATA", "READ")
 
-            with m.State("RESPOND"):
-                with m.If(self.resp.ready):
-                    m.d.sync += resp_valid.eq(0)
-                    m.next = "IDLE"
+        with m.If(st["READ"]):
+            sel = Signal(E)
+            m.d.comb += sel.eq(Mux(read_t, Cat(*[rd[1, w] for w in range(WAYS)]),
+                                   Cat(*[rd[0, w] for w in range(WAYS)])).word_select(read_w, E.size))
+            with m.If(sel.valid):
+                m.d.sync += resp.status.eq(Status.OK)
+            with m.Else():
+                m.d.sync += resp.status.eq(Status.NOT_FOUND)
+            m.d.sync += resp_valid.eq(1)
+            m.d.sync += goto("READ", "RESPOND")
+            respond_when(st["READ"] & sel.valid, key=sel.key.as_value(), value=sel.value,
+                         index=sel.index)
+
+        with m.If(st["CMP"]):
+            key = cmd.key.as_value()
+            m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & (rd[t, w].key.as_value() == key)
+                                        for t in range(TABLES) for w in range(WAYS)]))
+            m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & (stash_key[s] == key)
+                                         for s in range(S)]))
+            for t in range(TABLES):
+                m.d.sync += free[t].eq(Cat(*[~rd[t, w].valid for w in range(WAYS)]))
+                total = Const(0, 3)
+                for w in range(WAYS):
+                    total = total + rd[t, w].valid
+                m.d.sync += used[t].eq(total)
+            m.d.sync += goto("CMP", "SELECT")
+
+        # Registered results of SELECT, used by DECIDE.
+        any_slot, any_stash = Signal(name="any_slot"), Signal(name="any_stash")
+        which, which_s = Signal(3, name="which"), Signal(range(max(2, S)), name="which_s")
+        found = Signal(E)
+        found_index = Signal(IB)
+        found_value = Signal(V)
+        found_slot = Signal(geo.slot_bits)
+        ft, fw = which[2], which[:2]
+        d_found = Signal(name="d_found")
+        d_room = Signal(name="d_room")
+        d_tsel = Signal(name="d_tsel")
+        d_wsel = Signal(2, name="d_wsel")
+
+        with m.If(st["SELECT"]):
+            c_any_slot, c_which = lowest_set([f_slot[k] for k in range(TABLES * WAYS)])
+            c_any_stash, c_which_s = lowest_set([f_stash[s] for s in range(S)])
+            # At most one slot matches: select it with an AND-OR (shallower than a mux).
+            c_found_raw = Const(0, E.size)
+            for t in range(TABLES):
+                for w in range(WAYS):
+                    c_found_raw = c_found_raw | Mux(f_slot[t * WAYS + w], rd[t, w].as_value(), 0)
+            c_found = data.View(E, c_found_raw)
+            m.d.sync += [any_slot.eq(c_any_slot), which.eq(c_which),
+                         any_stash.eq(c_any_stash), which_s.eq(c_which_s),
+                         found.eq(c_found)]
+            # DECIDE's choices, registered: found, room in a bucket, and where.
+            _, w0 = lowest_set([free[0][w] for w in range(WAYS)])
+            _, w1 = lowest_set([free[1][w] for w in range(WAYS)])
+            c_tsel = used[1] < used[0]
+            m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
+                         d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
+                         d_tsel.eq(c_tsel), d_wsel.eq(Mux(c_tsel, w1, w0))]
+            with m.If(c_any_slot):
+                m.d.sync += [found_index.eq(c_found.index), found_value.eq(c_found.value),
+                             found_slot.eq(slot_number(c_which[2], Mux(c_which[2], b[1], b[0]),
+                                                       c_which[:2]))]
+            with m.Else():
+                with m.Switch(c_which_s):
+                    for s in range(S):
+                        with m.Case(s):
+                            m.d.sync += [found_index.eq(stash_index[s]),
+                                         found_value.eq(stash_value[s]),
+                                         found_slot.eq(geo.entries + s)]
+            m.d.sync += goto("SELECT", "DECIDE")
+
+        with m.If(st["DECIDE"]):
+            with m.Switch(cmd.op):
+                with m.Case(Op.INSERT):
+                    with m.If(d_found):
+                        m.d.sync += resp.status.eq(Status.DUPLICATE)
+                        m.d.sync += resp_valid.eq(1)
+                        m.d.sync += goto("DECIDE", "RESPOND")
+                    with m.Elif(full):
+                        m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                        m.d.sync += goto("DECIDE", "RESPOND")
+                    with m.Elif(d_room):
+                        m.d.comb += commit.eq(1)
+                        m.d.sync += resp.status.eq(Status.OK)
+                        m.d.sync += resp_valid.eq(1)
+                        m.d.sync += goto("DECIDE", "RESPOND")
+                    with m.Else():
+                        # The walk starts with the new entry (cn_key, cn_value, cn_index
+                        # and cn_pending take the command's: src_carry is still low).
+                        t_sel = rng_next[0]
+                        m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
+                                     cn_t.eq(t_sel),
+                                     cn_b.eq(Mux(t_sel, b[1], b[0])),
+                                     cn_alt.eq(Mux(t_sel, b[0], b[1])),
+                                     steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
+                                     bkt_sel.eq(t_sel), src_carry.eq(1)]
+                        m.d.sync += goto("DECIDE", "RD")        # ctl_addr still holds both buckets
+                with m.Case(Op.DELETE, Op.UPDATE):
+                    with m.If(d_found):
+                        m.d.sync += resp.status.eq(Status.OK)
+                        with m.If(~any_slot):
+                            with m.Switch(which_s):
+                                for s in range(S):
+                                    with m.Case(s):
+                                        with m.If(cmd.op == Op.UPDATE):
+                                            m.d.sync += stash_value[s].eq(cmd.value)
+                                        with m.Else():
+                                            m.d.sync += stash_valid[s].eq(0)
+                        with m.If(cmd.op == Op.DELETE):
+                            m.d.comb += [release.eq(1), release_index.eq(found_index)]
+                    with m.Else():
+                        m.d.sync += resp.status.eq(Status.NOT_FOUND)
+                    m.d.sync += resp_valid.eq(1)
+                    m.d.sync += goto("DECIDE", "RESPOND")
+
+        with m.If(st["WALK"]):
+            # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
+            is_free = [~data.View(E, x).valid for x in bkt]
+            any_free, w_free = lowest_set(is_free)
+            with m.If(any_free):
+                # The carried entry lands; if it is not the new one, the new one is
+                # still pending somewhere: FINALIZE makes it visible.
+                m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
+                with m.If(carry_pending):
+                    m.d.comb += commit.eq(1)
+                    m.d.sync += resp.status.eq(Status.OK)
+                    m.d.sync += resp_valid.eq(1)
+                    m.d.sync += goto("WALK", "RESPOND")
+                with m.Else():
+                    m.d.sync += goto("WALK", "FINALIZE")
+            with m.Elif(~steps_max):
+                m.d.comb += [path_w.en.eq(1), path_w.data.eq(w_evict)]
+                with m.If(carry_pending):
+                    m.d.sync += [new_t.eq(carry_t), new_b.eq(carry_b), new_w.eq(w_evict),
+                                 new_alt.eq(carry_alt)]
+                # cn_key, cn_value, cn_index, cn_pending: the victim's (src_carry)
+                m.d.sync += [rng.eq(rng_next), steps.eq(steps + 1), last.eq(steps), cn_load.eq(1),
+                             cn_valid.eq(1),
+                             cn_t.eq(~carry_t), cn_b.eq(pick.alt), cn_alt.eq(carry_b)]
+                m.d.sync += goto("WALK", "SETUP")
+            with m.Else():
+                m.d.sync += goto("WALK", "HOMELESS")
+
+        with m.If(st["HOMELESS"]):
+            free_s, s_free = lowest_set([~v for v in stash_valid])
+            with m.If(free_s):
+                with m.Switch(s_free):
+                    for s in range(S):
+                        with m.Case(s):
+                            m.d.sync += [stash_valid[s].eq(1), stash_key[s].eq(carry_key),
+                                         stash_value[s].eq(carry_value),
+                                         stash_index[s].eq(carry_index)]
+                # One cycle in both the stash and the carry register: same entry.
+                m.d.sync += [cn_load.eq(1), cn_valid.eq(0)]
+                with m.If(carry_pending):
+                    m.d.comb += commit.eq(1)
+                    m.d.sync += resp.status.eq(Status.OK)
+                    m.d.sync += resp_valid.eq(1)
+                    m.d.sync += goto("HOMELESS", "RESPOND")
+                with m.Else():
+                    m.d.sync += goto("HOMELESS", "FINALIZE")
+            with m.Else():
+                # Undo the walk: step k moved into (1 - carry_t, carry_alt, path[k]).
+                m.d.sync += phase.eq(PH_UNDO)
+                m.d.sync += goto("HOMELESS", "SETUP")
+
+        with m.If(st["UNDO"]):
+            # pick: way path[steps - 1] of table t_u, the entry taken back (cn_key,
+            # cn_value, cn_index, cn_pending: src_carry)
+            t_u = ~carry_t
+            w_u = path_r.data
+            m.d.sync += [cn_load.eq(1), cn_valid.eq(~steps_one),
+                         cn_t.eq(t_u), cn_b.eq(carry_alt), cn_alt.eq(pick.alt),
+                         steps.eq(steps - 1), last.eq(last - 1)]
+            with m.If(steps_one):
+                m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                m.d.sync += goto("UNDO", "RESPOND")
+            with m.Else():
+                m.d.sync += goto("UNDO", "SETUP")
+
+        with m.If(st["SETUP"]):
+            # The next bucket to read, from registers: a walk goes to the carried
+            # entry's bucket, an undo to the slot the carried entry was taken from.
+            m.d.sync += bkt_sel.eq(Mux(phase == PH_WALK, cn_t, ~cn_t))
+            for t in range(TABLES):
+                with m.If((phase == PH_WALK) & (cn_t == t)):
+                    m.d.sync += ctl_addr[t].eq(cn_b)
+                with m.If((phase == PH_UNDO) & (cn_t != t)):
+                    m.d.sync += ctl_addr[t].eq(cn_alt)
+            m.d.sync += goto("SETUP", "RD")
+
+        with m.If(st["FINALIZE"]):
+            for t in range(TABLES):
+                with m.If(new_t == t):
+                    m.d.sync += ctl_addr[t].eq(new_b)
+            m.d.sync += src_carry.eq(0)          # FINALIZE_WRITE writes the command's entry
+            m.d.sync += goto("FINALIZE", "FINALIZE_WRITE")
+
+        with m.If(st["FINALIZE_WRITE"]):
+            m.d.comb += commit.eq(1)
+            m.d.sync += resp.status.eq(Status.OK)
+            m.d.sync += resp_valid.eq(1)
+            m.d.sync += goto("FINALIZE_WRITE", "RESPOND")
+
+        with m.If(st["RESPOND"]):
+            with m.If(self.resp.ready):
+                m.d.sync += resp_valid.eq(0)
+                m.d.sync += goto("RESPOND", "IDLE")
+
+        # The memory write of the next edge (we, we_t, we_w, w_*), one AND-OR per field
+        # over the writers' mutually exclusive conditions: (condition, table, way,
+        # valid, pending, index, alt).
+        decide_found = st["DECIDE"] & (op_insert | op_delete | op_update) & d_found
+        decide_room = st["DECIDE"] & op_insert & ~d_found & ~full & d_room
+        walk_write = st["WALK"] & (any_free | ~steps_max)
+        writes = [
+            (decide_room, d_tsel, d_wsel, 1, 0, index_new, Mux(d_tsel, b[0], b[1])),
+            # DELETE writes an empty word; UPDATE the command's key and value (the
+            # key is found.key) with the entry's index and alt.
+            (decide_found & op_delete & any_slot, ft, fw, 0, 0, 0, 0),
+            (decide_found & op_update & any_slot, ft, fw, 1, 0, found.index, found.alt),
+            (walk_write, carry_t, Mux(any_free, w_free, w_evict), 1,
+             ~any_free & carry_pending, carry_index, carry_alt),
+            (st["UNDO"], ~carry_t, path_r.data, 1, carry_pending, carry_index, carry_b),
+            (st["FINALIZE_WRITE"], new_t, new_w, 1, 0, index_new, new_alt),
+        ]
+        write_sel = Cat(*[w[0] for w in writes])
+        m.d.comb += [
+            we.eq(write_sel.any()),
+            we_t.eq(one_hot_select(write_sel, [w[1] for w in writes])),
+            we_w.eq(one_hot_select(write_sel, [w[2] for w in writes])),
+            w_valid.eq(one_hot_select(write_sel, [Const(w[3], 1) if isinstance(w[3], int)
+                                                  else w[3] for w in writes])),
+            w_pending.eq(one_hot_select(write_sel, [Const(w[4], 1) if isinstance(w[4], int)
+                                                    else w[4] for w in writes])),
+            w_index.eq(one_hot_select(write_sel, [Const(w[5], IB) if isinstance(w[5], int)
+                                                  else w[5] for w in writes])),
+            w_alt.eq(one_hot_select(write_sel, [Const(w[6], BB) if isinstance(w[6], int)
+                                                else w[6] for w in writes])),
+        ]
+
+        # The response's other writers (see respond_when).
+        respond_when(decide_found, index=found_index, slot=found_slot,
+                     value=Mux(op_update, cmd.value, found_value))
+        respond_when(decide_room, index=index_new,
+                     slot=slot_number(d_tsel, Mux(d_tsel, b[1], b[0]), d_wsel))
+        respond_when(st["WALK"] & any_free & carry_pending, index=carry_index,
+                     slot=slot_number(carry_t, carry_b, w_free))
+        respond_when(st["HOMELESS"] & free_s & carry_pending, index=carry_index,
+                     slot=geo.entries + s_free)
+        respond_when(st["FINALIZE_WRITE"], index=index_new,
+                     slot=slot_number(new_t, new_b, new_w))
+        for name, writes in resp_writes.items():
+            field = getattr(resp, name)
+            with m.If(Cat(*[cond for cond, _ in writes]).any()):
+                m.d.sync += field.eq(one_hot_select(Cat(*[cond for cond, _ in writes]),
+                                                    [value for _, value in writes]))
 
         # Outside the states, so that this is a plain assignment (Icarus does not run
         # an ``always @*`` block before one of its inputs changes).
-        m.d.comb += self.cmd.ready.eq(fsm.ongoing("IDLE"))
+        m.d.comb += self.cmd.ready.eq(st["IDLE"])
 
         # ---- per-flow state memory -----------------------------------------------------
         if self.state_width:

@@ -71,7 +71,7 @@ Ports
 
 import enum
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -82,7 +82,7 @@ from hw.listen_table import LISTEN_ENTRY, ListenTable
 from hw.metadata import EVENT, PARSER_META, TX_HEADER, EventKind, FailStatus, FrameClass
 from hw.pipeline import Pipeline
 from hw.siphash import siphash_latency, siphash_pipeline
-from hw.stream import lowest_set, struct_value
+from hw.stream import lowest_set, one_hot_select, struct_value
 from hw.syn_cookie import (COOKIE_ISS, COOKIE_MESSAGE, DEFAULT_MSS, MAX_WSCALE, MSS_TABLE,
                            TS_OPTION_BITS, TS_SACK, WSCALE_NONE)
 
@@ -190,7 +190,7 @@ _CARRY = data.StructLayout({
     "cls": 4, "reason": 4, "ingress": 8, "listener": 8, "slot_gen": 4, "a_mss": 16,
     "eth_peer": 48, "eth_local": 48,
     "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
-    "seq": 32, "ack": 32, "fin": 1, "window": 16, "payload_length": 16,
+    "seq": 32, "ack": 32, "iss": 32, "fin": 1, "window": 16, "payload_length": 16,
     "tsval": 32, "tsecr": 32, "ts_ok": 1, "ts_options": TS_OPTION_BITS,
     "mss_index": 2, "count_lsb": 1, "key_gen": 1, "key_ok": 1,
     "l_mss": 16, "l_wscale": 4, "l_window": 16,
@@ -307,9 +307,11 @@ class HandshakeEngine(wiring.Component):
         # commands and retransmission timers act here, through one-entry "side"
         # registers that the FIFOs take when the pipeline does not write them.
         slots = [Signal(_SLOT, name=f"connect_{k}") for k in range(self.connects)]
-        slot_array = Array(slots)
+        n_slots = self.connects
+        active_bits = Cat(*[slot.active for slot in slots])
         now = Signal(32)
-        m.d.sync += now.eq(now + 1)
+        now_next = Signal(32, init=1)           # always now + 1
+        m.d.sync += [now.eq(now_next), now_next.eq(now_next + 1)]
         side_tx_valid, side_ev_valid = Signal(), Signal()
         side_tx, side_ev = Signal(TX_HEADER), Signal(EVENT)
         side_tx_taken, side_ev_taken = Signal(), Signal()
@@ -338,44 +340,74 @@ class HandshakeEngine(wiring.Component):
                 "peer_ip": req.peer_ip, "local_ip": req.local_ip,
                 "peer_port": req.peer_port, "local_port": req.local_port, "iss": req.iss})
 
-        # CONNECT: the first free slot, or a BUSY failure.
-        any_free, free_index = lowest_set([~slot.active for slot in slots])
+        # Timers: one slot per cycle (every slot is looked at every `connects` cycles),
+        # the scanned slot one-hot in `scan`. What the timer needs of the scanned slot
+        # (its request, retries and next deadline) is read a cycle ahead into registers,
+        # and whether each slot's deadline has passed is registered too: a slot changes
+        # only when the timer acts on it, and then the scan comes back to it `connects`
+        # (>= 2) cycles later, or by a CONNECT or a segment, and then the side registers
+        # or the busy mask below keep the timer off it in the next cycle.
+        scan = Signal(n_slots, init=1)
+        scan_next = Cat(scan[-1], scan[:-1])
+        m.d.sync += scan.eq(scan_next)
+        # `due`: the slot is scanned, its deadline has passed and no segment of it is in
+        # the decision stages (`busy_next`, set below); all registered.
+        due = Signal(n_slots)
+        busy_next = Signal(n_slots)
+        m.d.sync += due.eq(scan_next & Cat(*[~(now - slot.deadline)[31] for slot in slots])
+                           & ~busy_next)
+        scanned_req = Signal(CONNECT_REQUEST)
+        scanned_retries = Signal(4)
+        next_deadline = Signal(32)              # now + the scanned slot's rto << 1
+        m.d.sync += [
+            scanned_req.eq(one_hot_select(scan_next, [slot.req.as_value() for slot in slots])),
+            scanned_retries.eq(one_hot_select(scan_next, [slot.retries for slot in slots])),
+            next_deadline.eq(now_next + (one_hot_select(scan_next,
+                                                        [slot.rto for slot in slots]) << 1)[:32]),
+        ]
         connect = control_accept & (ctl.op == ControlOp.CONNECT)
+        timer_may = side_free & ~connect
+        act = Signal()
+        retry = Signal()
+        m.d.comb += [act.eq(timer_may & (due & active_bits).any()),
+                     retry.eq(scanned_retries < self.syn_retries)]
+
+        # CONNECT: the first free slot, or a BUSY failure.
+        free = [~slot.active for slot in slots]
+        any_free = active_bits != (1 << n_slots) - 1
+        free_first = [free[k] & (active_bits[:k].all() if k else 1) for k in range(n_slots)]
+        # The side registers load whenever they are empty (their contents matter only
+        # while valid): a CONNECT's segment or failure, else the timer's.
+        with m.If(~side_tx_valid):
+            m.d.sync += side_tx.eq(Mux(connect, syn_segment(ctl.connect),
+                                       syn_segment(scanned_req)))
+        with m.If(~side_ev_valid):
+            m.d.sync += side_ev.eq(Mux(connect, failed_event(ctl.connect, FailStatus.BUSY),
+                                       failed_event(scanned_req, FailStatus.TIMEOUT)))
         with m.If(connect):
             with m.If(any_free):
-                new = slot_array[free_index]
-                m.d.sync += [new.active.eq(1), new.gen.eq(new.gen + 1), new.retries.eq(0),
-                             new.deadline.eq(now + self.syn_rto), new.rto.eq(self.syn_rto),
-                             new.req.eq(ctl.connect),
-                             new.ack_expected.eq(ctl.connect.iss + 1),
-                             side_tx_valid.eq(1), side_tx.eq(syn_segment(ctl.connect))]
+                m.d.sync += side_tx_valid.eq(1)
             with m.Else():
-                m.d.sync += [side_ev_valid.eq(1),
-                             side_ev.eq(failed_event(ctl.connect, FailStatus.BUSY))]
-
-        # Timers: one slot per cycle (every slot is looked at every `connects` cycles).
-        # Whether each slot's deadline has passed is registered (one cycle late): the
-        # scan comes back to a slot only `connects` (>= 2) cycles after acting on it.
-        passed = Signal(self.connects)
-        m.d.sync += passed.eq(Cat(*[~(now - slot.deadline)[31] for slot in slots]))
-        scan = Signal(range(self.connects))
-        m.d.sync += scan.eq(Mux(scan == self.connects - 1, 0, scan + 1))
-        scanned = slot_array[scan]
-        due = scanned.active & passed.bit_select(scan, 1)
-        # Slots whose segments are in the two decision stages (set below).
-        busy_slot_d, busy_slot_f = Signal(), Signal()
-        busy_index_d, busy_index_f = Signal(range(self.connects)), Signal(range(self.connects))
-        act = (due & side_free & ~connect & ~(busy_slot_d & (busy_index_d == scan))
-               & ~(busy_slot_f & (busy_index_f == scan)))
+                m.d.sync += side_ev_valid.eq(1)
+        for k, slot in enumerate(slots):
+            with m.If(connect & free_first[k]):
+                m.d.sync += [slot.active.eq(1), slot.gen.eq(slot.gen + 1), slot.retries.eq(0),
+                             slot.deadline.eq(now + self.syn_rto), slot.rto.eq(self.syn_rto),
+                             slot.req.eq(ctl.connect),
+                             slot.ack_expected.eq(ctl.connect.iss + 1)]
         with m.If(act):
-            with m.If(scanned.retries < self.syn_retries):
-                backoff = (scanned.rto << 1)[:32]        # exponential backoff
-                m.d.sync += [scanned.retries.eq(scanned.retries + 1), scanned.rto.eq(backoff),
-                             scanned.deadline.eq(now + backoff),
-                             side_tx_valid.eq(1), side_tx.eq(syn_segment(scanned.req))]
+            with m.If(retry):
+                m.d.sync += side_tx_valid.eq(1)
             with m.Else():
-                m.d.sync += [scanned.active.eq(0), side_ev_valid.eq(1),
-                             side_ev.eq(failed_event(scanned.req, FailStatus.TIMEOUT))]
+                m.d.sync += side_ev_valid.eq(1)
+        for k, slot in enumerate(slots):
+            with m.If(timer_may & due[k] & slot.active):
+                with m.If(retry):
+                    m.d.sync += [slot.retries.eq(slot.retries + 1),
+                                 slot.rto.eq((slot.rto << 1)[:32]),     # exponential backoff
+                                 slot.deadline.eq(next_deadline)]
+                with m.Else():
+                    m.d.sync += slot.active.eq(0)
 
         # ------------------------------------------------------------ stage 0 -> 1
         p = Pipeline(m, "hs", accept)
@@ -408,16 +440,20 @@ class HandshakeEngine(wiring.Component):
             & (slot.req.peer_ip == m1.ip.src) & (slot.req.local_ip == m1.ip.dst)
             & (slot.req.peer_port == m1.tcp.sport) & (slot.req.local_port == m1.tcp.dport)
             for slot in slots]), 1)
+        # (A matched slot's ack_expected is the same in stage 2: only a free slot is written.)
+        p.define("slot_ack_eq", Cat(*[m1.tcp.ack == slot.ack_expected for slot in slots]), 1)
         # Stage 2: the matching slot, its contents, and whether the segment acknowledges
         # our SYN.
-        slot_hit, slot_index = lowest_set(list(p.get("slot_match", 2)))
+        match_2 = p.get("slot_match", 2)
+        slot_hit, slot_index = lowest_set(list(match_2))
+        slot_oh = Cat(*[match_2[k] & ~match_2[:k].any() if k else match_2[0]
+                        for k in range(self.connects)])     # the lowest match, one-hot
         p.define("slot_hit", slot_hit, 2)
         p.define("slot_index", slot_index, 2)
-        slot_2 = slot_array[slot_index]
-        ack_2 = HANDSHAKE_IN(p.get("rec", 2)).meta.tcp.ack
-        p.define("slot_ack_ok", ack_2 == slot_2.ack_expected, 2)
-        p.define("slot_req", slot_2.req, 2)
-        p.define("slot_gen", slot_2.gen, 2)
+        p.define("slot_oh", slot_oh, 2)
+        p.define("slot_ack_ok", (slot_oh & p.get("slot_ack_eq", 2)).any(), 2)
+        p.define("slot_req", one_hot_select(slot_oh, [slot.req.as_value() for slot in slots]), 2)
+        p.define("slot_gen", one_hot_select(slot_oh, [slot.gen for slot in slots]), 2)
 
         # Stage 3: the listener and the slot are known; classify, build the cookie message.
         r3 = HANDSHAKE_IN(p.get("rec", 3))
@@ -508,7 +544,7 @@ class HandshakeEngine(wiring.Component):
             "eth_peer": m3.eth.src, "eth_local": m3.eth.dst,
             "peer_ip": m3.ip.src, "local_ip": m3.ip.dst,
             "peer_port": m3.tcp.sport, "local_port": m3.tcp.dport,
-            "seq": m3.tcp.seq, "ack": m3.tcp.ack, "fin": m3.tcp.flags[0],
+            "seq": m3.tcp.seq, "ack": m3.tcp.ack, "iss": g["iss"], "fin": m3.tcp.flags[0],
             "window": m3.tcp.window, "payload_length": m3.payload_length,
             "tsval": m3.opt.tsval, "tsecr": m3.opt.tsecr,
             "ts_ok": ts_ok, "ts_options": ts_options, "mss_index": mss_index,
@@ -518,6 +554,13 @@ class HandshakeEngine(wiring.Component):
             "l_wscale": Mux(is_active, slot_req.wscale, entry.wscale),
             "l_window": Mux(is_active, slot_req.window, entry.window)})
         p.define("carry", carry, 3)
+        # The connection-table key of the segment (the peer is its source).
+        p.define("ident", struct_value(FLOW_KEY, {
+            "port": r3.ingress, "src": m3.ip.src, "dst": m3.ip.dst,
+            "sport": m3.tcp.sport, "dport": m3.tcp.dport}), 3)
+        slot_oh_3 = p.get("slot_oh", 3)
+        p.define("timer_busy", Mux((cls == _Class.ACTIVE_EST) | (cls == _Class.ACTIVE_RST),
+                                   slot_oh_3, 0), 3)
         p.define("rst_ack_3", g["rst_ack"], 3)
         p.define("ts_now", self.ts_clock, 3)
 
@@ -530,16 +573,9 @@ class HandshakeEngine(wiring.Component):
         p.inject("digest", digest, D)
         middle = (3 + D) // 2
         # (Read half-way first: two LUT-RAM delay lines instead of a chain of registers.)
-        for name in ("carry", "rst_ack_3", "ts_now"):
+        for name in ("carry", "rst_ack_3", "ts_now", "slot_oh", "timer_busy", "ident"):
             p.get(name, middle)
         c_d = _CARRY(p.get("carry", D))
-        slot_bits = len(Value.cast(slot_index))
-
-        def identity(carried):
-            """The connection-table key of a segment: the peer is its source."""
-            return struct_value(FLOW_KEY, {
-                "port": carried.ingress, "src": carried.peer_ip, "dst": carried.local_ip,
-                "sport": carried.peer_port, "dport": carried.local_port})
 
         # Connections established in the last RECENT_CYCLES (the last `recent` of them):
         # their later segments go to the host even before the connection table knows
@@ -550,52 +586,76 @@ class HandshakeEngine(wiring.Component):
         for r in recent:
             with m.If(r.left != 0):
                 m.d.sync += r.left.eq(r.left - 1)
-        recent_pointer = Signal(range(self.recent))
-        last_write_valid = Signal()              # an entry was written at the last clock edge
+        recent_pointer = Signal(self.recent, init=1)        # one-hot
+        last_write_valid = Signal()              # the record now at G establishes
+        # An entry is written from registers, when its record is at G (a cycle after the
+        # decision): `pending` is that write, to the entry at `recent_pointer`. Until it
+        # is done, the entry there counts as gone and the new one is compared directly.
+        pending = Signal()
+        alive_now = alive & ~Mux(pending, recent_pointer, 0)
 
         # Stage D: the cookie's MAC compare, the recent connections, the connect slot.
         mac = digest[:COOKIE_ISS["mac"].width]
         p.define("cookie", struct_value(COOKIE_ISS, {
             "mss_index": c_d.mss_index, "count_lsb": c_d.count_lsb, "key_gen": c_d.key_gen,
             "mac": mac}), D)
-        p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS((c_d.ack - 1)[:32]).mac == mac), D)
-        p.define("recent_seen", Cat(*[alive[k] & (r.tuple.as_value() == identity(c_d))
-                                      for k, r in enumerate(recent)]).any(), D)
+        p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS(c_d.iss).mac == mac), D)
+        # The tuples are compared a stage earlier (D - 1), with the entries as they are
+        # then; the entry written at the end of that cycle (`written_last`) is compared
+        # with the tuple written into it instead.
+        ident_pre = p.get("ident", D - 1)
+        ident_d, ident_f, ident_g = (p.get("ident", at) for at in (D, F, F + 1))
+        written_last = Signal(self.recent)
+        m.d.sync += written_last.eq(Mux(pending, recent_pointer, 0))
+        p.define("recent_eq", Cat(*[r.tuple.as_value() == ident_pre for r in recent]), D - 1)
+        p.define("pending_eq", ident_pre == ident_g, D - 1)
+        recent_eq_d, pending_eq_d = p.get("recent_eq", D), p.get("pending_eq", D)
+        p.define("recent_seen", Cat(*[
+            alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
+            for k in range(self.recent)]).any(), D)
         # A connect slot may have been freed (timeout) since stage 3: then do nothing.
-        slot_at_d = slot_array[c_d.listener[:slot_bits]]
-        p.define("slot_live", slot_at_d.active & (slot_at_d.gen == c_d.slot_gen), D)
+        slot_oh_d = p.get("slot_oh", D)
+        p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
+                                    for k, slot in enumerate(slots)]).any(), D)
 
         # The record ahead (at F in this cycle) may establish the same connection: its
         # entry is written only at the end of this cycle, so compare with it directly.
-        p.define("same_as_next", identity(c_d) == identity(_CARRY(p.get("carry", F))), D)
+        p.define("same_as_next", ident_d == ident_f, D)
+        # And the record two ahead (at G), whose entry is written at the end of this cycle.
+        p.define("same_as_pending", pending
+                 & (ident_d == ident_g), D)
 
         # Stage F = D + 1: decide (small signals only).
         c = _CARRY(p.get("carry", F))
         cookie_ok, slot_live = p.get("cookie_ok", F), p.get("slot_live", F)
-        tuple_f = identity(c)
-        recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid))
+        recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid)
+                       | p.get("same_as_pending", F))
                       & (c.cls != _Class.PASS))
         cls_d = Mux(recent_hit, _Class.PASS, c.cls)
-        slot_d = slot_array[c.listener[:slot_bits]]
         active_cls = ((cls_d == _Class.ACTIVE_EST) | (cls_d == _Class.ACTIVE_RST)
                       | (cls_d == _Class.ACTIVE_BAD) | (cls_d == _Class.ACTIVE_DISCARD))
         active_est = (cls_d == _Class.ACTIVE_EST) & slot_live
         active_rst = (cls_d == _Class.ACTIVE_RST) & slot_live
-        with m.If(p.valid(F) & (active_est | active_rst)):
-            m.d.sync += slot_d.active.eq(0)
-        # The timers leave alone a slot whose segment is in the decision stages.
-        c_d_active = (c_d.cls == _Class.ACTIVE_EST) | (c_d.cls == _Class.ACTIVE_RST)
-        c_active = (c.cls == _Class.ACTIVE_EST) | (c.cls == _Class.ACTIVE_RST)
-        m.d.comb += [
-            busy_slot_d.eq(p.valid(D) & c_d_active), busy_index_d.eq(c_d.listener[:slot_bits]),
-            busy_slot_f.eq(p.valid(F) & c_active), busy_index_f.eq(c.listener[:slot_bits])]
+        slot_oh_f = p.get("slot_oh", F)
+        for k, slot in enumerate(slots):
+            with m.If(p.valid(F) & slot_oh_f[k] & (active_est | active_rst)):
+                m.d.sync += slot.active.eq(0)
+        # The timers leave alone a slot whose segment is in the decision stages (D and
+        # F): the mask of the next cycle, from the stages before.
+        m.d.comb += busy_next.eq(Mux(p.valid(D - 1), p.get("timer_busy", D - 1), 0)
+                                 | Mux(p.valid(D), p.get("timer_busy", D), 0))
         established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
         m.d.sync += last_write_valid.eq(p.valid(F) & established)
-        with m.If(p.valid(F) & established):
-            m.d.sync += [Array(recent)[recent_pointer].eq(struct_value(_RECENT, {
-                             "tuple": tuple_f, "left": self.RECENT_CYCLES})),
-                         recent_pointer.eq(Mux(recent_pointer == self.recent - 1, 0,
-                                               recent_pointer + 1))]
+        # The entry is written a cycle later (stage G) with one cycle less to live: it
+        # expires when it would have, written at the end of this cycle.
+        m.d.comb += pending.eq(last_write_valid)
+        tuple_g = ident_g
+        with m.If(pending):
+            m.d.sync += recent_pointer.eq(Cat(recent_pointer[-1], recent_pointer[:-1]))
+            for k, r in enumerate(recent):
+                with m.If(recent_pointer[k]):
+                    m.d.sync += r.eq(struct_value(_RECENT, {
+                        "tuple": tuple_g, "left": self.RECENT_CYCLES - 1}))
         final_reason = Mux(recent_hit, Reason.FLOW,
                            Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK,
                                Mux(active_cls & ~slot_live, Reason.ACTIVE_DISCARD, c.reason)))
@@ -613,6 +673,11 @@ class HandshakeEngine(wiring.Component):
         p.define("f_active_est", active_est, F)
         p.define("f_active_rst", active_rst, F)
         p.define("f_closed", cls_d == _Class.CLOSED_SYN, F)
+        # Stage G's arithmetic, from the carried fields (not from the decision).
+        p.define("seq_plus_1", (c.seq + 1)[:32], F)
+        p.define("seq_minus_1", (c.seq - 1)[:32], F)
+        p.define("active_window", c.l_window >> Mux(c.ts_options[:4] != WSCALE_NONE,
+                                                    c.l_wscale, 0), F)
 
         # Stage G = F + 1: format the segment and the event.
         G = F + 1
@@ -622,7 +687,7 @@ class HandshakeEngine(wiring.Component):
         cookie = p.get("cookie", G)
         send_synack, active_est = p.get("f_synack", G), p.get("f_active_est", G)
         active_rst, closed = p.get("f_active_rst", G), p.get("f_closed", G)
-        iss_d = (c.ack - 1)[:32]
+        iss_d = c.iss
         wscale_ok = c.ts_ok & (c.ts_options[:4] != WSCALE_NONE)
         sack_ok = c.ts_ok & c.ts_options[4]
         # For a CONNECT the options were agreed with or without timestamps.
@@ -640,13 +705,13 @@ class HandshakeEngine(wiring.Component):
             "ip": {"src": c.local_ip, "dst": c.peer_ip, "ttl": REPLY_TTL, "df": 1},
             "tcp": {"sport": c.local_port, "dport": c.peer_port,
                     "seq": Mux(send_synack, cookie, Mux(closed, 0, c.ack)),
-                    "ack": Mux(send_synack | active_est, (c.seq + 1)[:32],
+                    "ack": Mux(send_synack | active_est, p.get("seq_plus_1", G),
                                Mux(closed, rst_ack, 0)),
                     "flags": Mux(send_synack, TcpFlags.SYN | TcpFlags.ACK,
                                  Mux(active_est, TcpFlags.ACK,
                                      Mux(closed, TcpFlags.RST | TcpFlags.ACK, TcpFlags.RST))),
                     "window": Mux(send_synack, c.l_window,
-                                  Mux(active_est, c.l_window >> Mux(a_wscale_ok, c.l_wscale, 0),
+                                  Mux(active_est, p.get("active_window", G),
                                       0))},
             "opt": reply_opt,
         })
@@ -661,7 +726,7 @@ class HandshakeEngine(wiring.Component):
             "peer_ip": c.peer_ip, "local_ip": c.local_ip,
             "peer_port": c.peer_port, "local_port": c.local_port,
             "iss": iss_d,
-            "irs": Mux(active_rst, 0, Mux(active_est, c.seq, (c.seq - 1)[:32])),
+            "irs": Mux(active_rst, 0, Mux(active_est, c.seq, p.get("seq_minus_1", G))),
             "mss": Mux(active_rst, 0, Mux(active_est, c.a_mss, table_mss)),
             "wscale_ok": ev_wscale_ok & ~active_rst,
             "peer_wscale": Mux(ev_wscale_ok & ~active_rst, c.ts_options[:4], 0),

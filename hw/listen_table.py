@@ -77,9 +77,11 @@ class ListenTable(wiring.Component):
             e.valid & (e.port == self.lookup_port) & ((e.ip == 0) | (e.ip == self.lookup_ip))
             for e in table]))
 
-        # Cycle 2: the lowest matching entry, selected one-hot (match & -match keeps the
-        # lowest set bit) with an AND-OR tree.
-        lowest = (match & (~match + 1))[:self.entries]
+        # Cycle 2: the lowest matching entry, selected one-hot with an AND-OR tree. Each
+        # bit of the one-hot is its match bit and no lower one (a LUT tree per bit), not
+        # match & -match, whose carry chain runs through all entries.
+        lowest = Cat(*[match[k] & ~match[:k].any() if k else match[0]
+                       for k in range(self.entries)])
         picked = LISTEN_ENTRY(one_hot_select(lowest, [e.as_value() for e in table]))
         index = one_hot_select(lowest, [Const(k, range(self.entries)) for k in range(self.entries)])
         m.d.sync += [self.hit.eq(match.any() & picked.valid), self.index.eq(index),
