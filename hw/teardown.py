@@ -45,9 +45,9 @@ the rule says "to the host"):
  1    RST, SEQ = RCV.NXT                                   freed, CLOSED/RESET
  2    RST, sequence test passes                            challenge ACK (RFC 5961)
  3    RST                                                  nothing
- 4    SYN in TIME_WAIT, acceptable (RFC 6191: TSval >      freed, CLOSED/NEW_SYN, frame to
-      ts_recent when both use timestamps, else SEQ >       the host
-      RCV.NXT)
+ 4    SYN without ACK in TIME_WAIT, acceptable (RFC     freed, CLOSED/NEW_SYN, frame to
+      6191: TSval > ts_recent when both use timestamps,    the host
+      else SEQ > RCV.NXT)
  5    SYN                                                  challenge ACK (RFC 5961 4.2)
  6    TIME_WAIT, FIN, SEQ + payload + 1 = RCV.NXT (the     ACK, TIME_WAIT restarted
       peer's FIN again)
@@ -69,14 +69,25 @@ the rule says "to the host"):
 ====  ===================================================  ===================================
 
 After rules 6-13, when timestamps are in use, the segment has them, SEQ = RCV.NXT (before
-the segment) and its TSval is not older than ``ts_recent``, ``ts_recent`` takes its TSval.
+the segment) and its TSval is not older than ``ts_recent``, ``ts_recent`` takes its TSval
+(before the answer is built: our ACK echoes it, as Linux's does).
 Challenge ACKs are not rate limited; PAWS is not applied (documented limits).
+
+Segment formats: FINs and ACKs carry the CLOSE's window and, when ``ts_ok``, the
+timestamp option (TSval = ``ts_clock + ts_offset``, TSecr = ``ts_recent``); RSTs carry
+window 0 and no option, as Linux's ``tcp_v4_send_reset`` (the rule-10 RST is
+``<SEQ = SEG.ACK><CTL = RST>``, RFC 9293 3.10.7.1; the RST|ACK that ends an exhausted
+FIN has ``SEQ = SND.MAX``; Linux's active reset there would carry timestamps). A frame is
+claimed whatever its VLAN tag; the 4-tuple match ignores the ingress port.
+``segments_out`` counts every segment sent for the flow (the RST that ends it included),
+``segments_in`` every claimed segment (the one that ends the flow included).
 
 Timers: each slot has one deadline in ticks of the timer clock (``now``, one tick every
 ``tick_period`` cycles; 0 stops it). FIN_WAIT_1, CLOSING and LAST_ACK: the FIN (with the
 held data) is sent again ``fin_rto`` ticks after the last send, then ``2 * fin_rto``,
 ``4 * fin_rto``... (the shift saturates at 2**30 ticks), ``fin_retries`` times; the next
-expiry sends RST|ACK (``seq = SND.MAX``) and frees the slot: CLOSED/TIMEOUT. FIN_WAIT_2:
+expiry sends RST|ACK (``seq = SND.MAX``) and frees the slot: CLOSED/TIMEOUT. (The first
+interval is ``fin_rto``; after the k-th retransmission it is ``min(fin_rto << k, 2**30)``.) FIN_WAIT_2:
 after ``fin2_timeout`` ticks the slot is freed, CLOSED/TIMEOUT, nothing sent. TIME_WAIT:
 ``time_wait`` (2*MSL) ticks after entering it (or after the last retransmitted peer FIN),
 freed, CLOSED/NORMAL. Deadlines must lie less than 2**31 ticks ahead.
@@ -729,7 +740,7 @@ class TeardownEngine(wiring.Component):
                 m.d.sync += do(TdCounter.RST_CHALLENGED, _Send.ACK)
             with m.Elif(rst):
                 m.d.sync += do(TdCounter.RST_IGNORED)
-            with m.Elif(syn & time_wait & syn_ok):
+            with m.Elif(syn & ~ack & time_wait & syn_ok):
                 m.d.sync += do(TdCounter.SYN_REOPEN, free=CloseReason.NEW_SYN, to_host=1)
             with m.Elif(syn):
                 m.d.sync += do(TdCounter.SYN_CHALLENGED, _Send.ACK)

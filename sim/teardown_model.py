@@ -32,7 +32,8 @@ Readings of the specification where its text leaves a choice (closest to Linux/R
   counted from the tick in which the timer fired;
 * ``segments_out`` counts every segment sent for the flow, the RST that ends it included;
   ``segments_in`` every claimed segment, the one that ends the flow included;
-* rule 4 takes any segment with SYN (RST excepted), as the table says, SYN|ACK included;
+* rule 4 takes a SYN without ACK (as Linux's ``tcp_timewait_state_process``); a SYN|ACK
+  goes on to rule 5 (challenge ACK);
 * a frame is claimed whatever its VLAN tag (the docstring asks for TCP without parser
   errors only); the 4-tuple match ignores the ingress port;
 * between a flow's freeing and its table DELETE landing, its frames hit a CLOSING entry
@@ -365,7 +366,7 @@ class TeardownModel:
             else:
                 rule(3, TdCounter.RST_IGNORED)
             return out
-        if syn and state == TdState.TIME_WAIT and (
+        if syn and not ack and state == TdState.TIME_WAIT and (
                 seq_gt(opt["tsval"], s.ts_recent) if (s.cmd["ts_ok"] and opt["ts_valid"])
                 else seq_gt(seq, rcv_nxt)):
             rule(4, TdCounter.SYN_REOPEN)

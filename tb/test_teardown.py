@@ -644,10 +644,11 @@ async def td_rules(bus, width=64, stall=0.3, seed=14):
         syn_fw1.segment(S, seq=syn_fw1.seq + 5, ack=0),
         tw_ts.segment(S, seq=tw_ts.seq + 1000, ack=0, tsval=tw_ts.tsval - 20),
         tw_seq.segment(S, seq=tw_seq.seq, ack=0),
+        tw_seq.segment("SA", seq=tw_seq.seq + 100000),     # SYN|ACK: never reopens
         tw_ts.segment(S, seq=tw_ts.seq - 1000, ack=0),
         tw_seq.segment(S, seq=tw_seq.seq + 100000, ack=0),
     ])
-    assert [o.rule for o in outs] == [5, 5, 5, 4, 4]
+    assert [o.rule for o in outs] == [5, 5, 5, 5, 4, 4]
     await bench.settle()
     # Data after close; out-of-window; no ACK; ACK of unsent data; data after the peer's FIN.
     outs = bench.deliver([

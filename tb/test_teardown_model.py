@@ -311,6 +311,15 @@ def test_rule4_unacceptable_syns_are_challenged():
     assert model.counters[TdCounter.SYN_CHALLENGED] == 1
 
 
+def test_rule4_needs_a_syn_without_ack():
+    """As Linux's tcp_timewait_state_process: only a SYN without ACK can reopen; an
+    acceptable-looking SYN|ACK in TIME_WAIT gets a challenge ACK (rule 5)."""
+    model, peer = _time_wait(ts=False)
+    out = model.frame(peer.segment("SA", seq=peer.seq + 100000))
+    assert out.rule == 5 and model.closing == 1
+    only_ack(out, peer)
+
+
 def test_rule5_syn_outside_time_wait():
     model, peer, _ = opened()
     peer.tick()
