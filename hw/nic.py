@@ -49,7 +49,7 @@ Ports: see ``__init__``; ``width`` is the datapath width (64 or 512 tested).
 """
 
 from amaranth.hdl import Module, Mux, Signal
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 

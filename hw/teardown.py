@@ -127,10 +127,20 @@ Ports
 
 import enum
 
-from amaranth.lib import data
+from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
 
-from hw.metadata import FLOW_VALUE, PARSER_META
-from hw.headers import MAX_FRAME_BYTES
+from hw.conn_table import FLOW_KEY, Geometry, Op, Status, command_layout, response_layout
+from hw.free_list import FreeList
+from hw.headers import MAX_FRAME_BYTES, TcpFlags
+from hw.hold_buffer import HoldBuffer
+from hw.metadata import (EVENT, FLOW_VALUE, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
+                         EventKind, FlowKind, FrameClass)
+from hw.stream import beat_bytes, packet_signature, struct_value
+from hw.timer_scan import TimerScan, deadline_passed
 
 __all__ = ["TdState", "TdCounter", "CLOSE_COMMAND", "TEARDOWN_IN", "TEARDOWN_VERDICT",
            "MAX_HELD_DATA", "TS_OPTION_BYTES"]
@@ -205,20 +215,6 @@ TEARDOWN_VERDICT = data.StructLayout({"claimed": 1, "to_host": 1})
 
 # ------------------------------------------------------------------------------ the engine
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal  # noqa: E402
-from amaranth.lib import stream, wiring  # noqa: E402
-from amaranth.lib.fifo import SyncFIFOBuffered  # noqa: E402
-from amaranth.lib.memory import Memory  # noqa: E402
-from amaranth.lib.wiring import In, Out  # noqa: E402
-
-from hw.conn_table import FLOW_KEY, Geometry, Op, Status, command_layout, response_layout  # noqa: E402
-from hw.free_list import FreeList  # noqa: E402
-from hw.headers import TcpFlags  # noqa: E402
-from hw.hold_buffer import HoldBuffer  # noqa: E402
-from hw.metadata import (EVENT, TX_HEADER, CloseReason, CloseStatus, EventKind,  # noqa: E402
-                         FlowKind, FrameClass)
-from hw.stream import beat_bytes, packet_signature, struct_value  # noqa: E402
-from hw.timer_scan import TimerScan, deadline_passed  # noqa: E402
 
 __all__ += ["TeardownEngine", "slot_state_layout", "REPLY_TTL", "MAX_BACKOFF"]
 

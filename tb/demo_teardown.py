@@ -9,7 +9,6 @@ scapy; the job returns what the report shows.
 """
 
 from scapy.layers.inet import TCP
-from scapy.packet import Raw
 
 from hw.metadata import CloseReason, CloseStatus, EventKind
 from hw.stream import frame_to_beats, pack_struct
