@@ -65,6 +65,7 @@ PARSER_META = data.StructLayout({
         "wscale_valid": 1, "wscale": 8,
         "sack_perm": 1,
         "ts_valid": 1, "tsval": 32, "tsecr": 32,
+        "ts_offset": 8,               # frame byte offset of TSval (TSecr follows it)
         "sack_blocks": 3,             # 0..4 SACK blocks
         "sack_offset": 8,             # frame byte offset of the first block's left edge
         "unknown": 1,                 # at least one option of an unknown kind was skipped

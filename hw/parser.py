@@ -436,6 +436,7 @@ class Parser(wiring.Component):
         p.define("opt_tsecr", value_of(TcpOption.TIMESTAMP, lambda q: ts.tsecr.extract(lambda k: ob[q + 2 + k])), T + 12)
         p.define("opt_sack_blocks", value_of(TcpOption.SACK, lambda q: ((ob[q + 1] - 2) >> 3)[:3]), T + 12)
         p.define("opt_sack_pos", value_of(TcpOption.SACK, lambda q: Const(q + 2 + TCP.size, 7)), T + 12)
+        p.define("opt_ts_pos", value_of(TcpOption.TIMESTAMP, lambda q: Const(q + 2 + TCP.size, 7)), T + 12)
 
         # Checksums: fold the sums (available by stage 8 at the latest) in two steps.
         ck = max(self.csum_stages, ip_sum_stage, pseudo_stage)
@@ -494,6 +495,7 @@ class Parser(wiring.Component):
                 "tsval": when(is_tcp, g("opt_tsval")), "tsecr": when(is_tcp, g("opt_tsecr")),
                 "sack_blocks": when(is_tcp, g("opt_sack_blocks")),
                 "sack_offset": when(is_tcp & seen[TcpOption.SACK], g("l4_offset") + g("opt_sack_pos")),
+                "ts_offset": when(is_tcp & seen[TcpOption.TIMESTAMP], g("l4_offset") + g("opt_ts_pos")),
                 "unknown": is_tcp & g("opt_unknown"),
             },
         })

@@ -48,7 +48,7 @@ def empty_meta():
 def _parse_options(opts):
     """Parse a TCP option area the way the RTL does. Returns (fields, malformed)."""
     out = {"mss_valid": 0, "mss": 0, "wscale_valid": 0, "wscale": 0, "sack_perm": 0,
-           "ts_valid": 0, "tsval": 0, "tsecr": 0, "sack_blocks": 0, "sack_offset": 0,
+           "ts_valid": 0, "tsval": 0, "tsecr": 0, "ts_offset": 0, "sack_blocks": 0, "sack_offset": 0,
            "unknown": 0}
     malformed = False
     i, end = 0, len(opts)
@@ -82,7 +82,7 @@ def _parse_options(opts):
                 out.update(sack_perm=1)
             elif kind == TcpOption.TIMESTAMP:
                 out.update(ts_valid=1, tsval=decl.header.tsval.get(value),
-                           tsecr=decl.header.tsecr.get(value))
+                           tsecr=decl.header.tsecr.get(value), ts_offset=i + 2)
             elif kind == TcpOption.SACK:
                 out.update(sack_blocks=(length - 2) // 8, sack_offset=i + 2)
         i += length
@@ -182,6 +182,8 @@ def parse_frame(frame, max_frame_bytes=MAX_FRAME_BYTES):
     opts, malformed = _parse_options(buf[l4 + TCP.size:l4 + TCP.size + opt_len])
     if opts["sack_blocks"]:
         opts["sack_offset"] += l4 + TCP.size
+    if opts["ts_valid"]:
+        opts["ts_offset"] += l4 + TCP.size
     meta["opt"].update(opts)
     if malformed and not err["bad_data_offset"]:
         err["bad_options"] = 1
