@@ -110,6 +110,8 @@ class EventKind(enum.IntEnum):
     FAILED = 2          # an active open failed (``status`` says why: FailStatus)
     CLOSE_STATUS = 3    # the answer to a CLOSE command (``status``: CloseStatus)
     CLOSED = 4          # the NIC finished a close it took over (``status``: CloseReason)
+    SPLICE_STATUS = 5   # the answer to a SPLICE command (``status``: SpliceStatus)
+    SPLICE_DONE = 6     # a splice ended (``status``: SpliceEnd; counts per direction)
 
 
 class FailStatus(enum.IntEnum):
@@ -140,10 +142,30 @@ class CloseReason(enum.IntEnum):
     NEW_SYN = 5         # an acceptable SYN ended TIME_WAIT; the SYN went to the host
 
 
+class SpliceStatus(enum.IntEnum):
+    """The answer to a SPLICE command (``status`` of a SPLICE_STATUS event). Anything but
+    OK leaves both connections with the host, which keeps proxying in software."""
+    OK = 0              # the NIC relays both connections from now on
+    TABLE_FULL = 1      # the connection table had no room for one of the two flows
+    ALREADY = 2         # a flow is already spliced or closing on the NIC
+    NO_SLOT = 3         # every splice slot is in use
+    TS_MISMATCH = 4     # one connection uses timestamps and the other does not
+    SAME_FLOW = 5       # both sides name the same 4-tuple
+    TABLE_ERROR = 6     # the table refused an insert or update for another reason
+
+
+class SpliceEnd(enum.IntEnum):
+    """How a splice ended (``status`` of a SPLICE_DONE event)."""
+    NORMAL = 1          # both FINs acknowledged, then the linger time passed
+    RESET = 2           # an exact RST (its sequence number is what the receiver acknowledged)
+    IDLE = 3            # no segment for the idle timeout
+
+
 class FlowKind(enum.IntEnum):
     """What the connection table's value says about a flow."""
     HOST = 1            # established through the NIC; the host owns it
     CLOSING = 2         # the teardown engine owns it (``slot``: its teardown slot)
+    SPLICED = 3         # the splice engine relays it (``slot``: 2 * splice slot + side)
 
 
 #: The connection table's value: the flow's kind, and the engine slot that holds its state.
@@ -173,7 +195,21 @@ EVENT = data.StructLayout({
     "retransmits": 4,                 # FIN retransmissions
     "segments_in": 16,                # segments of the flow the NIC handled (saturates)
     "segments_out": 16,               # segments the NIC sent for the flow (saturates)
+    # SPLICE_STATUS and SPLICE_DONE events: the host's tag of the splice; for SPLICE_DONE,
+    # the segments and payload bytes relayed from side a's peer (to b) and from b's (to a).
+    # The 4-tuple fields above then name side a's connection.
+    "tag": 16,
+    "packets_a": 32, "bytes_a": 48, "packets_b": 32, "bytes_b": 48,
 })
 
-__all__ += ["EventKind", "FailStatus", "CloseStatus", "CloseReason", "FlowKind", "FLOW_VALUE",
-            "EVENT"]
+#: One received frame's record as the flow engines (teardown, splice) take it: the
+#: parser's record, the ingress port, and the connection table's lookup result.
+FLOW_RECORD = data.StructLayout({
+    "meta": PARSER_META,
+    "ingress": 8,
+    "hit": 1,
+    "value": FLOW_VALUE,
+})
+
+__all__ += ["EventKind", "FailStatus", "CloseStatus", "CloseReason", "SpliceStatus", "SpliceEnd",
+            "FlowKind", "FLOW_VALUE", "EVENT", "FLOW_RECORD"]

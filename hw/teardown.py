@@ -137,8 +137,8 @@ from hw.conn_table import FLOW_KEY, Geometry, Op, Status, command_layout, respon
 from hw.free_list import FreeList
 from hw.headers import MAX_FRAME_BYTES, TcpFlags
 from hw.hold_buffer import HoldBuffer
-from hw.metadata import (EVENT, FLOW_VALUE, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
-                         EventKind, FlowKind, FrameClass)
+from hw.metadata import (EVENT, FLOW_RECORD, FLOW_VALUE, TX_HEADER, CloseReason,
+                         CloseStatus, EventKind, FlowKind, FrameClass)
 from hw.stream import beat_bytes, packet_signature, struct_value
 from hw.timer_scan import TimerScan, deadline_passed
 
@@ -201,12 +201,7 @@ CLOSE_COMMAND = data.StructLayout({
 })
 
 #: One record per received frame: the parser's metadata and the table lookup's result.
-TEARDOWN_IN = data.StructLayout({
-    "meta": PARSER_META,
-    "ingress": 8,
-    "hit": 1,
-    "value": FLOW_VALUE,
-})
+TEARDOWN_IN = FLOW_RECORD
 
 #: The engine's decision for one record. ``claimed`` = 0: not a closing flow's segment,
 #: the other engines decide; 1: ``to_host`` says where the frame goes.

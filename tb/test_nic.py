@@ -67,11 +67,13 @@ class NicBench:
         self.table_resp = StreamSink(bus, "table_resp", stall=stall, rng=r())
         self.close = StreamSource(bus, "close", stall=stall, rng=r())
         self.close_data = StreamSource(bus, "close_data", stall=stall, rng=r())
+        self.splice = StreamSource(bus, "splice", stall=stall, rng=r())
         self.agents = [self.mac_rx, self.host_tx, self.control, self.table_cmd, self.mac_tx,
                        self.host_rx, self.host_rx_meta, self.event, self.table_resp,
-                       self.close, self.close_data]
+                       self.close, self.close_data, self.splice]
         for port in ("cookie_period", "ts_period", "rst_bad_cookie", "syn_rto", "syn_retries",
-                     "tick_period", "fin_rto", "fin2_timeout", "time_wait", "fin_retries"):
+                     "tick_period", "fin_rto", "fin2_timeout", "time_wait", "fin_retries",
+                     "idle_timeout", "linger"):
             bus.set(port, 0)
 
     async def until(self, done, max_cycles=20000):

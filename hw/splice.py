@@ -1,0 +1,591 @@
+"""Splice engine: relays an L7 proxy's two TCP connections on the NIC (AccelTCP's splicing).
+
+A proxy has accepted a connection from peer A (side ``a``) and opened one to peer B
+(side ``b``). With a SPLICE command the host hands both to the NIC: from then on every
+segment from A leaves towards B rewritten as if the proxy had sent it on connection b,
+and every segment from B leaves towards A as if sent on connection a, with no DMA. The
+engine decides per received frame; ``hw.splice_rewrite.SpliceRewriter`` rewrites it.
+
+The SPLICE command (``SPLICE_COMMAND``: a ``tag`` chosen by the host, and per side the
+connection as the host sees it, ``SPLICE_SIDE``):
+
+* ``peer_*``/``local_*``: MACs, IPs and ports of the connection (peer = the remote end);
+* ``snd_nxt``: the host's next sequence number on the connection. **Hand-over rule:**
+  the host issues SPLICE only when all it has sent on both connections is acknowledged
+  (``snd_una == snd_nxt``), so nothing of its own is left to retransmit;
+* ``rcv_nxt``: the next sequence number the host expects from the peer (all the data
+  before it was received and acknowledged by the host);
+* ``ts_ok``, ``ts_recent`` (the peer's last TSval), ``ts_now`` (the TSval the host would
+  send on the connection now); ``wscale_ok``, ``peer_wscale`` (the shift the peer applies
+  to the windows it sends), ``local_wscale`` (the shift the peer applies to ours);
+* ``ttl``: the TTL of frames sent to this peer; 0 means the arriving TTL - 1 (forwarding).
+
+From these the engine computes, per direction (A -> B shown; B -> A is symmetric), the
+``REWRITE`` parameters: Ethernet, IPs and ports of connection b as the proxy sends them,
+``seq_delta = b.snd_nxt - a.rcv_nxt``, ``ack_delta = b.rcv_nxt - a.snd_nxt`` (also for
+SACK edges), ``tsval_delta = b.ts_now - a.ts_recent`` (B sees one clock that continues
+the proxy's), ``tsecr_delta = b.ts_recent - a.ts_now`` (B gets back its own TSvals), and
+the window rescaled from A's shift to b's local shift. Sequence numbers before the
+splice point map to ones the receiver already acknowledged, so a late retransmission of
+old data is harmless and nothing needs trimming.
+
+Checks, in order, each answered with a SPLICE_STATUS event (``SpliceStatus``): both
+sides name the same 4-tuple (SAME_FLOW); one side uses timestamps and not the other
+(TS_MISMATCH: the rewriter cannot add or remove options); no free slot (NO_SLOT); then
+side a's and side b's flows go into the connection table as ``FlowKind.SPLICED`` (value
+slot ``2 * slot + side``); a flow the NIC established (``HOST``) is switched with UPDATE;
+a flow spliced or closing already gives ALREADY, a full table TABLE_FULL, anything else
+TABLE_ERROR, and side a is then put back as it was. OK: the NIC relays both from the
+moment the table answers; frames looked up before that go to the host, which relays
+them in software with the same rewrite (``sim.splice_model``) until the OK event.
+
+Per received frame whose table entry is SPLICED (``claimed``), in one pass, one frame
+per cycle: the frame is relayed (``to_splice``, with its ``REWRITE`` on ``desc``) when
+it is IPv4/TCP without VLAN tag or IP options, has no parser error other than a bad
+checksum (it is relayed with its checksums updated, so it stays bad), no SYN, no option
+of an unknown kind, a TTL above 1 when the TTL is decremented, its 4-tuple is the one
+the slot holds (a slot reused since the lookup) and the splice is active. Any other
+claimed frame goes to the host (``to_host``; counted by reason). For relayed frames the
+engine keeps, per direction: segments and payload bytes; the first FIN's end (in the
+receiver's sequence space) and whether the other side has acknowledged it; the highest
+ACK sent. The splice ends:
+
+* NORMAL: once both FINs are acknowledged, ``linger`` ticks later (the last ACKs and
+  retransmitted FINs still pass meanwhile);
+* RESET: on an RST whose sequence number (rewritten) equals the highest ACK the other
+  side sent, at once (RFC 5961's exact match; other RSTs are relayed, the receiver
+  decides, and the splice ends at the idle timeout);
+* IDLE: ``idle_timeout`` ticks after the last relayed segment.
+
+A sweeper reads one slot per cycle and finds ended splices (``now`` past the deadline);
+the engine then deletes both flows from the table, stops relaying, and reports
+SPLICE_DONE (``SpliceEnd``; segments and bytes per direction; side a's 4-tuple; tag).
+
+Latency: record in -> verdict and descriptor out: 3 cycles. Throughput: one record per
+cycle. Commands: a few cycles plus two table commands each (four to finish a splice).
+
+Ports
+  rx          In(stream of FLOW_RECORD)      every received frame's record, in order
+  verdict     Out(stream of SPLICE_VERDICT)  one per record, in order
+  desc        Out(stream of REWRITE)         one per relayed frame, in order
+  command     In(stream of SPLICE_COMMAND)   the host's SPLICE commands
+  event       Out(stream of EVENT)           SPLICE_STATUS and SPLICE_DONE
+  table_cmd   Out / table_resp In            the connection table's control port
+  now         In(32)                         the time in ticks; idle_timeout, linger In(32)
+  spliced     Out                            active splices
+  counters    Out(32 * len(SpCounter))
+"""
+
+import enum
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from hw.conn_table import FLOW_KEY, Geometry, Op, Status, command_layout, response_layout
+from hw.free_list import FreeList
+from hw.headers import TcpFlags
+from hw.metadata import (EVENT, FLOW_RECORD, FLOW_VALUE, PARSER_ERRORS, EventKind, FlowKind,
+                         FrameClass, SpliceEnd, SpliceStatus)
+from hw.splice_rewrite import REWRITE
+from hw.stream import struct_value
+from hw.timer_scan import deadline_passed
+
+__all__ = ["SPLICE_SIDE", "SPLICE_COMMAND", "SPLICE_VERDICT", "SpCounter", "SpliceEngine",
+           "splice_params", "DIRECTION_STATE", "SLOT_STATE"]
+
+#: One side of a SPLICE command: the connection as the host sees it (module docstring).
+SPLICE_SIDE = data.StructLayout({
+    "ingress": 8,
+    "peer_mac": 48, "local_mac": 48,
+    "peer_ip": 32, "local_ip": 32, "peer_port": 16, "local_port": 16,
+    "snd_nxt": 32, "rcv_nxt": 32,
+    "ts_ok": 1, "ts_recent": 32, "ts_now": 32,
+    "wscale_ok": 1, "peer_wscale": 4, "local_wscale": 4,
+    "ttl": 8,
+})
+
+SPLICE_COMMAND = data.StructLayout({"tag": 16, "a": SPLICE_SIDE, "b": SPLICE_SIDE})
+
+#: The engine's decision for one record: ``claimed`` = 0: not a spliced flow's frame (the
+#: other engines decide); else the frame goes to the rewriter or to the host.
+SPLICE_VERDICT = data.StructLayout({"claimed": 1, "to_host": 1, "to_splice": 1})
+
+#: What a direction's slot entry holds: the key its frames must carry, and the rewrite.
+_PARAMS = data.StructLayout({"key": FLOW_KEY, "tag": 16, "rewrite": REWRITE})
+
+#: Per direction, updated by every relayed frame.
+DIRECTION_STATE = data.StructLayout({
+    "packets": 32, "bytes": 48,
+    "fin_seen": 1, "fin_end": 32,     # the first FIN's end, in the receiver's sequence space
+    "fin_acked": 1,                   # the other direction acknowledged it
+    "acked_ok": 1, "acked": 32,       # the highest ACK sent in this direction
+})
+
+#: Per splice slot: both directions, the deadline (ticks) and how it ends.
+SLOT_STATE = data.StructLayout({
+    "dir": data.ArrayLayout(DIRECTION_STATE, 2),
+    "deadline": 32,
+    "end": 2,                         # 0: not ended yet; else SpliceEnd.NORMAL or RESET
+})
+
+
+class SpCounter(enum.IntEnum):
+    """The engine's counters (one 32-bit field each in ``counters``)."""
+    RELAYED = 0             # frames sent to the rewriter
+    TO_HOST_FORMAT = 1      # claimed, to the host: VLAN, IP options, parser error, SYN, options
+    TO_HOST_TTL = 2         # claimed, to the host: TTL would reach 0
+    TO_HOST_STALE = 3       # claimed, to the host: the slot holds another flow or is inactive
+    SPLICE_OK = 4           # SPLICE commands answered OK
+    SPLICE_REFUSED = 5      # SPLICE commands answered with an error
+    ENDED_NORMAL = 6
+    ENDED_RESET = 7
+    ENDED_IDLE = 8
+    DELETE_FAILED = 9       # a table DELETE at the end did not answer OK (never expected)
+
+
+def splice_params(src, dst, tag):
+    """The parameters (a dict in ``_PARAMS``'s shape, Amaranth values) of the direction
+    from side ``src``'s peer to side ``dst``'s peer (``SPLICE_SIDE`` views)."""
+    ts = src.ts_ok & dst.ts_ok
+    shift_in = Mux(src.wscale_ok, src.peer_wscale, 0)
+    shift_out = Mux(dst.wscale_ok, dst.local_wscale, 0)
+    return {
+        "key": {"port": src.ingress, "src": src.peer_ip, "dst": src.local_ip,
+                "sport": src.peer_port, "dport": src.local_port},
+        "tag": tag,
+        "rewrite": {
+            "eth": {"dst": dst.peer_mac, "src": dst.local_mac},
+            "ip": {"src": dst.local_ip, "dst": dst.peer_ip, "ttl": dst.ttl},
+            "tcp": {"sport": dst.local_port, "dport": dst.peer_port},
+            "seq_delta": (dst.snd_nxt - src.rcv_nxt)[:32],
+            "ack_delta": (dst.rcv_nxt - src.snd_nxt)[:32],
+            "tsval_delta": Mux(ts, dst.ts_now - src.ts_recent, 0)[:32],
+            "tsecr_delta": Mux(ts, dst.ts_recent - src.ts_now, 0)[:32],
+            "window_left": Mux(shift_in > shift_out, shift_in - shift_out, 0)[:4],
+            "window_right": Mux(shift_out > shift_in, shift_out - shift_in, 0)[:4],
+        },
+    }
+
+
+def _after_or_at(a, b):
+    """``a`` is at or after ``b`` in 32-bit sequence space."""
+    return ~(a - b)[31]
+
+
+class SpliceEngine(wiring.Component):
+    def __init__(self, slots=512, table=None):
+        assert slots & (slots - 1) == 0, "slots must be a power of two"
+        self.slots = slots
+        self.geo = table if table is not None else Geometry(4096, stash=4, max_moves=256)
+        assert 2 * slots <= 1 << FLOW_VALUE["slot"].width
+        super().__init__({
+            "rx": In(stream.Signature(FLOW_RECORD)),
+            "verdict": Out(stream.Signature(SPLICE_VERDICT)),
+            "desc": Out(stream.Signature(REWRITE)),
+            "command": In(stream.Signature(SPLICE_COMMAND)),
+            "event": Out(stream.Signature(EVENT)),
+            "table_cmd": Out(stream.Signature(command_layout(self.geo, FLOW_VALUE.size))),
+            "table_resp": In(stream.Signature(response_layout(self.geo, FLOW_VALUE.size))),
+            "now": In(32), "idle_timeout": In(32), "linger": In(32),
+            "spliced": Out(range(slots + 1)),
+            "counters": Out(32 * len(SpCounter)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        slots = self.slots
+        m.submodules.pool = pool = FreeList(slots)
+        m.submodules.params = params = Memory(shape=_PARAMS, depth=2 * slots, init=[])
+        m.submodules.state = state = Memory(shape=SLOT_STATE, depth=slots, init=[])
+        m.submodules.active = active = Memory(shape=1, depth=slots, init=[])
+        params_w = params.write_port()
+        params_rd = params.read_port()             # the frame pipeline
+        params_ctl = params.read_port()            # the control machine
+        state_w = state.write_port()
+        state_rd = state.read_port(transparent_for=(state_w,))
+        state_scan = state.read_port()             # the sweeper and the control machine
+        active_w = active.write_port()
+        active_rd = active.read_port(transparent_for=(active_w,))
+        active_scan = active.read_port(transparent_for=(active_w,))
+
+        counters = [Signal(32, name=f"count_{c.name.lower()}") for c in SpCounter]
+        m.d.comb += self.counters.eq(Cat(*counters))
+        bump = Signal(len(SpCounter))
+        for c, counter in enumerate(counters):
+            with m.If(bump[c]):
+                m.d.sync += counter.eq(counter + 1)
+
+        # ============================================================ the frame pipeline
+        # Stage 0: the record is taken and the slot's memories are addressed.
+        # Stage 1: the memories' words are here; decide, update the slot's state (written
+        #          at the end of the cycle; the next record reads it through).
+        # Stage 2: the verdict and the descriptor are registered into their outputs.
+        OUT_DEPTH = 16
+        m.submodules.verdicts = verdicts = SyncFIFOBuffered(width=SPLICE_VERDICT.size,
+                                                            depth=OUT_DEPTH)
+        m.submodules.descs = descs = SyncFIFOBuffered(width=REWRITE.size, depth=OUT_DEPTH)
+        for port, fifo in ((self.verdict, verdicts), (self.desc, descs)):
+            m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data),
+                         fifo.r_en.eq(port.ready)]
+
+        s1_valid, s2_valid = Signal(), Signal()
+        in_flight = s1_valid + s2_valid
+        room = Signal()
+        m.d.comb += room.eq((verdicts.level + in_flight < OUT_DEPTH - 1)
+                            & (descs.level + in_flight < OUT_DEPTH - 1))
+        ctl_state_write = Signal()      # the control machine writes the state memory next cycle
+        take = self.rx.valid & room & ~ctl_state_write
+        m.d.comb += self.rx.ready.eq(room & ~ctl_state_write)
+
+        rec = self.rx.payload
+        meta = rec.meta
+        entry = rec.value.slot[:(2 * slots - 1).bit_length()]
+        m.d.comb += [params_rd.addr.eq(entry), state_rd.addr.eq(entry[1:]),
+                     active_rd.addr.eq(entry[1:])]
+
+        r1 = Signal(FLOW_RECORD)
+        r1_claimed, r1_format_ok = Signal(), Signal()
+        m.d.sync += s1_valid.eq(take)
+        with m.If(take):
+            flags = meta.tcp.flags
+            errors = meta.errors.as_value() & ~Cat(*[
+                Const(name in ("bad_ip_checksum", "bad_tcp_checksum"), 1)
+                for name, _ in PARSER_ERRORS])
+            m.d.sync += [
+                r1.eq(rec),
+                r1_claimed.eq(rec.hit & (rec.value.kind == FlowKind.SPLICED)),
+                r1_format_ok.eq((meta.frame_class == FrameClass.TCP) & ~meta.eth.vlan_valid
+                                & (meta.ip.ihl == 5) & (errors == 0)
+                                & ~(flags & TcpFlags.SYN).any() & ~meta.opt.unknown),
+            ]
+
+        # Stage 1.
+        p = _PARAMS(params_rd.data)
+        st = SLOT_STATE(state_rd.data)
+        m1 = r1.meta
+        side = r1.value.slot[0]
+        key = struct_value(FLOW_KEY, {"port": r1.ingress, "src": m1.ip.src, "dst": m1.ip.dst,
+                                      "sport": m1.tcp.sport, "dport": m1.tcp.dport})
+        key_ok = p.key.as_value() == key
+        ttl_ok = (p.rewrite.ip.ttl != 0) | (m1.ip.ttl > 1)
+        relay = Signal()
+        m.d.comb += relay.eq(s1_valid & r1_claimed & r1_format_ok & ttl_ok & key_ok
+                             & active_rd.data)
+
+        flags = m1.tcp.flags
+        fin, rst, ack = flags[0], flags[2], flags[4]       # TcpFlags FIN, RST, ACK bits
+        assert (TcpFlags.FIN, TcpFlags.RST, TcpFlags.ACK) == (1, 4, 16)
+        seq_out = (m1.tcp.seq + p.rewrite.seq_delta)[:32]
+        length = m1.payload_length
+        mine = DIRECTION_STATE(Mux(side, st.dir[1].as_value(), st.dir[0].as_value()))
+        other = DIRECTION_STATE(Mux(side, st.dir[0].as_value(), st.dir[1].as_value()))
+        newer_ack = ack & (~mine.acked_ok | _after_or_at(m1.tcp.ack, mine.acked))
+        mine_new = struct_value(DIRECTION_STATE, {
+            "packets": mine.packets + 1, "bytes": mine.bytes + length,
+            "fin_seen": mine.fin_seen | fin,
+            "fin_end": Mux(fin & ~mine.fin_seen, seq_out + length + 1, mine.fin_end),
+            "fin_acked": mine.fin_acked,
+            "acked_ok": mine.acked_ok | ack,
+            "acked": Mux(newer_ack, m1.tcp.ack, mine.acked)})
+        other_fin_acked = other.fin_acked | (ack & other.fin_seen
+                                             & _after_or_at(m1.tcp.ack, other.fin_end))
+        other_new = struct_value(DIRECTION_STATE, {
+            **{name: other[name] for name, _ in DIRECTION_STATE if name != "fin_acked"},
+            "fin_acked": other_fin_acked})
+        exact_rst = rst & other.acked_ok & (seq_out == other.acked)
+        both_done = mine.fin_acked & other_fin_acked
+        new_state = Signal(SLOT_STATE)
+        m.d.comb += new_state.eq(struct_value(SLOT_STATE, {
+            "dir": Mux(side, Cat(other_new, mine_new), Cat(mine_new, other_new)),
+            "deadline": Mux(st.end != 0, st.deadline,
+                            Mux(exact_rst, self.now,
+                                Mux(both_done, self.now + self.linger,
+                                    self.now + self.idle_timeout))),
+            "end": Mux(st.end != 0, st.end,
+                       Mux(exact_rst, SpliceEnd.RESET,
+                           Mux(both_done, SpliceEnd.NORMAL, 0)))}))
+
+        # The control machine's state writes (new splices) use the same port, in cycles
+        # with no record in stage 1 (it holds the input for a cycle first).
+        ctl_state_addr = Signal(range(slots))
+        ctl_state_data = Signal(SLOT_STATE)
+        with m.If(relay):
+            m.d.comb += [state_w.addr.eq(r1.value.slot[1:]), state_w.data.eq(new_state),
+                         state_w.en.eq(1)]
+        with m.Elif(ctl_state_write & ~s1_valid):
+            m.d.comb += [state_w.addr.eq(ctl_state_addr), state_w.data.eq(ctl_state_data),
+                         state_w.en.eq(1)]
+
+        desc = struct_value(REWRITE, {
+            **{name: p.rewrite[name] for name, _ in REWRITE
+               if name not in ("ts_offset", "sack_offset", "sack_blocks")},
+            "ts_offset": m1.opt.ts_offset, "sack_offset": m1.opt.sack_offset,
+            "sack_blocks": m1.opt.sack_blocks})
+        s2_verdict = Signal(SPLICE_VERDICT)
+        s2_relay = Signal()
+        s2_desc = Signal(REWRITE)
+        m.d.sync += [s2_valid.eq(s1_valid), s2_relay.eq(relay), s2_desc.eq(desc),
+                     s2_verdict.eq(struct_value(SPLICE_VERDICT, {
+                         "claimed": r1_claimed, "to_host": r1_claimed & ~relay,
+                         "to_splice": relay}))]
+        with m.If(s1_valid & r1_claimed):
+            m.d.comb += [bump[SpCounter.RELAYED].eq(relay),
+                         bump[SpCounter.TO_HOST_FORMAT].eq(~r1_format_ok),
+                         bump[SpCounter.TO_HOST_TTL].eq(r1_format_ok & ~ttl_ok),
+                         bump[SpCounter.TO_HOST_STALE].eq(r1_format_ok & ttl_ok
+                                                          & ~(key_ok & active_rd.data))]
+        # Stage 2.
+        m.d.comb += [verdicts.w_en.eq(s2_valid), verdicts.w_data.eq(s2_verdict),
+                     descs.w_en.eq(s2_valid & s2_relay), descs.w_data.eq(s2_desc)]
+
+        # ============================================================ sweeper
+        sweep = Signal(range(slots))
+        sweep_valid = Signal()          # the scan ports hold slot `swept`
+        swept = Signal(range(slots))
+        ctl_idle = Signal()
+        scan = SLOT_STATE(state_scan.data)
+        due = Signal()
+        m.d.comb += due.eq(sweep_valid & active_scan.data & deadline_passed(self.now, scan.deadline))
+        scan_addr = Signal(range(slots))
+        m.d.comb += [state_scan.addr.eq(scan_addr), active_scan.addr.eq(scan_addr)]
+        with m.If(ctl_idle & ~due):
+            m.d.comb += scan_addr.eq(sweep)
+            m.d.sync += [sweep.eq(sweep + 1), swept.eq(sweep), sweep_valid.eq(1)]
+        with m.Else():
+            m.d.sync += sweep_valid.eq(0)
+
+        # ============================================================ control machine
+        cmd = Signal(SPLICE_COMMAND)
+        slot = Signal(range(slots))
+        status = Signal(4)
+        ending = Signal(2)                       # SpliceEnd of the splice being finished
+        a_was_host = Signal()
+        key_a, key_b = Signal(FLOW_KEY), Signal(FLOW_KEY)
+        tag = Signal(16)
+        done_state = Signal(SLOT_STATE)
+        cmd_layout = command_layout(self.geo, FLOW_VALUE.size)
+        resp = self.table_resp.payload
+        resp_kind = FLOW_VALUE(resp.value).kind
+
+        def table(op, key, side_bit=0):
+            return struct_value(cmd_layout, {
+                "op": op, "key": key,
+                "value": struct_value(FLOW_VALUE, {"kind": FlowKind.SPLICED,
+                                                   "slot": Cat(side_bit, slot)})})
+
+        def refused(code):
+            return Mux(resp.status == Status.FULL, SpliceStatus.TABLE_FULL,
+                       Mux((resp.status == Status.DUPLICATE) & (resp_kind != FlowKind.HOST),
+                           SpliceStatus.ALREADY, code))
+
+        spliced = Signal(range(slots + 1))
+        m.d.comb += self.spliced.eq(spliced)
+        side_key_a = struct_value(FLOW_KEY, {"port": cmd.a.ingress, "src": cmd.a.peer_ip,
+                                             "dst": cmd.a.local_ip, "sport": cmd.a.peer_port,
+                                             "dport": cmd.a.local_port})
+        side_key_b = struct_value(FLOW_KEY, {"port": cmd.b.ingress, "src": cmd.b.peer_ip,
+                                             "dst": cmd.b.local_ip, "sport": cmd.b.peer_port,
+                                             "dport": cmd.b.local_port})
+        event = Signal(EVENT)
+        m.d.comb += self.event.payload.eq(event)
+
+        with m.FSM(name="control"):
+            with m.State("IDLE"):
+                m.d.comb += ctl_idle.eq(1)
+                with m.If(due):
+                    m.d.sync += [slot.eq(swept), ending.eq(Mux(scan.end != 0, scan.end,
+                                                               SpliceEnd.IDLE))]
+                    m.next = "END_KEYS"
+                with m.Elif(self.command.valid):
+                    m.d.comb += self.command.ready.eq(1)
+                    m.d.sync += [cmd.eq(self.command.payload), a_was_host.eq(0)]
+                    m.next = "CHECK"
+
+            # ---------------------------------------------------- a SPLICE command
+            with m.State("CHECK"):
+                with m.If(side_key_a == side_key_b):
+                    m.d.sync += status.eq(SpliceStatus.SAME_FLOW)
+                    m.next = "ANSWER"
+                with m.Elif(cmd.a.ts_ok != cmd.b.ts_ok):
+                    m.d.sync += status.eq(SpliceStatus.TS_MISMATCH)
+                    m.next = "ANSWER"
+                with m.Elif(~pool.alloc.valid):
+                    m.d.sync += status.eq(SpliceStatus.NO_SLOT)
+                    m.next = "ANSWER"
+                with m.Else():
+                    m.d.comb += pool.alloc.ready.eq(1)
+                    m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK)]
+                    m.next = "WRITE_A"
+            with m.State("WRITE_A"):
+                m.d.comb += [params_w.addr.eq(Cat(0, slot)), params_w.en.eq(1),
+                             params_w.data.eq(struct_value(_PARAMS,
+                                                           splice_params(cmd.a, cmd.b, cmd.tag)))]
+                m.next = "WRITE_B"
+            with m.State("WRITE_B"):
+                m.d.comb += [params_w.addr.eq(Cat(1, slot)), params_w.en.eq(1),
+                             params_w.data.eq(struct_value(_PARAMS,
+                                                           splice_params(cmd.b, cmd.a, cmd.tag)))]
+                m.next = "INIT"
+            with m.State("INIT"):
+                # Hold the record input one cycle, then write while stage 1 is empty.
+                m.d.comb += [ctl_state_write.eq(1), ctl_state_addr.eq(slot),
+                             ctl_state_data.eq(struct_value(SLOT_STATE, {
+                                 "deadline": self.now + self.idle_timeout}))]
+                with m.If(~s1_valid):
+                    m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
+                    m.next = "PUT_A"
+            with m.State("PUT_A"):
+                m.d.comb += [self.table_cmd.valid.eq(1),
+                             self.table_cmd.payload.eq(table(Op.INSERT, side_key_a, 0))]
+                with m.If(self.table_cmd.ready):
+                    m.next = "PUT_A_WAIT"
+            with m.State("PUT_A_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    with m.If(resp.status == Status.OK):
+                        m.next = "PUT_B"
+                    with m.Elif((resp.status == Status.DUPLICATE) & (resp_kind == FlowKind.HOST)):
+                        m.d.sync += a_was_host.eq(1)
+                        m.next = "UPDATE_A"
+                    with m.Else():
+                        m.d.sync += status.eq(refused(SpliceStatus.TABLE_ERROR))
+                        m.next = "DEACTIVATE"
+            with m.State("UPDATE_A"):
+                m.d.comb += [self.table_cmd.valid.eq(1),
+                             self.table_cmd.payload.eq(table(Op.UPDATE, side_key_a, 0))]
+                with m.If(self.table_cmd.ready):
+                    m.next = "UPDATE_A_WAIT"
+            with m.State("UPDATE_A_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    with m.If(resp.status == Status.OK):
+                        m.next = "PUT_B"
+                    with m.Else():
+                        m.d.sync += [status.eq(SpliceStatus.TABLE_ERROR), a_was_host.eq(0)]
+                        m.next = "DEACTIVATE"
+            with m.State("PUT_B"):
+                m.d.comb += [self.table_cmd.valid.eq(1),
+                             self.table_cmd.payload.eq(table(Op.INSERT, side_key_b, 1))]
+                with m.If(self.table_cmd.ready):
+                    m.next = "PUT_B_WAIT"
+            with m.State("PUT_B_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    with m.If(resp.status == Status.OK):
+                        m.next = "ANSWER"
+                    with m.Elif((resp.status == Status.DUPLICATE) & (resp_kind == FlowKind.HOST)):
+                        m.next = "UPDATE_B"
+                    with m.Else():
+                        m.d.sync += status.eq(refused(SpliceStatus.TABLE_ERROR))
+                        m.next = "UNDO_A"
+            with m.State("UPDATE_B"):
+                m.d.comb += [self.table_cmd.valid.eq(1),
+                             self.table_cmd.payload.eq(table(Op.UPDATE, side_key_b, 1))]
+                with m.If(self.table_cmd.ready):
+                    m.next = "UPDATE_B_WAIT"
+            with m.State("UPDATE_B_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    with m.If(resp.status != Status.OK):
+                        m.d.sync += status.eq(SpliceStatus.TABLE_ERROR)
+                        m.next = "UNDO_A"
+                    with m.Else():
+                        m.next = "ANSWER"
+            with m.State("UNDO_A"):
+                # Side a goes back to what it was: the host's flow, or no entry.
+                undo = Mux(a_was_host, struct_value(cmd_layout, {
+                    "op": Op.UPDATE, "key": side_key_a,
+                    "value": struct_value(FLOW_VALUE, {"kind": FlowKind.HOST})}),
+                    struct_value(cmd_layout, {"op": Op.DELETE, "key": side_key_a}))
+                m.d.comb += [self.table_cmd.valid.eq(1), self.table_cmd.payload.eq(undo)]
+                with m.If(self.table_cmd.ready):
+                    m.next = "UNDO_A_WAIT"
+            with m.State("UNDO_A_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    m.next = "DEACTIVATE"
+            with m.State("DEACTIVATE"):
+                m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),
+                             pool.release.valid.eq(1), pool.release.payload.eq(slot)]
+                m.next = "ANSWER"
+            with m.State("ANSWER"):
+                m.d.comb += [self.event.valid.eq(1),
+                             event.eq(struct_value(EVENT, {
+                                 "kind": EventKind.SPLICE_STATUS, "status": status,
+                                 "tag": cmd.tag, "ingress": cmd.a.ingress,
+                                 "eth": {"peer": cmd.a.peer_mac, "local": cmd.a.local_mac},
+                                 "peer_ip": cmd.a.peer_ip, "local_ip": cmd.a.local_ip,
+                                 "peer_port": cmd.a.peer_port, "local_port": cmd.a.local_port}))]
+                with m.If(self.event.ready):
+                    m.d.comb += [bump[SpCounter.SPLICE_OK].eq(status == SpliceStatus.OK),
+                                 bump[SpCounter.SPLICE_REFUSED].eq(status != SpliceStatus.OK)]
+                    with m.If(status == SpliceStatus.OK):
+                        m.d.sync += spliced.eq(spliced + 1)
+                    m.next = "IDLE"
+
+            # ---------------------------------------------------- the end of a splice
+            with m.State("END_KEYS"):
+                m.d.comb += params_ctl.addr.eq(Cat(0, slot))
+                m.next = "END_KEY_A"
+            with m.State("END_KEY_A"):
+                m.d.comb += params_ctl.addr.eq(Cat(1, slot))
+                m.d.sync += [key_a.eq(_PARAMS(params_ctl.data).key),
+                             tag.eq(_PARAMS(params_ctl.data).tag)]
+                m.next = "END_KEY_B"
+            with m.State("END_KEY_B"):
+                m.d.sync += key_b.eq(_PARAMS(params_ctl.data).key)
+                m.next = "DELETE_A"
+            with m.State("DELETE_A"):
+                m.d.comb += [self.table_cmd.valid.eq(1),
+                             self.table_cmd.payload.eq(table(Op.DELETE, key_a))]
+                with m.If(self.table_cmd.ready):
+                    m.next = "DELETE_A_WAIT"
+            with m.State("DELETE_A_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    m.d.comb += bump[SpCounter.DELETE_FAILED].eq(resp.status != Status.OK)
+                    m.next = "DELETE_B"
+            with m.State("DELETE_B"):
+                m.d.comb += [self.table_cmd.valid.eq(1),
+                             self.table_cmd.payload.eq(table(Op.DELETE, key_b))]
+                with m.If(self.table_cmd.ready):
+                    m.next = "DELETE_B_WAIT"
+            with m.State("DELETE_B_WAIT"):
+                m.d.comb += self.table_resp.ready.eq(1)
+                with m.If(self.table_resp.valid):
+                    m.d.comb += bump[SpCounter.DELETE_FAILED].eq(resp.status != Status.OK)
+                    m.next = "STOP"
+            with m.State("STOP"):
+                # From here on the slot's frames go to the host; its counts are final.
+                m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),
+                             scan_addr.eq(slot)]
+                m.next = "COUNTS"
+            with m.State("COUNTS"):
+                m.d.comb += scan_addr.eq(slot)
+                m.next = "COUNTS_READ"
+            with m.State("COUNTS_READ"):
+                m.d.sync += done_state.eq(state_scan.data)
+                m.next = "REPORT"
+            with m.State("REPORT"):
+                m.d.comb += [self.event.valid.eq(1),
+                             event.eq(struct_value(EVENT, {
+                                 "kind": EventKind.SPLICE_DONE, "status": ending, "tag": tag,
+                                 "ingress": key_a.port, "peer_ip": key_a.src,
+                                 "local_ip": key_a.dst, "peer_port": key_a.sport,
+                                 "local_port": key_a.dport,
+                                 "packets_a": done_state.dir[0].packets,
+                                 "bytes_a": done_state.dir[0].bytes,
+                                 "packets_b": done_state.dir[1].packets,
+                                 "bytes_b": done_state.dir[1].bytes}))]
+                with m.If(self.event.ready):
+                    m.d.comb += [pool.release.valid.eq(1), pool.release.payload.eq(slot),
+                                 bump[SpCounter.ENDED_NORMAL].eq(ending == SpliceEnd.NORMAL),
+                                 bump[SpCounter.ENDED_RESET].eq(ending == SpliceEnd.RESET),
+                                 bump[SpCounter.ENDED_IDLE].eq(ending == SpliceEnd.IDLE)]
+                    m.d.sync += spliced.eq(spliced - 1)
+                    m.next = "IDLE"
+        return m
+
