@@ -15,6 +15,8 @@ cocotb tests (all with ~30% random valid/ready stalls on ``i``, ``desc`` and ``o
   zero_checksum        rewritten checksums that must be 0x0000 (full recomputation)
   short_frames         1..13, <54, <94, 94/95/96 bytes, truncated TCP, non-TCP bytes
   descriptor_corners   out-of-range and overlapping positions, window shifts, TTL rule
+  every_offset         every TS/SACK position in range and one past, every window shift
+  fold_corners         input checksums making eqn. 3 fold twice or land on 0xFFFF/0x10000
   late_descriptors     descriptors much later than the frames (and the reverse)
   random_frames        a few hundred back-to-back frames, random positions anywhere
   fifo_pressure        ``o`` held off until the FIFOs fill, then heavy ``o`` stalls
@@ -394,6 +396,74 @@ def corner_jobs(rng):
     return jobs
 
 
+def offset_jobs(rng):
+    """Every in-range timestamp and SACK position (each realignment), one past each
+    end, and every window shift pair."""
+    layouts = option_layouts(rng)
+    full = [layouts["full_unknown"], layouts["full_ts_sack3"], layouts["full_sack_end"]]
+    jobs = []
+
+    def add(values, window=None):
+        frame = bytearray(scapy_tcp_frame(rng, rng.choice(full), payload_length=rng.randrange(0, 40)))
+        if window is not None:
+            TCP.window.put(frame, window, L4)
+            TCP.checksum.put(frame, full_checksums(frame)[1], L4)
+        jobs.append((bytes(frame), merge_desc(random_desc(rng, positions=False), values), {"parser": False}))
+
+    for ts in range(OPT - 1, HEADER_BYTES - 6):
+        add({"ts_offset": ts, "sack_blocks": 0})
+    for blocks in range(1, 5):
+        for off in range(OPT - 1, HEADER_BYTES - 8 * blocks + 2):
+            add({"sack_offset": off, "sack_blocks": blocks, "ts_offset": rng.choice([0, 255, 87])})
+    for left in range(16):
+        for right in range(16):
+            add({"window_left": left, "window_right": right},
+                window=rng.choice([0xFFFF, 1, 0x8000, rng.getrandbits(16)]))
+    return jobs
+
+
+def _update_terms(frame, desc):
+    """The binary sums of ``sum ~m + sum m'`` inside eqn. 3, (IPv4, TCP), from the model."""
+    from sim.splice_model import _words
+    old = frame[:HEADER_BYTES] + bytes(max(0, HEADER_BYTES - len(frame)))
+    new = rewrite_frame(old, desc)
+    ip = [L3 + k for k in range(0, 20, 2) if L3 + k != L3 + IPV4.checksum.byte_offset]
+    tcp = [k for k in range(L3 + 12, HEADER_BYTES, 2) if k != L4 + TCP.checksum.byte_offset]
+    word = lambda b, k: int.from_bytes(b[k:k + 2], "big")
+    return tuple(sum((~word(old, k) & 0xFFFF) + word(new, k) for k in ks) for ks in (ip, tcp))
+
+
+def fold_corner_jobs(rng, count=48):
+    """Input checksums chosen so that the sum inside eqn. 3 needs a second end-around
+    carry, or folds to exactly 0xFFFF (result 0x0000), 0x10000, 0xFFFE, 0x0001."""
+    layouts = list(option_layouts(rng).values())
+    jobs = []
+    for n in range(count):
+        frame = bytearray(scapy_tcp_frame(rng, rng.choice(layouts)))
+        if n % 8 == 7:                  # extreme headers: all ones or all zeros
+            frame[L3 + 12:HEADER_BYTES] = bytes([0xFF if n % 16 == 7 else 0]) * (HEADER_BYTES - L3 - 12)
+        desc = desc_for(parse_frame(bytes(frame)), rng)
+        if n % 4 == 3:
+            desc = merge_desc(desc, rng.choice([
+                {"eth": {"dst": 0, "src": 0}, "ip": {"src": 0, "dst": 0, "ttl": 0}, "tcp": {"sport": 0, "dport": 0}},
+                {"ip": {"src": 0xFFFFFFFF, "dst": 0xFFFFFFFF, "ttl": 255}, "tcp": {"sport": 0xFFFF, "dport": 0xFFFF},
+                 "seq_delta": 0xFFFFFFFF, "ack_delta": 0xFFFFFFFF, "window_left": 15}]))
+        for which, (field, base) in enumerate(((IPV4, L3), (TCP, L4))):
+            rest = _update_terms(bytes(frame), desc)[which]
+            lo_target = rng.choice(["ffff", "sum_ffff", "sum_10000", "fffe", "one"])
+            candidates = []
+            for hi in (rest >> 16, (rest >> 16) + 1):
+                lo = {"ffff": 0xFFFF, "sum_ffff": 0xFFFF - hi, "sum_10000": 0x10000 - hi,
+                      "fffe": 0xFFFE - hi, "one": 1}[lo_target]
+                total = (hi << 16) + lo
+                if 0 <= total - rest <= 0xFFFF and 0 <= lo <= 0xFFFF:
+                    candidates.append(total - rest)
+            x = candidates[0] if candidates else rng.getrandbits(16)
+            field.checksum.put(frame, ~x & 0xFFFF, base)      # ~HC = x
+        jobs.append((bytes(frame), desc, {"parser": True} if n % 8 != 7 else None))
+    return jobs
+
+
 def random_job(rng, layouts):
     """A mix: parser positions, random positions, corrupted checksums, short frames."""
     r = rng.random()
@@ -636,6 +706,21 @@ if cocotb is not None:
         await drive_and_check(bus, width, corner_jobs(random.Random(5)), seed=5)
 
     @cocotb.test()
+    async def every_offset(dut):
+        """Every timestamp/SACK position in range and one past each end; every window
+        shift pair (saturating or not)."""
+        bus = await start(dut)
+        width = tb_params()["width"]
+        await drive_and_check(bus, width, offset_jobs(random.Random(14)), seed=14)
+
+    @cocotb.test()
+    async def fold_corners(dut):
+        """Sums inside eqn. 3 that need a second end-around carry or land on 0xFFFF."""
+        bus = await start(dut)
+        width = tb_params()["width"]
+        await drive_and_check(bus, width, fold_corner_jobs(random.Random(15), 96), seed=15)
+
+    @cocotb.test()
     async def late_descriptors(dut):
         """Descriptors held back, then trickling in (and frames held back instead)."""
         bus = await start(dut)
@@ -696,7 +781,7 @@ if cocotb is not None:
 # --- pytest wrappers -------------------------------------------------------------------------
 
 ALL_TESTS = ["option_layouts_test", "bad_checksums", "zero_checksum", "short_frames_test",
-             "descriptor_corners", "late_descriptors", "random_frames", "fifo_pressure",
+             "descriptor_corners", "every_offset", "fold_corners", "late_descriptors", "random_frames", "fifo_pressure",
              "throughput"]
 
 
@@ -718,6 +803,7 @@ def test_model_against_scapy():
     rng = random.Random(11)
     layouts = list(option_layouts(rng).values())
     jobs = layout_jobs(rng, repeat=4) + bad_checksum_jobs(rng, 100) + corner_jobs(rng)
+    jobs += offset_jobs(rng) + fold_corner_jobs(rng, 200)
     jobs += [random_job(rng, layouts) for _ in range(300)]
     for frame, desc, scapy in jobs:
         out = rewrite_frame(frame, desc)
