@@ -90,6 +90,7 @@ class Nic(wiring.Component):
         self._teardown = TeardownEngine(width, slots=teardown_slots, buffers=teardown_buffers,
                                         table=geo)
         self._splice = SpliceEngine(slots=splice_slots, table=geo)
+        self._rewriter = SpliceRewriter(width)
         super().__init__({
             "mac_rx": In(packet_signature(width)),
             "mac_tx": Out(packet_signature(width)),
@@ -133,7 +134,7 @@ class Nic(wiring.Component):
         m.submodules.engine = engine = HandshakeEngine(self.listeners)
         m.submodules.teardown = teardown = self._teardown
         m.submodules.splicer = splicer = self._splice
-        m.submodules.rewriter = rewriter = SpliceRewriter(w)
+        m.submodules.rewriter = rewriter = self._rewriter
         m.submodules.dispatch = dispatch = RxDispatch(w, self.max_frame_bytes)
         m.submodules.builder = builder = TxBuilder(w, self.max_frame_bytes)
         m.submodules.inserter = inserter = ChecksumInserter(w)

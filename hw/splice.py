@@ -223,7 +223,9 @@ class SpliceEngine(wiring.Component):
         # Stage 1: the memories' words are here; decide, update the slot's state (written
         #          at the end of the cycle; the next record reads it through).
         # Stage 2: the verdict and the descriptor are registered into their outputs.
-        OUT_DEPTH = 16
+        # In the NIC the verdicts wait for the handshake engine's (about 30 cycles more),
+        # and the descriptors for their frames: the FIFOs hold that many at one per cycle.
+        OUT_DEPTH = 64
         m.submodules.verdicts = verdicts = SyncFIFOBuffered(width=SPLICE_VERDICT.size,
                                                             depth=OUT_DEPTH)
         m.submodules.descs = descs = SyncFIFOBuffered(width=REWRITE.size, depth=OUT_DEPTH)

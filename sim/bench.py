@@ -109,14 +109,19 @@ def _bench_job(block):
     if block == "teardown":
         from tb.test_teardown import bench_teardown
         return bench_teardown
+    if block == "splice":
+        from tb.test_splice import bench_splice
+        return bench_splice
     raise KeyError(block)
 
 
-BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake", "teardown")
+BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake", "teardown",
+           "splice")
 
 #: Benches that measure a block inside the NIC: the component they run on.
 IN_NIC = {"handshake": ("hw.nic:Nic", {"width": 64, "entries": 4096}),
-          "teardown": ("hw.nic:Nic", {"width": 64, "entries": 4096})}
+          "teardown": ("hw.nic:Nic", {"width": 64, "entries": 4096}),
+          "splice": ("hw.nic:Nic", {"width": 64, "entries": 4096})}
 
 
 def run(block, width=64, sim="amaranth", waves=None, entries=None):

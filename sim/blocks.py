@@ -43,6 +43,9 @@ BLOCKS = {
                        "handshake engine: SYN cookies (SipHash-2-4), listen table, passive open"),
     "teardown": Block("hw.teardown:TeardownEngine", {"width": 64, "slots": 1024, "buffers": 16},
                       "teardown engine: FIN/RST/TIME_WAIT of closing flows, timers, held data"),
+    "splice": Block("hw.splice:SpliceEngine", {"slots": 512},
+                    "splice engine: SPLICE commands, per-flow rewrite parameters, FIN/RST/idle "
+                    "tracking (bench: the whole NIC)"),
     "splice_rewrite": Block("hw.splice_rewrite:SpliceRewriter", {"width": 64},
                             "splice rewriter: MACs, IPs, ports, seq/ack, TS, SACK, window, checksums"),
 }

@@ -289,6 +289,12 @@ def main(args):
     closing = run_job(Nic, {"width": width, "entries": 4096}, demo_teardown, sim=sim,
                       job_args={"width": width})
     teardown = closing.value
+    from tb.demo_splice import RESPONSE_BYTES, demo_splice
+    print(f"NIC: a proxy splices a client and a back end; a {RESPONSE_BYTES}-byte response "
+          "relayed ...", flush=True)
+    splicing = run_job(Nic, {"width": width, "entries": 4096}, demo_splice, sim=sim,
+                       job_args={"width": width})
+    splice = splicing.value
 
     # ---- report
     line = "-" * 64
@@ -356,7 +362,19 @@ def main(args):
           f"{teardown['flows_after']}")
     print("   counters: " + ", ".join(f"{k} {v}" for k, v in teardown["counters"].items()))
     print()
-    jobs = [rx, ins, nic, closing] + ([tx] if tx is not None else [])
+    print(f" NIC splicing (hw/splice.py, hw/splice_rewrite.py): SPLICE {splice['status']}, "
+          f"ended {splice['ended']} after {splice['cycles']} cycles")
+    print(f"   client {splice['client']} (wscale {splice['client_wscale']}) <-> proxy <-> "
+          f"server {splice['server']} (wscale {splice['server_wscale']}); proxy wscale "
+          f"{splice['proxy_wscale'][0]}/{splice['proxy_wscale'][1]}; timestamps both sides")
+    print(f"   relayed: client -> server {splice['packets_a']} segments, {splice['bytes_a']} B;"
+          f" server -> client {splice['packets_b']} segments, {splice['bytes_b']} B")
+    print(f"   frames relayed {splice['frames_relayed']}/{splice['frames_sent']}, rewrites "
+          f"verified by scapy {splice['frames_checked']}; host frames {splice['host_frames']}, "
+          f"host DMA bytes {splice['host_bytes']}")
+    print("   counters: " + ", ".join(f"{k} {v}" for k, v in splice["counters"].items()))
+    print()
+    jobs = [rx, ins, nic, closing, splicing] + ([tx] if tx is not None else [])
     cycles = sum(j.cycles for j in jobs)
     seconds = sum(j.seconds for j in jobs)
     print(f" Simulation: {cycles} cycles in {seconds:.1f} s of simulation "
@@ -370,7 +388,10 @@ def main(args):
           and len(setup["connections"]) == SETUP_CLIENTS == setup["flows_after_flood"]
           and setup["flood_synacks"] == setup["flood_syns"] and setup["forged_accepted"] == 0
           and [r["reason"] for r in teardown["rows"]] == EXPECTED_CLOSE_REASONS
-          and teardown["closing_after"] == 0 and teardown["flows_after"] == 0)
+          and teardown["closing_after"] == 0 and teardown["flows_after"] == 0
+          and splice["status"] == "OK" and splice["ended"] == "NORMAL"
+          and splice["frames_checked"] == splice["frames_sent"] == splice["frames_relayed"]
+          and splice["host_bytes"] == 0 and splice["spliced_after"] == 0)
     if not ok:
         print(" RESULT: MISMATCHES FOUND (see above)", file=sys.stderr)
         return 1

@@ -20,8 +20,10 @@ from amaranth.lib import data
 
 from hw.headers import HEADERS, TCP_OPTIONS
 from hw.metadata import (ERROR_FLAGS, EVENT, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
-                         EventKind, FrameClass)
+                         EventKind, FrameClass, SpliceEnd, SpliceStatus)
 from hw.registers import REGISTERS, Access
+from hw.splice import SPLICE_COMMAND, SPLICE_SIDE, SpCounter
+from hw.splice_rewrite import REWRITE
 from hw.teardown import CLOSE_COMMAND, TdCounter, TdState
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -118,6 +120,12 @@ GENERATORS = {
     "close_reason": lambda: enum_table(CloseReason),
     "td_counters": lambda: enum_table(TdCounter),
     "td_states": lambda: enum_table(TdState),
+    "splice_command": lambda: layout_doc(SPLICE_COMMAND),
+    "splice_side": lambda: layout_doc(SPLICE_SIDE),
+    "rewrite": lambda: layout_doc(REWRITE),
+    "splice_status": lambda: enum_table(SpliceStatus),
+    "splice_end": lambda: enum_table(SpliceEnd),
+    "sp_counters": lambda: enum_table(SpCounter),
     "headers": headers_table,
     "parser_meta": lambda: layout_doc(PARSER_META),
     "tx_header": lambda: layout_doc(TX_HEADER),

@@ -11,6 +11,7 @@ def test_demo_small_mix(capsys):
     assert "RX parser" in out and "TX builder" in out and "TX checksum inserter" in out
     assert "8 of 8 clients established" in out
     assert "forged final ACKs: 200, accepted: 0" in out
+    assert "SPLICE OK, ended NORMAL" in out and "host DMA bytes 0" in out
 
 
 def test_demo_on_verilator(capsys):
