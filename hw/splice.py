@@ -414,10 +414,10 @@ class SpliceEngine(wiring.Component):
                 with m.Elif(cmd.a.ts_ok != cmd.b.ts_ok):
                     m.d.sync += status.eq(SpliceStatus.TS_MISMATCH)
                     m.next = "ANSWER"
-                with m.Elif(~pool.alloc.valid):
+                with m.Elif(pool.free == 0):
                     m.d.sync += status.eq(SpliceStatus.NO_SLOT)
                     m.next = "ANSWER"
-                with m.Else():
+                with m.Elif(pool.alloc.valid):       # (after a reset the pool fills first)
                     m.d.comb += pool.alloc.ready.eq(1)
                     m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK)]
                     m.next = "WRITE_A"

@@ -176,9 +176,10 @@ class SpliceBench(NicBench):
         return flat >> (32 * which) & M32
 
 
-async def splice_session(bus, width, stall=0.2, seed=1):
+async def splice_session(bus, width, stall=0.2, seed=1, b_closes_first=False):
     """A spliced request/response: data both ways (timestamps, SACK, odd option layouts,
-    interleaved, retransmissions), then FINs from both sides, the linger, SPLICE_DONE."""
+    interleaved, out of order, a retransmission from before the splice point), then FINs
+    from both sides (A's first, or B's), the linger, SPLICE_DONE."""
     bench = SpliceBench(bus, width, stall, seed)
     rng = bench.rng
     await bench.setup()
@@ -216,6 +217,10 @@ async def splice_session(bus, width, stall=0.2, seed=1):
                                   for i in range(blocks) for j in (0, 1)])
     # A retransmission of old data from B (seq before the splice point).
     send(b, a, "b", payload=b"old", seq=(b.snd_nxt0 - 100) & M32)
+    # Out of order: B's next three segments arrive in reverse order.
+    for _ in range(3):
+        send(b, a, "b", payload=rng.randbytes(300), flags="A")
+    sent[-3:], wants[-3:] = sent[-3:][::-1], wants[-3:][::-1]
     bench.send(sent)
     await bench.until(lambda: len(bench.mac_tx.frames) == len(sent), max_cycles=60000)
     for frame, want in zip(bench.mac_tx.frames, wants):
@@ -225,10 +230,11 @@ async def splice_session(bus, width, stall=0.2, seed=1):
     # Close: A's FIN, B's ACK of it, B's FIN, A's ACK. Then the linger, then DONE.
     bench.mac_tx.frames.clear()
     sent.clear(), wants.clear()
-    send(a, b, "a", flags="FA")
-    send(b, a, "b", flags="A")
-    send(b, a, "b", flags="FA")
-    send(a, b, "a", flags="A")
+    first, second = ((b, a, "b"), (a, b, "a")) if b_closes_first else ((a, b, "a"), (b, a, "b"))
+    send(*first, flags="FA")
+    send(*second, flags="A")
+    send(*second, flags="FA")
+    send(*first, flags="A")
     bench.send(sent)
     await bench.until(lambda: len(bench.events()) == 2, max_cycles=80000)
     for frame, want in zip(bench.mac_tx.frames, wants):
@@ -244,6 +250,42 @@ async def splice_session(bus, width, stall=0.2, seed=1):
     # After the end, the flows are the host's again.
     bench.send([a.segment(payload=b"late")])
     await bench.until(lambda: len(bench.host_rx.frames) == 1)
+
+
+async def splice_table_full(bus, width, stall=0.2, seed=4):
+    """A SPLICE when the connection table is full: TABLE_FULL, side a taken back out, and
+    the host keeps both flows (their frames reach it)."""
+    from hw.conn_table import Op, Status
+    from hw.metadata import FLOW_VALUE, FlowKind
+    from hw.stream import unpack_struct
+    bench = SpliceBench(bus, width, stall, seed)
+    await bench.setup()
+    rng = bench.rng
+    full = False
+    inserted = 0
+    while not full:
+        key = {"port": 0, "src": rng.getrandbits(32), "dst": rng.getrandbits(32),
+               "sport": rng.getrandbits(16), "dport": rng.getrandbits(16)}
+        bench.table_cmd.send([bench._table_command(Op.INSERT, key=key, value=pack_struct(
+            FLOW_VALUE, kind=FlowKind.HOST))])
+        want = len(bench.table_resp.received) + 1
+        await bench.until(lambda: len(bench.table_resp.received) == want)
+        status = unpack_struct(bench._resp_layout, bench.table_resp.received[-1])["status"]
+        full = status == Status.FULL
+        inserted += status == Status.OK
+    # Make room for exactly one entry: side a fits, side b does not.
+    bench.table_cmd.send([bench._table_command(Op.DELETE, key=key)])
+    a, b = bench.peers()
+    bench.splice_cmd(a, b, tag=9)
+    await bench.until(lambda: len(bench.events()) == 1, max_cycles=40000)
+    ev = bench.events()[0]
+    assert (ev["kind"], ev["status"], ev["tag"]) == (EventKind.SPLICE_STATUS,
+                                                     SpliceStatus.TABLE_FULL, 9), (ev, inserted)
+    bench.send([a.segment(payload=b"to the host"), b.segment(payload=b"this one too")])
+    await bench.until(lambda: len(bench.host_rx.frames) == 2)
+    assert not bench.mac_tx.frames
+    await bench.settle()
+    assert bench.bus.get("spliced") == 0 and bench.counter(SpCounter.SPLICE_REFUSED) == 1
 
 
 @cocotb.test()
@@ -418,6 +460,20 @@ async def splice_race(bus, width, stall=0.2, seed=3):
 
 
 @cocotb.test()
+async def b_first(dut):
+    from tb.cocotb_util import start
+    from tb.harness import tb_params
+    await splice_session(await start(dut), tb_params()["width"], seed=8, b_closes_first=True)
+
+
+@cocotb.test()
+async def table_full(dut):
+    from tb.cocotb_util import start
+    from tb.harness import tb_params
+    await splice_table_full(await start(dut), tb_params()["width"])
+
+
+@cocotb.test()
 async def exceptions(dut):
     from tb.cocotb_util import start
     from tb.harness import tb_params
@@ -504,4 +560,82 @@ def test_splice(sim, width):
     from hw.nic import Nic
     from tb.harness import run_cocotb
     run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_splice", sim,
-               testcase=["session", "exceptions", "race", "throughput"])
+               testcase=["session", "b_first", "exceptions", "race", "table_full",
+                         "throughput"])
+
+
+def test_engine_slots():
+    """The engine alone (built-in simulator, a table that answers OK): with 2 slots a third
+    SPLICE gets NO_SLOT; once the splices idle out (both flows deleted, SPLICE_DONE IDLE)
+    their slots are free again."""
+    from amaranth.sim import Simulator
+    from hw.conn_table import Op, Status
+    from hw.splice import SpliceEngine
+    from hw.stream import unpack_struct
+    from hw.metadata import EVENT
+    engine = SpliceEngine(slots=2)
+    rng = __import__("random").Random(3)
+    bench = SpliceBench.__new__(SpliceBench)        # only for its peers()
+    bench.rng = rng
+    pairs = [bench.peers() for _ in range(4)]
+    events, ops = [], []
+
+    async def testbench(ctx):
+        ctx.set(engine.idle_timeout, 50)
+        ctx.set(engine.event.ready, 1)
+        ctx.set(engine.table_resp.payload.status, Status.OK)
+        now = 0
+        pending = 0
+
+        async def cycle():
+            nonlocal now, pending
+            ctx.set(engine.now, now // 4)
+            ctx.set(engine.table_cmd.ready, 1)
+            ctx.set(engine.table_resp.valid, pending > 0)
+            _, _, cmd_v, cmd_op, resp_r, ev_v, ev = await ctx.tick().sample(
+                engine.table_cmd.valid, engine.table_cmd.payload.op, engine.table_resp.ready,
+                engine.event.valid, engine.event.payload)
+            if cmd_v:
+                ops.append(int(cmd_op))
+                pending += 1
+            if pending and resp_r:
+                pending -= 1
+            if ev_v:
+                events.append(unpack_struct(EVENT, ev.as_value().value))
+            now += 1
+
+        async def command(x, y, tag):
+            ctx.set(engine.command.payload.as_value(), pack_struct(SPLICE_COMMAND, tag=tag, a=x.side(),
+                                                        b=y.side()))
+            ctx.set(engine.command.valid, 1)
+            while True:
+                ready = ctx.get(engine.command.ready)
+                await cycle()
+                if ready:
+                    break
+            ctx.set(engine.command.valid, 0)
+            want = len(events) + 1
+            while len(events) < want:
+                await cycle()
+            return events[-1]
+
+        for k in range(3):
+            ev = await command(*pairs[k], tag=k)
+            assert ev["kind"] == EventKind.SPLICE_STATUS
+            assert ev["status"] == (SpliceStatus.OK if k < 2 else SpliceStatus.NO_SLOT), ev
+        assert ops == [Op.INSERT] * 4
+        while len([e for e in events if e["kind"] == EventKind.SPLICE_DONE]) < 2:
+            await cycle()
+        done = [e for e in events if e["kind"] == EventKind.SPLICE_DONE]
+        assert sorted(e["tag"] for e in done) == [0, 1]
+        assert all(e["status"] == SpliceEnd.IDLE for e in done)
+        assert ops[4:] == [Op.DELETE] * 4
+        assert ctx.get(engine.spliced) == 0
+        ev = await command(*pairs[3], tag=3)
+        assert ev["status"] == SpliceStatus.OK
+
+    sim = Simulator(engine)
+    sim.add_clock(1e-8)
+    sim.add_testbench(testbench)
+    sim.run_until(1e-8 * 4000)
+    assert len(events) == 6
