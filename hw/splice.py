@@ -170,6 +170,17 @@ def splice_params(src, dst, tag):
     }
 
 
+class _Step(enum.IntEnum):
+    """The control machine's table commands (one TABLE/TABLE_WAIT pass each)."""
+    PUT_A = 0           # INSERT side a's flow
+    UPDATE_A = 1        # ... it was the host's (HOST): switch it with UPDATE
+    PUT_B = 2
+    UPDATE_B = 3
+    UNDO_A = 4          # side b failed: side a back as it was
+    DELETE_A = 5        # the end of a splice: both flows out of the table
+    DELETE_B = 6
+
+
 def _after_or_at(a, b):
     """``a`` is at or after ``b`` in 32-bit sequence space."""
     return ~(a - b)[31]
@@ -385,6 +396,7 @@ class SpliceEngine(wiring.Component):
 
         spliced = Signal(range(slots + 1))
         m.d.comb += self.spliced.eq(spliced)
+        step = Signal(_Step)
         side_key_a = struct_value(FLOW_KEY, {"port": cmd.a.ingress, "src": cmd.a.peer_ip,
                                              "dst": cmd.a.local_ip, "sport": cmd.a.peer_port,
                                              "dport": cmd.a.local_port})
@@ -393,6 +405,22 @@ class SpliceEngine(wiring.Component):
                                              "dport": cmd.b.local_port})
         event = Signal(EVENT)
         m.d.comb += self.event.payload.eq(event)
+        host_value = struct_value(FLOW_VALUE, {"kind": FlowKind.HOST})
+        table_cmd = Signal(cmd_layout)
+        with m.Switch(step):
+            for case, command in {
+                    _Step.PUT_A: table(Op.INSERT, side_key_a, 0),
+                    _Step.UPDATE_A: table(Op.UPDATE, side_key_a, 0),
+                    _Step.PUT_B: table(Op.INSERT, side_key_b, 1),
+                    _Step.UPDATE_B: table(Op.UPDATE, side_key_b, 1),
+                    # side a back to what it was: the host's flow, or no entry
+                    _Step.UNDO_A: Mux(a_was_host, struct_value(cmd_layout, {
+                        "op": Op.UPDATE, "key": side_key_a, "value": host_value}),
+                        table(Op.DELETE, side_key_a)),
+                    _Step.DELETE_A: table(Op.DELETE, key_a),
+                    _Step.DELETE_B: table(Op.DELETE, key_b)}.items():
+                with m.Case(case):
+                    m.d.comb += table_cmd.eq(command)
 
         with m.FSM(name="control"):
             with m.State("IDLE"):
@@ -438,77 +466,62 @@ class SpliceEngine(wiring.Component):
                                  "deadline": self.now + self.idle_timeout}))]
                 with m.If(~s1_valid):
                     m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
-                    m.next = "PUT_A"
-            with m.State("PUT_A"):
-                m.d.comb += [self.table_cmd.valid.eq(1),
-                             self.table_cmd.payload.eq(table(Op.INSERT, side_key_a, 0))]
+                    m.d.sync += step.eq(_Step.PUT_A)
+                    m.next = "TABLE"
+            with m.State("TABLE"):
+                m.d.comb += [self.table_cmd.valid.eq(1), self.table_cmd.payload.eq(table_cmd)]
                 with m.If(self.table_cmd.ready):
-                    m.next = "PUT_A_WAIT"
-            with m.State("PUT_A_WAIT"):
+                    m.next = "TABLE_WAIT"
+            with m.State("TABLE_WAIT"):
+                # Each table step's answer decides the next step (see _Step).
                 m.d.comb += self.table_resp.ready.eq(1)
+                ok = resp.status == Status.OK
+                host_flow = (resp.status == Status.DUPLICATE) & (resp_kind == FlowKind.HOST)
                 with m.If(self.table_resp.valid):
-                    with m.If(resp.status == Status.OK):
-                        m.next = "PUT_B"
-                    with m.Elif((resp.status == Status.DUPLICATE) & (resp_kind == FlowKind.HOST)):
-                        m.d.sync += a_was_host.eq(1)
-                        m.next = "UPDATE_A"
-                    with m.Else():
-                        m.d.sync += status.eq(refused(SpliceStatus.TABLE_ERROR))
-                        m.next = "DEACTIVATE"
-            with m.State("UPDATE_A"):
-                m.d.comb += [self.table_cmd.valid.eq(1),
-                             self.table_cmd.payload.eq(table(Op.UPDATE, side_key_a, 0))]
-                with m.If(self.table_cmd.ready):
-                    m.next = "UPDATE_A_WAIT"
-            with m.State("UPDATE_A_WAIT"):
-                m.d.comb += self.table_resp.ready.eq(1)
-                with m.If(self.table_resp.valid):
-                    with m.If(resp.status == Status.OK):
-                        m.next = "PUT_B"
-                    with m.Else():
-                        m.d.sync += [status.eq(SpliceStatus.TABLE_ERROR), a_was_host.eq(0)]
-                        m.next = "DEACTIVATE"
-            with m.State("PUT_B"):
-                m.d.comb += [self.table_cmd.valid.eq(1),
-                             self.table_cmd.payload.eq(table(Op.INSERT, side_key_b, 1))]
-                with m.If(self.table_cmd.ready):
-                    m.next = "PUT_B_WAIT"
-            with m.State("PUT_B_WAIT"):
-                m.d.comb += self.table_resp.ready.eq(1)
-                with m.If(self.table_resp.valid):
-                    with m.If(resp.status == Status.OK):
-                        m.next = "ANSWER"
-                    with m.Elif((resp.status == Status.DUPLICATE) & (resp_kind == FlowKind.HOST)):
-                        m.next = "UPDATE_B"
-                    with m.Else():
-                        m.d.sync += status.eq(refused(SpliceStatus.TABLE_ERROR))
-                        m.next = "UNDO_A"
-            with m.State("UPDATE_B"):
-                m.d.comb += [self.table_cmd.valid.eq(1),
-                             self.table_cmd.payload.eq(table(Op.UPDATE, side_key_b, 1))]
-                with m.If(self.table_cmd.ready):
-                    m.next = "UPDATE_B_WAIT"
-            with m.State("UPDATE_B_WAIT"):
-                m.d.comb += self.table_resp.ready.eq(1)
-                with m.If(self.table_resp.valid):
-                    with m.If(resp.status != Status.OK):
-                        m.d.sync += status.eq(SpliceStatus.TABLE_ERROR)
-                        m.next = "UNDO_A"
-                    with m.Else():
-                        m.next = "ANSWER"
-            with m.State("UNDO_A"):
-                # Side a goes back to what it was: the host's flow, or no entry.
-                undo = Mux(a_was_host, struct_value(cmd_layout, {
-                    "op": Op.UPDATE, "key": side_key_a,
-                    "value": struct_value(FLOW_VALUE, {"kind": FlowKind.HOST})}),
-                    struct_value(cmd_layout, {"op": Op.DELETE, "key": side_key_a}))
-                m.d.comb += [self.table_cmd.valid.eq(1), self.table_cmd.payload.eq(undo)]
-                with m.If(self.table_cmd.ready):
-                    m.next = "UNDO_A_WAIT"
-            with m.State("UNDO_A_WAIT"):
-                m.d.comb += self.table_resp.ready.eq(1)
-                with m.If(self.table_resp.valid):
-                    m.next = "DEACTIVATE"
+                    with m.Switch(step):
+                        with m.Case(_Step.PUT_A):
+                            with m.If(ok):
+                                m.d.sync += step.eq(_Step.PUT_B)
+                                m.next = "TABLE"
+                            with m.Elif(host_flow):
+                                m.d.sync += [step.eq(_Step.UPDATE_A), a_was_host.eq(1)]
+                                m.next = "TABLE"
+                            with m.Else():
+                                m.d.sync += status.eq(refused(SpliceStatus.TABLE_ERROR))
+                                m.next = "DEACTIVATE"
+                        with m.Case(_Step.UPDATE_A):
+                            with m.If(ok):
+                                m.d.sync += step.eq(_Step.PUT_B)
+                                m.next = "TABLE"
+                            with m.Else():
+                                m.d.sync += [status.eq(SpliceStatus.TABLE_ERROR), a_was_host.eq(0)]
+                                m.next = "DEACTIVATE"
+                        with m.Case(_Step.PUT_B):
+                            with m.If(ok):
+                                m.next = "ANSWER"
+                            with m.Elif(host_flow):
+                                m.d.sync += step.eq(_Step.UPDATE_B)
+                                m.next = "TABLE"
+                            with m.Else():
+                                m.d.sync += [status.eq(refused(SpliceStatus.TABLE_ERROR)),
+                                             step.eq(_Step.UNDO_A)]
+                                m.next = "TABLE"
+                        with m.Case(_Step.UPDATE_B):
+                            with m.If(ok):
+                                m.next = "ANSWER"
+                            with m.Else():
+                                m.d.sync += [status.eq(SpliceStatus.TABLE_ERROR),
+                                             step.eq(_Step.UNDO_A)]
+                                m.next = "TABLE"
+                        with m.Case(_Step.UNDO_A):
+                            m.next = "DEACTIVATE"
+                        with m.Case(_Step.DELETE_A):
+                            m.d.comb += bump[SpCounter.DELETE_FAILED].eq(~ok)
+                            m.d.sync += step.eq(_Step.DELETE_B)
+                            m.next = "TABLE"
+                        with m.Case(_Step.DELETE_B):
+                            m.d.comb += bump[SpCounter.DELETE_FAILED].eq(~ok)
+                            m.next = "STOP"
             with m.State("DEACTIVATE"):
                 m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),
                              pool.release.valid.eq(1), pool.release.payload.eq(slot)]
@@ -538,28 +551,8 @@ class SpliceEngine(wiring.Component):
                              tag.eq(_PARAMS(params_ctl.data).tag)]
                 m.next = "END_KEY_B"
             with m.State("END_KEY_B"):
-                m.d.sync += key_b.eq(_PARAMS(params_ctl.data).key)
-                m.next = "DELETE_A"
-            with m.State("DELETE_A"):
-                m.d.comb += [self.table_cmd.valid.eq(1),
-                             self.table_cmd.payload.eq(table(Op.DELETE, key_a))]
-                with m.If(self.table_cmd.ready):
-                    m.next = "DELETE_A_WAIT"
-            with m.State("DELETE_A_WAIT"):
-                m.d.comb += self.table_resp.ready.eq(1)
-                with m.If(self.table_resp.valid):
-                    m.d.comb += bump[SpCounter.DELETE_FAILED].eq(resp.status != Status.OK)
-                    m.next = "DELETE_B"
-            with m.State("DELETE_B"):
-                m.d.comb += [self.table_cmd.valid.eq(1),
-                             self.table_cmd.payload.eq(table(Op.DELETE, key_b))]
-                with m.If(self.table_cmd.ready):
-                    m.next = "DELETE_B_WAIT"
-            with m.State("DELETE_B_WAIT"):
-                m.d.comb += self.table_resp.ready.eq(1)
-                with m.If(self.table_resp.valid):
-                    m.d.comb += bump[SpCounter.DELETE_FAILED].eq(resp.status != Status.OK)
-                    m.next = "STOP"
+                m.d.sync += [key_b.eq(_PARAMS(params_ctl.data).key), step.eq(_Step.DELETE_A)]
+                m.next = "TABLE"
             with m.State("STOP"):
                 # From here on the slot's frames go to the host; its counts are final.
                 m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),

@@ -218,7 +218,9 @@ class SpliceRewriter(wiring.Component):
                 new[base + i] = byte
 
         ttl = field(IPV4, L3, "ttl")
-        scaled = (field(TCP, L4, "window") << d.window_left) >> d.window_right
+        # The window takes two stages (two variable shifts in one would be the slowest
+        # path): shifted left here, right and saturated in stage 2.
+        p.define("window_left", field(TCP, L4, "window") << d.window_left, 1)
         put(ETHERNET, 0, "dst", d.eth.dst)
         put(ETHERNET, 0, "src", d.eth.src)
         put(IPV4, L3, "ttl", Mux(d.ip.ttl != 0, d.ip.ttl, Mux(ttl != 0, ttl - 1, 0)[:8]))
@@ -228,7 +230,6 @@ class SpliceRewriter(wiring.Component):
         put(TCP, L4, "dport", d.tcp.dport)
         put(TCP, L4, "seq", (field(TCP, L4, "seq") + d.seq_delta)[:32])
         put(TCP, L4, "ack", (field(TCP, L4, "ack") + d.ack_delta)[:32])
-        put(TCP, L4, "window", Mux(scaled[16:].any(), 0xFFFF, scaled[:16]))
         p.define("fixed", Cat(*new[:OPT]), 1)
 
         options = old[OPT:]
@@ -276,6 +277,8 @@ class SpliceRewriter(wiring.Component):
             ts_mask.append(ts_on & (is_val | is_ecr))
             sk_new.append((word_of(skb, i) + dl.ack_delta)[:32])
             sk_mask.append(sk_on & (i >= skw) & (i < skw + sk_n))
+        scaled = p.get("window_left", 2) >> dl.window_right
+        p.define("window", Mux(scaled[16:].any(), 0xFFFF, scaled[:16]), 2)
         p.define("ts_new", Cat(*ts_new), 2)
         p.define("ts_mask", Cat(*ts_mask), 2)
         p.define("sack_new", Cat(*sk_new), 2)
@@ -320,8 +323,15 @@ class SpliceRewriter(wiring.Component):
         old_tcp_at, old_tcp = _sum_stages(
             p, "old_tcp", [~old_tcp_csum] + [~_word(old, i) for i in tcp_words], 1)
 
-        n4 = Cat(p.get("fixed", 4), p.get("opt_new", 4))
-        new4 = [_byte(n4, i) for i in range(HEADER_BYTES)]
+        def rewritten(stage):
+            """The new header bytes (checksums still the old ones), read at ``stage``."""
+            out = [_byte(Cat(p.get("fixed", stage), p.get("opt_new", stage)), i)
+                   for i in range(HEADER_BYTES)]
+            for i, byte in _field_bytes(TCP.window, p.get("window", stage)).items():
+                out[L4 + i] = byte
+            return out
+
+        new4 = rewritten(4)
         new_ip_at, new_ip = _sum_stages(p, "new_ip", [_word(new4, i) for i in ip_words], 4)
         new_tcp_at, new_tcp = _sum_stages(p, "new_tcp", [_word(new4, i) for i in tcp_words], 4)
         at = max(old_ip_at, old_tcp_at, new_ip_at, new_tcp_at)
@@ -334,8 +344,7 @@ class SpliceRewriter(wiring.Component):
         last = at + 3
         assert last == self.HEADER_STAGES, f"HEADER_STAGES should be {last}"
 
-        out = Cat(p.get("fixed", last), p.get("opt_new", last))
-        out_bytes = [_byte(out, i) for i in range(HEADER_BYTES)]
+        out_bytes = rewritten(last)
         for header, base, name in ((IPV4, L3, "ip"), (TCP, L4, "tcp")):
             for i, byte in _field_bytes(header.checksum, p.get(f"{name}_csum", last)).items():
                 out_bytes[base + i] = byte
