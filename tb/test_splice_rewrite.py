@@ -38,13 +38,13 @@ import socket
 
 import pytest
 
-from hw.headers import ETHERNET, IPV4, TCP
+from hw.headers import IPV4, TCP
 from hw.splice_rewrite import REWRITE, SpliceRewriter
 from hw.stream import frame_to_beats, pack_struct
 from sim.bus import StreamSink, StreamSource, run_until
 from sim.reference import fold, ones_sum, parse_frame
 from sim.splice_model import (L3, L4, OPT, HEADER_BYTES, desc_for, merge_desc, random_desc,
-                              rewrite_frame, sack_range, ts_range, zero_desc)
+                              rewrite_frame, sack_range, ts_range)
 from tb.test_builder import clock, split_frames
 
 try:
@@ -431,7 +431,6 @@ def offset_jobs(rng):
 
 def _update_terms(frame, desc):
     """The binary sums of ``sum ~m + sum m'`` inside eqn. 3, (IPv4, TCP), from the model."""
-    from sim.splice_model import _words
     old = frame[:HEADER_BYTES] + bytes(max(0, HEADER_BYTES - len(frame)))
     new = rewrite_frame(old, desc)
     ip = [L3 + k for k in range(0, 20, 2) if L3 + k != L3 + IPV4.checksum.byte_offset]
