@@ -61,7 +61,7 @@ A sweeper reads one slot per cycle and finds ended splices (``now`` past the dea
 the engine then deletes both flows from the table, stops relaying, and reports
 SPLICE_DONE (``SpliceEnd``; segments and bytes per direction; side a's 4-tuple; tag).
 
-Latency: record in -> verdict and descriptor out: 3 cycles. Throughput: one record per
+Latency: record in -> verdict and descriptor out: 4 cycles. Throughput: one record per
 cycle. Commands: a few cycles plus two table commands each (four to finish a splice).
 
 Ports
@@ -230,10 +230,12 @@ class SpliceEngine(wiring.Component):
                 m.d.sync += counter.eq(counter + 1)
 
         # ============================================================ the frame pipeline
-        # Stage 0: the record is taken and the slot's memories are addressed.
-        # Stage 1: the memories' words are here; decide, update the slot's state (written
-        #          at the end of the cycle; the next record reads it through).
-        # Stage 2: the verdict and the descriptor are registered into their outputs.
+        # Stage 0: the record is taken; its slot entry's parameters are addressed.
+        # Stage 1: the parameters are here: key check, TTL check, seq_out, the descriptor;
+        #          the slot's state and active bit are addressed.
+        # Stage 2: the state is here: decide, update it (written at the end of the cycle;
+        #          the record behind, in stage 1, reads it through: transparent port).
+        # Stage 3: the verdict and the descriptor are registered into their FIFOs.
         # In the NIC the verdicts wait for the handshake engine's (about 30 cycles more),
         # and the descriptors for their frames: the FIFOs hold that many at one per cycle.
         OUT_DEPTH = 64
@@ -244,20 +246,18 @@ class SpliceEngine(wiring.Component):
             m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data),
                          fifo.r_en.eq(port.ready)]
 
-        s1_valid, s2_valid = Signal(), Signal()
-        in_flight = s1_valid + s2_valid
+        s1_valid, s2_valid, s3_valid = Signal(), Signal(), Signal()
+        in_flight = s1_valid + s2_valid + s3_valid
         room = Signal()
         m.d.comb += room.eq((verdicts.level + in_flight < OUT_DEPTH - 1)
                             & (descs.level + in_flight < OUT_DEPTH - 1))
-        ctl_state_write = Signal()      # the control machine writes the state memory next cycle
+        ctl_state_write = Signal()      # the control machine wants the state memory's port
         take = self.rx.valid & room & ~ctl_state_write
         m.d.comb += self.rx.ready.eq(room & ~ctl_state_write)
 
         rec = self.rx.payload
         meta = rec.meta
-        entry = rec.value.slot[:(2 * slots - 1).bit_length()]
-        m.d.comb += [params_rd.addr.eq(entry), state_rd.addr.eq(entry[1:]),
-                     active_rd.addr.eq(entry[1:])]
+        m.d.comb += params_rd.addr.eq(rec.value.slot[:(2 * slots - 1).bit_length()])
 
         r1 = Signal(FLOW_RECORD)
         r1_claimed, r1_format_ok = Signal(), Signal()
@@ -277,82 +277,95 @@ class SpliceEngine(wiring.Component):
 
         # Stage 1.
         p = _PARAMS(params_rd.data)
-        st = SLOT_STATE(state_rd.data)
         m1 = r1.meta
-        side = r1.value.slot[0]
         key = struct_value(FLOW_KEY, {"port": r1.ingress, "src": m1.ip.src, "dst": m1.ip.dst,
                                       "sport": m1.tcp.sport, "dport": m1.tcp.dport})
-        key_ok = p.key.as_value() == key
-        ttl_ok = (p.rewrite.ip.ttl != 0) | (m1.ip.ttl > 1)
-        relay = Signal()
-        m.d.comb += relay.eq(s1_valid & r1_claimed & r1_format_ok & ttl_ok & key_ok
-                             & active_rd.data)
-
-        flags = m1.tcp.flags
-        fin, rst, ack = flags[0], flags[2], flags[4]       # TcpFlags FIN, RST, ACK bits
-        assert (TcpFlags.FIN, TcpFlags.RST, TcpFlags.ACK) == (1, 4, 16)
         seq_out = (m1.tcp.seq + p.rewrite.seq_delta)[:32]
-        length = m1.payload_length
+        m.d.comb += [state_rd.addr.eq(r1.value.slot[1:]), active_rd.addr.eq(r1.value.slot[1:])]
+        r2 = Signal(data.StructLayout({
+            "claimed": 1, "format_ok": 1, "ttl_ok": 1, "key_ok": 1, "slot": range(slots),
+            "side": 1, "flags": 8, "ack": 32, "length": 16, "seq_out": 32, "fin_end": 32}))
+        r2_desc = Signal(REWRITE)
+        m.d.sync += [
+            s2_valid.eq(s1_valid),
+            r2.eq(struct_value(r2.shape(), {
+                "claimed": r1_claimed, "format_ok": r1_format_ok,
+                "ttl_ok": (p.rewrite.ip.ttl != 0) | (m1.ip.ttl > 1),
+                "key_ok": p.key.as_value() == key,
+                "slot": r1.value.slot[1:], "side": r1.value.slot[0],
+                "flags": m1.tcp.flags, "ack": m1.tcp.ack, "length": m1.payload_length,
+                "seq_out": seq_out, "fin_end": seq_out + m1.payload_length + 1})),
+            r2_desc.eq(struct_value(REWRITE, {
+                **{name: p.rewrite[name] for name, _ in REWRITE
+                   if name not in ("ts_offset", "sack_offset", "sack_blocks")},
+                "ts_offset": m1.opt.ts_offset, "sack_offset": m1.opt.sack_offset,
+                "sack_blocks": m1.opt.sack_blocks})),
+        ]
+
+        # Stage 2.
+        st = SLOT_STATE(state_rd.data)
+        relay = Signal()
+        m.d.comb += relay.eq(s2_valid & r2.claimed & r2.format_ok & r2.ttl_ok & r2.key_ok
+                             & active_rd.data)
+        fin, rst, ack = r2.flags[0], r2.flags[2], r2.flags[4]   # TcpFlags FIN, RST, ACK bits
+        assert (TcpFlags.FIN, TcpFlags.RST, TcpFlags.ACK) == (1, 4, 16)
+        side = r2.side
         mine = DIRECTION_STATE(Mux(side, st.dir[1].as_value(), st.dir[0].as_value()))
         other = DIRECTION_STATE(Mux(side, st.dir[0].as_value(), st.dir[1].as_value()))
-        newer_ack = ack & (~mine.acked_ok | _after_or_at(m1.tcp.ack, mine.acked))
+        newer_ack = ack & (~mine.acked_ok | _after_or_at(r2.ack, mine.acked))
         mine_new = struct_value(DIRECTION_STATE, {
-            "packets": mine.packets + 1, "bytes": mine.bytes + length,
+            "packets": mine.packets + 1, "bytes": mine.bytes + r2.length,
             "fin_seen": mine.fin_seen | fin,
-            "fin_end": Mux(fin & ~mine.fin_seen, seq_out + length + 1, mine.fin_end),
+            "fin_end": Mux(fin & ~mine.fin_seen, r2.fin_end, mine.fin_end),
             "fin_acked": mine.fin_acked,
             "acked_ok": mine.acked_ok | ack,
-            "acked": Mux(newer_ack, m1.tcp.ack, mine.acked)})
+            "acked": Mux(newer_ack, r2.ack, mine.acked)})
         other_fin_acked = other.fin_acked | (ack & other.fin_seen
-                                             & _after_or_at(m1.tcp.ack, other.fin_end))
+                                             & _after_or_at(r2.ack, other.fin_end))
         other_new = struct_value(DIRECTION_STATE, {
             **{name: other[name] for name, _ in DIRECTION_STATE if name != "fin_acked"},
             "fin_acked": other_fin_acked})
-        exact_rst = rst & other.acked_ok & (seq_out == other.acked)
+        exact_rst = rst & other.acked_ok & (r2.seq_out == other.acked)
         both_done = mine.fin_acked & other_fin_acked
+        # The deadlines a segment may set, a cycle old (a tick lasts many cycles).
+        at_idle, at_linger = Signal(32), Signal(32)
+        m.d.sync += [at_idle.eq(self.now + self.idle_timeout), at_linger.eq(self.now + self.linger)]
         new_state = Signal(SLOT_STATE)
         m.d.comb += new_state.eq(struct_value(SLOT_STATE, {
             "dir": Mux(side, Cat(other_new, mine_new), Cat(mine_new, other_new)),
             "deadline": Mux(st.end != 0, st.deadline,
-                            Mux(exact_rst, self.now,
-                                Mux(both_done, self.now + self.linger,
-                                    self.now + self.idle_timeout))),
+                            Mux(exact_rst, self.now, Mux(both_done, at_linger, at_idle))),
             "end": Mux(st.end != 0, st.end,
                        Mux(exact_rst, SpliceEnd.RESET,
                            Mux(both_done, SpliceEnd.NORMAL, 0)))}))
 
         # The control machine's state writes (new splices) use the same port, in cycles
-        # with no record in stage 1 (it holds the input for a cycle first).
+        # with no record in stage 2 (it holds the input first).
         ctl_state_addr = Signal(range(slots))
         ctl_state_data = Signal(SLOT_STATE)
         with m.If(relay):
-            m.d.comb += [state_w.addr.eq(r1.value.slot[1:]), state_w.data.eq(new_state),
+            m.d.comb += [state_w.addr.eq(r2.slot), state_w.data.eq(new_state),
                          state_w.en.eq(1)]
-        with m.Elif(ctl_state_write & ~s1_valid):
+        with m.Elif(ctl_state_write & ~s2_valid):
             m.d.comb += [state_w.addr.eq(ctl_state_addr), state_w.data.eq(ctl_state_data),
                          state_w.en.eq(1)]
-
-        desc = struct_value(REWRITE, {
-            **{name: p.rewrite[name] for name, _ in REWRITE
-               if name not in ("ts_offset", "sack_offset", "sack_blocks")},
-            "ts_offset": m1.opt.ts_offset, "sack_offset": m1.opt.sack_offset,
-            "sack_blocks": m1.opt.sack_blocks})
-        s2_verdict = Signal(SPLICE_VERDICT)
-        s2_relay = Signal()
-        s2_desc = Signal(REWRITE)
-        m.d.sync += [s2_valid.eq(s1_valid), s2_relay.eq(relay), s2_desc.eq(desc),
-                     s2_verdict.eq(struct_value(SPLICE_VERDICT, {
-                         "claimed": r1_claimed, "to_host": r1_claimed & ~relay,
-                         "to_splice": relay}))]
-        with m.If(s1_valid & r1_claimed):
+        with m.If(s2_valid & r2.claimed):
             m.d.comb += [bump[SpCounter.RELAYED].eq(relay),
-                         bump[SpCounter.TO_HOST_FORMAT].eq(~r1_format_ok),
-                         bump[SpCounter.TO_HOST_TTL].eq(r1_format_ok & ~ttl_ok),
-                         bump[SpCounter.TO_HOST_STALE].eq(r1_format_ok & ttl_ok
-                                                          & ~(key_ok & active_rd.data))]
-        # Stage 2.
-        m.d.comb += [verdicts.w_en.eq(s2_valid), verdicts.w_data.eq(s2_verdict),
-                     descs.w_en.eq(s2_valid & s2_relay), descs.w_data.eq(s2_desc)]
+                         bump[SpCounter.TO_HOST_FORMAT].eq(~r2.format_ok),
+                         bump[SpCounter.TO_HOST_TTL].eq(r2.format_ok & ~r2.ttl_ok),
+                         bump[SpCounter.TO_HOST_STALE].eq(r2.format_ok & r2.ttl_ok
+                                                          & ~(r2.key_ok & active_rd.data))]
+
+        # Stage 3.
+        s3_verdict = Signal(SPLICE_VERDICT)
+        s3_relay = Signal()
+        s3_desc = Signal(REWRITE)
+        m.d.sync += [s3_valid.eq(s2_valid), s3_relay.eq(relay), s3_desc.eq(r2_desc),
+                     s3_verdict.eq(struct_value(SPLICE_VERDICT, {
+                         "claimed": r2.claimed, "to_host": r2.claimed & ~relay,
+                         "to_splice": relay}))]
+        m.d.comb += [verdicts.w_en.eq(s3_valid), verdicts.w_data.eq(s3_verdict),
+                     descs.w_en.eq(s3_valid & s3_relay), descs.w_data.eq(s3_desc)]
 
         # ============================================================ sweeper
         sweep = Signal(range(slots))
@@ -460,11 +473,11 @@ class SpliceEngine(wiring.Component):
                                                            splice_params(cmd.b, cmd.a, cmd.tag)))]
                 m.next = "INIT"
             with m.State("INIT"):
-                # Hold the record input one cycle, then write while stage 1 is empty.
+                # Hold the record input, then write while stage 2 is empty.
                 m.d.comb += [ctl_state_write.eq(1), ctl_state_addr.eq(slot),
                              ctl_state_data.eq(struct_value(SLOT_STATE, {
                                  "deadline": self.now + self.idle_timeout}))]
-                with m.If(~s1_valid):
+                with m.If(~s2_valid):
                     m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
                     m.d.sync += step.eq(_Step.PUT_A)
                     m.next = "TABLE"
