@@ -115,6 +115,9 @@ SPLICE_VERDICT = data.StructLayout({"claimed": 1, "to_host": 1, "to_splice": 1})
 
 #: What a direction's slot entry holds: the key its frames must carry, and the rewrite.
 _PARAMS = data.StructLayout({"key": FLOW_KEY, "tag": 16, "rewrite": REWRITE})
+#: Its key and tag, kept in a memory of their own: the control machine reads them to end
+#: a splice, and a second read port on a narrow memory costs fewer block RAMs.
+_KEYS = data.StructLayout({"key": FLOW_KEY, "tag": 16})
 
 #: Per direction, updated by every relayed frame.
 DIRECTION_STATE = data.StructLayout({
@@ -209,12 +212,13 @@ class SpliceEngine(wiring.Component):
         m = Module()
         slots = self.slots
         m.submodules.pool = pool = FreeList(slots)
-        m.submodules.params = params = Memory(shape=_PARAMS, depth=2 * slots, init=[])
+        m.submodules.rewrites = rewrites = Memory(shape=REWRITE, depth=2 * slots, init=[])
+        m.submodules.keys = keys = Memory(shape=_KEYS, depth=2 * slots, init=[])
         m.submodules.state = state = Memory(shape=SLOT_STATE, depth=slots, init=[])
         m.submodules.active = active = Memory(shape=1, depth=slots, init=[])
-        params_w = params.write_port()
-        params_rd = params.read_port()             # the frame pipeline
-        params_ctl = params.read_port()            # the control machine
+        rewrite_w, keys_w = rewrites.write_port(), keys.write_port()
+        rewrite_rd, keys_rd = rewrites.read_port(), keys.read_port()   # the frame pipeline
+        keys_ctl = keys.read_port()                                    # the control machine
         state_w = state.write_port()
         state_rd = state.read_port(transparent_for=(state_w,))
         state_scan = state.read_port()             # the sweeper and the control machine
@@ -257,7 +261,8 @@ class SpliceEngine(wiring.Component):
 
         rec = self.rx.payload
         meta = rec.meta
-        m.d.comb += params_rd.addr.eq(rec.value.slot[:(2 * slots - 1).bit_length()])
+        entry = rec.value.slot[:(2 * slots - 1).bit_length()]
+        m.d.comb += [rewrite_rd.addr.eq(entry), keys_rd.addr.eq(entry)]
 
         r1 = Signal(FLOW_RECORD)
         r1_claimed, r1_format_ok = Signal(), Signal()
@@ -276,7 +281,8 @@ class SpliceEngine(wiring.Component):
             ]
 
         # Stage 1.
-        p = _PARAMS(params_rd.data)
+        p = struct_value(_PARAMS, {"key": _KEYS(keys_rd.data).key, "rewrite": rewrite_rd.data})
+        p = _PARAMS(p)
         m1 = r1.meta
         key = struct_value(FLOW_KEY, {"port": r1.ingress, "src": m1.ip.src, "dst": m1.ip.dst,
                                       "sport": m1.tcp.sport, "dport": m1.tcp.dport})
@@ -462,16 +468,17 @@ class SpliceEngine(wiring.Component):
                     m.d.comb += pool.alloc.ready.eq(1)
                     m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK)]
                     m.next = "WRITE_A"
-            with m.State("WRITE_A"):
-                m.d.comb += [params_w.addr.eq(Cat(0, slot)), params_w.en.eq(1),
-                             params_w.data.eq(struct_value(_PARAMS,
-                                                           splice_params(cmd.a, cmd.b, cmd.tag)))]
-                m.next = "WRITE_B"
-            with m.State("WRITE_B"):
-                m.d.comb += [params_w.addr.eq(Cat(1, slot)), params_w.en.eq(1),
-                             params_w.data.eq(struct_value(_PARAMS,
-                                                           splice_params(cmd.b, cmd.a, cmd.tag)))]
-                m.next = "INIT"
+            for state, side_bit, src, dst, after in (("WRITE_A", 0, cmd.a, cmd.b, "WRITE_B"),
+                                                     ("WRITE_B", 1, cmd.b, cmd.a, "INIT")):
+                with m.State(state):
+                    values = splice_params(src, dst, cmd.tag)
+                    m.d.comb += [
+                        rewrite_w.addr.eq(Cat(side_bit, slot)), rewrite_w.en.eq(1),
+                        rewrite_w.data.eq(struct_value(REWRITE, values["rewrite"])),
+                        keys_w.addr.eq(Cat(side_bit, slot)), keys_w.en.eq(1),
+                        keys_w.data.eq(struct_value(_KEYS, {"key": values["key"],
+                                                            "tag": values["tag"]}))]
+                    m.next = after
             with m.State("INIT"):
                 # Hold the record input, then write while stage 2 is empty.
                 m.d.comb += [ctl_state_write.eq(1), ctl_state_addr.eq(slot),
@@ -556,15 +563,14 @@ class SpliceEngine(wiring.Component):
 
             # ---------------------------------------------------- the end of a splice
             with m.State("END_KEYS"):
-                m.d.comb += params_ctl.addr.eq(Cat(0, slot))
+                m.d.comb += keys_ctl.addr.eq(Cat(0, slot))
                 m.next = "END_KEY_A"
             with m.State("END_KEY_A"):
-                m.d.comb += params_ctl.addr.eq(Cat(1, slot))
-                m.d.sync += [key_a.eq(_PARAMS(params_ctl.data).key),
-                             tag.eq(_PARAMS(params_ctl.data).tag)]
+                m.d.comb += keys_ctl.addr.eq(Cat(1, slot))
+                m.d.sync += [key_a.eq(_KEYS(keys_ctl.data).key), tag.eq(_KEYS(keys_ctl.data).tag)]
                 m.next = "END_KEY_B"
             with m.State("END_KEY_B"):
-                m.d.sync += [key_b.eq(_PARAMS(params_ctl.data).key), step.eq(_Step.DELETE_A)]
+                m.d.sync += [key_b.eq(_KEYS(keys_ctl.data).key), step.eq(_Step.DELETE_A)]
                 m.next = "TABLE"
             with m.State("STOP"):
                 # From here on the slot's frames go to the host; its counts are final.
