@@ -279,14 +279,16 @@ class ConnTable(wiring.Component):
         lk_data, ctl_data = {}, {}
         for t in range(TABLES):
             for w in range(WAYS):
-                mem = Memory(shape=E.size, depth=geo.buckets, init=[])
+                # ``no_rw_check``: what the lookup port reads at the edge that writes the
+                # same word does not matter (the lookup path takes the written word from
+                # ``wq_data`` instead, see ``lk_coll``), so Yosys adds no transparency
+                # logic after the block RAM. The attribute acts when Yosys merges the
+                # register after the asynchronous lookup read port into the block RAM.
+                mem = Memory(shape=E.size, depth=geo.buckets, init=[],
+                             attrs={"no_rw_check": 1})
                 m.submodules[f"mem_t{t}_w{w}"] = mem
                 wr = mem.write_port()
-                # Transparent: a lookup reading a word at the edge that writes it gets the
-                # new word. (Yosys implements this with a multiplexer after the block RAM;
-                # a non-transparent port is no better: it has no cross-port collision mode
-                # on ECP5, so Yosys delays the write and adds the same multiplexer.)
-                lk = mem.read_port(transparent_for=(wr,))
+                lk = mem.read_port(domain="comb")    # registered just after: a BRAM read
                 ct = mem.read_port()
                 m.d.comb += [
                     lk.addr.eq(lk_addr[t, w]),
@@ -318,15 +320,29 @@ class ConnTable(wiring.Component):
         for t in range(TABLES):
             for w in range(WAYS):
                 m.d.sync += lk_addr[t, w].eq(bucket_bits(p.get("hash", H), t))
-        # Stage H+1: the memories read their words at the edge that ends this stage (the
-        # read ports are transparent: a word written at that edge is read new); the
-        # lookup sees the table as it is after that edge.
+        # Stage H+1: the memories read their words at the edge that ends this stage; the
+        # lookup sees the table as it is after that edge. A word written at that same
+        # edge (``wq_data``, at most one per cycle outside the sweep) is read as undefined
+        # by the block RAM: ``coll{t}{w}`` marks it, and the lookup takes the written word
+        # (``wr_*``) instead of the memory's, so it sees the new word as before.
+        for t in range(TABLES):
+            for w in range(WAYS):
+                p.define(f"mem{t}{w}", lk_data[t, w], H + 1)   # merged into the block RAM
+                p.define(f"coll{t}{w}", (sweeping | wq_en[t * WAYS + w])
+                         & (ctl_addr[t] == lk_addr[t, w]),
+                         H + 1)
+        p.define("wr_word", wq_data, H + 1)
         # Stage H+2: the memory words, registered; the stash and the carry register as
-        # they are after that same edge (one consistent snapshot).
+        # they are after that same edge (one consistent snapshot); the written word
+        # compared with the key.
         key2 = p.get("key", H + 2)
         for t in range(TABLES):
             for w in range(WAYS):
-                p.define(f"word{t}{w}", lk_data[t, w], H + 2)
+                p.define(f"word{t}{w}", p.get(f"mem{t}{w}", H + 2), H + 2)
+        wr_word = data.View(E, p.get("wr_word", H + 2))
+        p.define("wr_hit", wr_word.valid & ~wr_word.pending & (wr_word.key.as_value() == key2),
+                 H + 2)
+        p.define("wr_val", Cat(wr_word.value, wr_word.index), H + 2)
         regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
         regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
         for s, (valid, key, value, index) in enumerate(regs):
@@ -339,13 +355,16 @@ class ConnTable(wiring.Component):
             for w in range(WAYS):
                 word = data.View(E, p.get(f"word{t}{w}", H + 3))
                 p.define(f"slot_hit{t}{w}", word.valid & ~word.pending
-                         & (word.key.as_value() == key3), H + 3)
+                         & (word.key.as_value() == key3) & ~p.get(f"coll{t}{w}", H + 3), H + 3)
                 p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 3)
+        p.define("wr_hit3", p.get("wr_hit", H + 3) & Cat(*[p.get(f"coll{t}{w}", H + 3)
+                                                            for t in range(TABLES)
+                                                            for w in range(WAYS)]).any(), H + 3)
         # Stage H+4: select the hit (at most one slot or register holds the key).
         hits = [p.get(f"slot_hit{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
         vals = [p.get(f"slot_val{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
-        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)]
-        vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)]
+        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)] + [p.get("wr_hit3", H + 4)]
+        vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)] + [p.get("wr_val", H + 4)]
         hit = Const(0, 1)
         sel = Const(0, V + IB)
         for hb, val in zip(hits, vals):
