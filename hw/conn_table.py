@@ -479,17 +479,23 @@ class ConnTable(wiring.Component):
 
         # The control read data, registered every cycle with nothing in between (no enable:
         # a wide enable net is slow); ``bkt`` is the bucket of table ``bkt_sel``, for the
-        # walk and its undo, and ``pick`` its way ``pick_w`` (the victim of a walk step, or
-        # the entry an undo step takes back).
+        # walk and its undo, and ``pick`` one of the 8 words (the victim of a walk step,
+        # the entry an undo step takes back, or the slot a READ reads).
         bkt_sel = Signal()
         m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
         bkt = [Mux(bkt_sel, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
         w_evict = rng_next[:2]
-        pick_w = Mux(phase == PH_UNDO, path_r.data, w_evict)
+        # ``pick`` is also the slot a READ reads (way read_w of table read_t). Its select
+        # is a register, loaded in DATA: what it is made of (phase, the walk's draw
+        # rng_next, the undo's path_r.data, bkt_sel, read_t/read_w) is set before RD and
+        # does not change before the state that uses ``pick`` (WALK, UNDO or READ).
+        pick_sel = Signal(3, name="pick_sel")
+        m.d.sync += pick_sel.eq(Mux(phase == PH_READ, Cat(read_w, read_t),
+                                    Cat(Mux(phase == PH_UNDO, path_r.data, w_evict), bkt_sel)))
         pick = data.View(E, Signal(E.size, name="pick"))
         m.d.comb += pick.as_value().eq(
             Cat(*[rd[0, w] for w in range(WAYS)], *[rd[1, w] for w in range(WAYS)])
-            .word_select(Cat(pick_w, bkt_sel), E.size))
+            .word_select(pick_sel, E.size))
 
         # The write register and the next carried entry, every cycle (they are used only
         # when written, resp. loaded).
@@ -618,9 +624,7 @@ class ConnTable(wiring.Component):
                     m.d.sync += goto("DATA", "READ")
 
         with m.If(st["READ"]):
-            sel = Signal(E)
-            m.d.comb += sel.eq(Mux(read_t, Cat(*[rd[1, w] for w in range(WAYS)]),
-                                   Cat(*[rd[0, w] for w in range(WAYS)])).word_select(read_w, E.size))
+            sel = pick                          # way read_w of table read_t
             with m.If(sel.valid):
                 m.d.sync += resp.status.eq(Status.OK)
             with m.Else():
