@@ -171,6 +171,14 @@ STATES = ("SWEEP", "IDLE", "DISPATCH", "HASH", "RD", "DATA", "READ", "CMP", "SEL
           "WALK", "HOMELESS", "UNDO", "SETUP", "FINALIZE", "FINALIZE_WRITE", "RESPOND")
 
 
+def _eq_parts(a, b, part):
+    """Equality of ``a`` and ``b`` per ``part``-bit slice (a bit each): all ones when a == b.
+
+    A register of these between two stages splits a wide compare: 2-bit parts are one
+    LUT4 level, 8-bit parts two."""
+    return Cat(*[a[i:i + part] == b[i:i + part] for i in range(0, len(a), part)])
+
+
 def _hw_xorshift32(x):
     x = x ^ (x << 13)[:32]
     x = x ^ (x >> 17)
@@ -332,38 +340,42 @@ class ConnTable(wiring.Component):
                          & (ctl_addr[t] == lk_addr[t, w]),
                          H + 1)
         p.define("wr_word", wq_data, H + 1)
-        # Stage H+2: the memory words, registered; the stash and the carry register as
-        # they are after that same edge (one consistent snapshot); the written word
-        # compared with the key.
+        # Stage H+2: the memory words, registered, with their keys compared in part (one
+        # LUT level after the block RAM: 2-bit equalities); the stash and the carry
+        # register as they are after that same edge (one consistent snapshot), and the
+        # written word, compared in part too (8-bit equalities).
         key2 = p.get("key", H + 2)
         for t in range(TABLES):
             for w in range(WAYS):
-                p.define(f"word{t}{w}", p.get(f"mem{t}{w}", H + 2), H + 2)
+                word = data.View(E, p.get(f"mem{t}{w}", H + 2))
+                p.define(f"keq{t}{w}", _eq_parts(word.key.as_value(), key2, 2), H + 2)
+                p.define(f"live{t}{w}", word.valid & ~word.pending, H + 2)
+                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 2)
         wr_word = data.View(E, p.get("wr_word", H + 2))
-        p.define("wr_hit", wr_word.valid & ~wr_word.pending & (wr_word.key.as_value() == key2),
-                 H + 2)
+        p.define("wr_keq", _eq_parts(wr_word.key.as_value(), key2, 8), H + 2)
+        p.define("wr_live", wr_word.valid & ~wr_word.pending, H + 2)
         p.define("wr_val", Cat(wr_word.value, wr_word.index), H + 2)
         regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
         regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
         for s, (valid, key, value, index) in enumerate(regs):
-            p.define(f"reg_hit{s}", valid & (key == key2), H + 2)
+            p.define(f"reg_keq{s}", Cat(_eq_parts(key, key2, 8), valid), H + 2)
             p.define(f"reg_val{s}", Cat(value, index), H + 2)
         p.define("miss", sweeping, H + 2)
-        # Stage H+3: compare the 8 words read.
-        key3 = p.get("key", H + 3)
+        # Stage H+3: the compares completed: a slot word whose read collided with a write
+        # is replaced by the written word.
         for t in range(TABLES):
             for w in range(WAYS):
-                word = data.View(E, p.get(f"word{t}{w}", H + 3))
-                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending
-                         & (word.key.as_value() == key3) & ~p.get(f"coll{t}{w}", H + 3), H + 3)
-                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 3)
-        p.define("wr_hit3", p.get("wr_hit", H + 3) & Cat(*[p.get(f"coll{t}{w}", H + 3)
-                                                            for t in range(TABLES)
-                                                            for w in range(WAYS)]).any(), H + 3)
+                p.define(f"slot_hit{t}{w}", p.get(f"keq{t}{w}", H + 3).all()
+                         & p.get(f"live{t}{w}", H + 3) & ~p.get(f"coll{t}{w}", H + 3), H + 3)
+        p.define("wr_hit", p.get("wr_keq", H + 3).all() & p.get("wr_live", H + 3)
+                 & Cat(*[p.get(f"coll{t}{w}", H + 3) for t in range(TABLES)
+                         for w in range(WAYS)]).any(), H + 3)
+        for s in range(S + 1):
+            p.define(f"reg_hit{s}", p.get(f"reg_keq{s}", H + 3).all(), H + 3)
         # Stage H+4: select the hit (at most one slot or register holds the key).
         hits = [p.get(f"slot_hit{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
         vals = [p.get(f"slot_val{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
-        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)] + [p.get("wr_hit3", H + 4)]
+        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)] + [p.get("wr_hit", H + 4)]
         vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)] + [p.get("wr_val", H + 4)]
         hit = Const(0, 1)
         sel = Const(0, V + IB)
@@ -478,12 +490,24 @@ class ConnTable(wiring.Component):
         sweep_reply = Signal()
 
         # The control read data, registered every cycle with nothing in between (no enable:
-        # a wide enable net is slow); ``bkt`` is the bucket of table ``bkt_sel``, for the
-        # walk and its undo, and ``pick`` one of the 8 words (the victim of a walk step,
-        # the entry an undo step takes back, or the slot a READ reads).
+        # a wide enable net is slow); ``pick`` is one of the 8 words (the victim of a walk
+        # step, the entry an undo step takes back, or the slot a READ reads).
         bkt_sel = Signal()
         m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
-        bkt = [Mux(bkt_sel, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
+        # Beside them, registered in the same cycle: the command's key compared in part
+        # with every word (2-bit equalities, one LUT level after the block RAM) and with
+        # the stash (8-bit equalities), for CMP; and the free ways of bucket ``bkt_sel``
+        # (the lowest one and whether there is one), for WALK.
+        rd_keq = {k: Signal(FLOW_KEY.size // 2, name=f"rd_keq_t{k[0]}_w{k[1]}") for k in rd}
+        stash_keq = [Signal(-(-FLOW_KEY.size // 8), name=f"stash_keq{s}") for s in range(S)]
+        m.d.sync += [rd_keq[k].eq(_eq_parts(ctl_data[k].key.as_value(), cmd.key.as_value(), 2))
+                     for k in rd]
+        m.d.sync += [stash_keq[s].eq(_eq_parts(stash_key[s], cmd.key.as_value(), 8))
+                     for s in range(S)]
+        any_free, w_free = Signal(name="any_free"), Signal(2, name="w_free")
+        c_any_free, c_w_free = lowest_set([~Mux(bkt_sel, ctl_data[1, w].valid, ctl_data[0, w].valid)
+                                           for w in range(WAYS)])
+        m.d.sync += [any_free.eq(c_any_free), w_free.eq(c_w_free)]
         w_evict = rng_next[:2]
         # ``pick`` is also the slot a READ reads (way read_w of table read_t). Its select
         # is a register, loaded in DATA: what it is made of (phase, the walk's draw
@@ -635,10 +659,9 @@ class ConnTable(wiring.Component):
                          index=sel.index)
 
         with m.If(st["CMP"]):
-            key = cmd.key.as_value()
-            m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & (rd[t, w].key.as_value() == key)
+            m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & rd_keq[t, w].all()
                                         for t in range(TABLES) for w in range(WAYS)]))
-            m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & (stash_key[s] == key)
+            m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & stash_keq[s].all()
                                          for s in range(S)]))
             for t in range(TABLES):
                 m.d.sync += free[t].eq(Cat(*[~rd[t, w].valid for w in range(WAYS)]))
@@ -658,6 +681,11 @@ class ConnTable(wiring.Component):
         ft, fw = which[2], which[:2]
         d_found = Signal(name="d_found")
         d_room = Signal(name="d_room")
+        # DECIDE's write and response conditions, registered in SELECT (``full`` does not
+        # change in between): an INSERT, DELETE or UPDATE that found its key; an INSERT
+        # that did not, with room in a bucket.
+        dc_found = Signal(name="dc_found")
+        dc_room = Signal(name="dc_room")
         d_tsel = Signal(name="d_tsel")
         d_wsel = Signal(2, name="d_wsel")
 
@@ -677,6 +705,10 @@ class ConnTable(wiring.Component):
             _, w0 = lowest_set([free[0][w] for w in range(WAYS)])
             _, w1 = lowest_set([free[1][w] for w in range(WAYS)])
             c_tsel = used[1] < used[0]
+            c_d_found = c_any_slot | c_any_stash
+            c_d_room = (used[0] < WAYS) | (used[1] < WAYS)
+            m.d.sync += [dc_found.eq(op_key & c_d_found),
+                         dc_room.eq(op_insert & ~c_d_found & ~full & c_d_room)]
             m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
                          d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
                          d_tsel.eq(c_tsel), d_wsel.eq(Mux(c_tsel, w1, w0))]
@@ -738,9 +770,8 @@ class ConnTable(wiring.Component):
                     m.d.sync += goto("DECIDE", "RESPOND")
 
         with m.If(st["WALK"]):
-            # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
-            is_free = [~data.View(E, x).valid for x in bkt]
-            any_free, w_free = lowest_set(is_free)
+            # any_free, w_free: the bucket of table carry_t; pick: its way w_evict (the
+            # victim)
             with m.If(any_free):
                 # The carried entry lands; if it is not the new one, the new one is
                 # still pending somewhere: FINALIZE makes it visible.
@@ -834,8 +865,8 @@ class ConnTable(wiring.Component):
         # The memory write of the next edge (we, we_t, we_w, w_*), one AND-OR per field
         # over the writers' mutually exclusive conditions: (condition, table, way,
         # valid, pending, index, alt).
-        decide_found = st["DECIDE"] & (op_insert | op_delete | op_update) & d_found
-        decide_room = st["DECIDE"] & op_insert & ~d_found & ~full & d_room
+        decide_found = st["DECIDE"] & dc_found
+        decide_room = st["DECIDE"] & dc_room
         walk_write = st["WALK"] & (any_free | ~steps_max)
         writes = [
             (decide_room, d_tsel, d_wsel, 1, 0, index_new, Mux(d_tsel, b[0], b[1])),
