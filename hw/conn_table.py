@@ -542,16 +542,17 @@ class ConnTable(wiring.Component):
         # The command's op and slot, decoded when it is taken (with ``cmd``).
         op_insert, op_delete, op_update = Signal(), Signal(), Signal()
         op_read, op_key = Signal(), Signal()
+        op_setkey, op_clear = Signal(), Signal()
         slot_bad, slot_stash = Signal(), Signal()
         stash_sel = Signal(S)
+
+        slot_t = cmd.slot[geo.bucket_bits + 2]       # the table of a READ's slot
 
         def goto(here, there):
             return [st[here].eq(0), st[there].eq(1)]
 
         with m.If(st["SWEEP"]):
-            m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
             with m.If(ctl_addr[0] == geo.buckets - 1):
-                m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
                 m.d.sync += sweeping.eq(0)
                 with m.If(sweep_reply):
                     m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
@@ -567,6 +568,8 @@ class ConnTable(wiring.Component):
                              op_delete.eq(new_cmd.op == Op.DELETE),
                              op_update.eq(new_cmd.op == Op.UPDATE),
                              op_read.eq(new_cmd.op == Op.READ),
+                             op_setkey.eq(new_cmd.op == Op.SET_KEY),
+                             op_clear.eq(new_cmd.op == Op.CLEAR),
                              op_key.eq((new_cmd.op == Op.INSERT) | (new_cmd.op == Op.DELETE)
                                        | (new_cmd.op == Op.UPDATE)),
                              slot_bad.eq(new_cmd.slot >= geo.slots),
@@ -588,48 +591,42 @@ class ConnTable(wiring.Component):
                          value=Mux(op_insert, cmd.value, one_hot_select(stash_read, stash_value)),
                          index=one_hot_select(stash_read, stash_index),
                          slot=Mux(op_read, cmd.slot, 0))
-            with m.Switch(cmd.op):
-                with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
-                    m.d.comb += ctl_start.eq(1)
-                    m.d.sync += goto("DISPATCH", "HASH")
-                with m.Case(Op.READ):
-                    with m.If(slot_bad):
-                        m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
-                        m.d.sync += goto("DISPATCH", "RESPOND")
-                    with m.Elif(slot_stash):
-                        with m.If(~stash_read.any()):
-                            m.d.sync += resp.status.eq(Status.NOT_FOUND)
-                        m.d.sync += resp_valid.eq(1)
-                        m.d.sync += goto("DISPATCH", "RESPOND")
-                    with m.Else():
-                        t_sel = cmd.slot[geo.bucket_bits + 2]
-                        m.d.sync += [read_t.eq(t_sel), read_w.eq(cmd.slot[:2]),
-                                     phase.eq(PH_READ)]
-                        for t in range(TABLES):
-                            with m.If(t_sel == t):
-                                m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
-                        m.d.sync += goto("DISPATCH", "RD")
-                with m.Case(Op.SET_KEY):
-                    with m.If(empty):
-                        m.d.sync += hash_key.eq(cmd.hash_key)
-                    with m.Else():
-                        m.d.sync += resp.status.eq(Status.NOT_EMPTY)
+            with m.If(op_key):
+                m.d.comb += ctl_start.eq(1)
+                m.d.sync += goto("DISPATCH", "HASH")
+            with m.Elif(op_read):
+                with m.If(slot_bad):
+                    m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
+                    m.d.sync += goto("DISPATCH", "RESPOND")
+                with m.Elif(slot_stash):
+                    with m.If(~stash_read.any()):
+                        m.d.sync += resp.status.eq(Status.NOT_FOUND)
                     m.d.sync += resp_valid.eq(1)
                     m.d.sync += goto("DISPATCH", "RESPOND")
-                with m.Case(Op.CLEAR):
-                    m.d.sync += [s.eq(0) for s in stash_valid]
-                    m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
-                                 rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
-                    m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
-                    m.d.sync += goto("DISPATCH", "SWEEP")
-                with m.Default():
-                    m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
-                    m.d.sync += goto("DISPATCH", "RESPOND")
+                with m.Else():
+                    m.d.sync += [read_t.eq(slot_t), read_w.eq(cmd.slot[:2]),
+                                 phase.eq(PH_READ)]
+                    m.d.sync += goto("DISPATCH", "RD")
+            with m.Elif(op_setkey):
+                with m.If(empty):
+                    m.d.sync += hash_key.eq(cmd.hash_key)
+                with m.Else():
+                    m.d.sync += resp.status.eq(Status.NOT_EMPTY)
+                m.d.sync += resp_valid.eq(1)
+                m.d.sync += goto("DISPATCH", "RESPOND")
+            with m.Elif(op_clear):
+                m.d.sync += [s.eq(0) for s in stash_valid]
+                m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
+                             rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
+                m.d.sync += goto("DISPATCH", "SWEEP")
+            with m.Else():
+                m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
+                m.d.sync += goto("DISPATCH", "RESPOND")
 
         with m.If(st["HASH"]):
             with m.If(cv):
                 for t in range(TABLES):
-                    m.d.sync += [b[t].eq(bucket_bits(ch, t)), ctl_addr[t].eq(bucket_bits(ch, t))]
+                    m.d.sync += b[t].eq(bucket_bits(ch, t))
                 m.d.sync += phase.eq(PH_FIND)
                 m.d.sync += goto("HASH", "RD")
 
@@ -726,48 +723,47 @@ class ConnTable(wiring.Component):
             m.d.sync += goto("SELECT", "DECIDE")
 
         with m.If(st["DECIDE"]):
-            with m.Switch(cmd.op):
-                with m.Case(Op.INSERT):
-                    with m.If(d_found):
-                        m.d.sync += resp.status.eq(Status.DUPLICATE)
-                        m.d.sync += resp_valid.eq(1)
-                        m.d.sync += goto("DECIDE", "RESPOND")
-                    with m.Elif(full):
-                        m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
-                        m.d.sync += goto("DECIDE", "RESPOND")
-                    with m.Elif(d_room):
-                        m.d.comb += commit.eq(1)
-                        m.d.sync += resp.status.eq(Status.OK)
-                        m.d.sync += resp_valid.eq(1)
-                        m.d.sync += goto("DECIDE", "RESPOND")
-                    with m.Else():
-                        # The walk starts with the new entry (cn_key, cn_value, cn_index
-                        # and cn_pending take the command's: src_carry is still low).
-                        t_sel = rng_next[0]
-                        m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
-                                     cn_t.eq(t_sel),
-                                     cn_b.eq(Mux(t_sel, b[1], b[0])),
-                                     cn_alt.eq(Mux(t_sel, b[0], b[1])),
-                                     steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
-                                     bkt_sel.eq(t_sel), src_carry.eq(1)]
-                        m.d.sync += goto("DECIDE", "RD")        # ctl_addr still holds both buckets
-                with m.Case(Op.DELETE, Op.UPDATE):
-                    with m.If(d_found):
-                        m.d.sync += resp.status.eq(Status.OK)
-                        with m.If(~any_slot):
-                            with m.Switch(which_s):
-                                for s in range(S):
-                                    with m.Case(s):
-                                        with m.If(cmd.op == Op.UPDATE):
-                                            m.d.sync += stash_value[s].eq(cmd.value)
-                                        with m.Else():
-                                            m.d.sync += stash_valid[s].eq(0)
-                        with m.If(cmd.op == Op.DELETE):
-                            m.d.comb += [release.eq(1), release_index.eq(found_index)]
-                    with m.Else():
-                        m.d.sync += resp.status.eq(Status.NOT_FOUND)
+            with m.If(op_insert):
+                with m.If(d_found):
+                    m.d.sync += resp.status.eq(Status.DUPLICATE)
                     m.d.sync += resp_valid.eq(1)
                     m.d.sync += goto("DECIDE", "RESPOND")
+                with m.Elif(full):
+                    m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                    m.d.sync += goto("DECIDE", "RESPOND")
+                with m.Elif(d_room):
+                    m.d.comb += commit.eq(1)
+                    m.d.sync += resp.status.eq(Status.OK)
+                    m.d.sync += resp_valid.eq(1)
+                    m.d.sync += goto("DECIDE", "RESPOND")
+                with m.Else():
+                    # The walk starts with the new entry (cn_key, cn_value, cn_index
+                    # and cn_pending take the command's: src_carry is still low).
+                    t_sel = rng_next[0]
+                    m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
+                                 cn_t.eq(t_sel),
+                                 cn_b.eq(Mux(t_sel, b[1], b[0])),
+                                 cn_alt.eq(Mux(t_sel, b[0], b[1])),
+                                 steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
+                                 bkt_sel.eq(t_sel), src_carry.eq(1)]
+                    m.d.sync += goto("DECIDE", "RD")        # ctl_addr still holds both buckets
+            with m.Elif(op_delete | op_update):
+                with m.If(d_found):
+                    m.d.sync += resp.status.eq(Status.OK)
+                    with m.If(~any_slot):
+                        with m.Switch(which_s):
+                            for s in range(S):
+                                with m.Case(s):
+                                    with m.If(op_update):
+                                        m.d.sync += stash_value[s].eq(cmd.value)
+                                    with m.Else():
+                                        m.d.sync += stash_valid[s].eq(0)
+                    with m.If(op_delete):
+                        m.d.comb += [release.eq(1), release_index.eq(found_index)]
+                with m.Else():
+                    m.d.sync += resp.status.eq(Status.NOT_FOUND)
+                m.d.sync += resp_valid.eq(1)
+                m.d.sync += goto("DECIDE", "RESPOND")
 
         with m.If(st["WALK"]):
             # any_free, w_free: the bucket of table carry_t; pick: its way w_evict (the
@@ -837,17 +833,9 @@ class ConnTable(wiring.Component):
             # The next bucket to read, from registers: a walk goes to the carried
             # entry's bucket, an undo to the slot the carried entry was taken from.
             m.d.sync += bkt_sel.eq(Mux(phase == PH_WALK, cn_t, ~cn_t))
-            for t in range(TABLES):
-                with m.If((phase == PH_WALK) & (cn_t == t)):
-                    m.d.sync += ctl_addr[t].eq(cn_b)
-                with m.If((phase == PH_UNDO) & (cn_t != t)):
-                    m.d.sync += ctl_addr[t].eq(cn_alt)
             m.d.sync += goto("SETUP", "RD")
 
         with m.If(st["FINALIZE"]):
-            for t in range(TABLES):
-                with m.If(new_t == t):
-                    m.d.sync += ctl_addr[t].eq(new_b)
             m.d.sync += src_carry.eq(0)          # FINALIZE_WRITE writes the command's entry
             m.d.sync += goto("FINALIZE", "FINALIZE_WRITE")
 
@@ -893,6 +881,24 @@ class ConnTable(wiring.Component):
             w_alt.eq(one_hot_select(write_sel, [Const(w[6], BB) if isinstance(w[6], int)
                                                 else w[6] for w in writes])),
         ]
+
+        # The control port addresses, one AND-OR per table over their writers' mutually
+        # exclusive conditions (the sweep, a READ of a table slot, CLEAR, the hash, a
+        # walk or undo step, FINALIZE).
+        for t in range(TABLES):
+            addr_writes = [
+                (st["SWEEP"], (ctl_addr[t] + 1)[:BB]),
+                (st["DISPATCH"] & op_read & ~slot_bad & ~slot_stash & (slot_t == t),
+                 cmd.slot[2:2 + BB]),
+                (st["DISPATCH"] & op_clear, Const(0, BB)),
+                (st["HASH"] & cv, bucket_bits(ch, t)),
+                (st["SETUP"] & (phase == PH_WALK) & (cn_t == t), cn_b),
+                (st["SETUP"] & (phase == PH_UNDO) & (cn_t != t), cn_alt),
+                (st["FINALIZE"] & (new_t == t), new_b),
+            ]
+            addr_sel = Cat(*[cond for cond, _ in addr_writes])
+            with m.If(addr_sel.any()):
+                m.d.sync += ctl_addr[t].eq(one_hot_select(addr_sel, [v for _, v in addr_writes]))
 
         # The response's other writers (see respond_when).
         respond_when(decide_found, index=found_index, slot=found_slot,
