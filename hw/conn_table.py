@@ -60,7 +60,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .pipeline import Pipeline
-from .siphash import siphash_latency, siphash_pipeline
+from .siphash import siphash_iterative, siphash_latency, siphash_pipeline
 from .stream import lowest_set, one_hot_select, pack_struct, struct_value
 
 __all__ = ["FLOW_KEY", "Op", "Status", "TABLES", "WAYS", "RNG_SEED", "Geometry",
@@ -397,7 +397,9 @@ class ConnTable(wiring.Component):
         m.d.comb += [self.resp.valid.eq(resp_valid), self.resp.payload.eq(resp)]
 
         ctl_start = Signal()
-        cv, ch = siphash_pipeline(m, "ctl_hash", ctl_start, hash_key, cmd.key.as_value())
+        # One command at a time: the control path's hash is iterative (same latency as the
+        # lookup pipeline, a tenth of its size).
+        cv, ch = siphash_iterative(m, "ctl_hash", ctl_start, hash_key, cmd.key.as_value())
         b = [Signal(BB, name=f"b{t}") for t in range(TABLES)]
 
         rd = {(t, w): Signal(E, name=f"rd_t{t}_w{w}") for t in range(TABLES) for w in range(WAYS)}
