@@ -654,8 +654,10 @@ class ConnTable(wiring.Component):
                 m.d.sync += resp.status.eq(Status.NOT_FOUND)
             m.d.sync += resp_valid.eq(1)
             m.d.sync += goto("READ", "RESPOND")
-            respond_when(st["READ"] & sel.valid, key=sel.key.as_value(), value=sel.value,
-                         index=sel.index)
+            # An empty slot answers key, value and index 0 (as DISPATCH set them): the
+            # word's valid bit gates the data, not the registers' enable.
+            respond_when(st["READ"], key=Mux(sel.valid, sel.key.as_value(), 0),
+                         value=Mux(sel.valid, sel.value, 0), index=Mux(sel.valid, sel.index, 0))
 
         with m.If(st["CMP"]):
             m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & rd_keq[t, w].all()
