@@ -547,6 +547,7 @@ class ConnTable(wiring.Component):
         op_setkey, op_clear = Signal(), Signal()
         slot_bad, slot_stash = Signal(), Signal()
         stash_sel = Signal(S)
+        stash_read = Signal(S)              # a READ of a full stash entry (one-hot)
 
         slot_t = cmd.slot[geo.bucket_bits + 2]       # the table of a READ's slot
 
@@ -578,15 +579,15 @@ class ConnTable(wiring.Component):
                              slot_stash.eq((new_cmd.slot >= geo.entries)
                                            & (new_cmd.slot < geo.slots)),
                              stash_sel.eq(Cat(*[new_cmd.slot == geo.entries + k
-                                                for k in range(S)]))]
+                                                for k in range(S)])),
+                             stash_read.eq(Cat(*[(new_cmd.op == Op.READ) & stash_valid[k]
+                                                 & (new_cmd.slot == geo.entries + k)
+                                                 for k in range(S)]))]
                 m.d.sync += goto("IDLE", "DISPATCH")
 
         with m.If(st["DISPATCH"]):
             m.d.sync += [resp.op.eq(cmd.op), resp.status.eq(Status.OK), src_carry.eq(0)]
             # key, value, index, slot: the command's, a stash entry's or 0 (one write).
-            stash_read = Signal(S)
-            m.d.comb += stash_read.eq(Cat(*[op_read & slot_stash & stash_sel[s] & stash_valid[s]
-                                            for s in range(S)]))
             respond_when(st["DISPATCH"],
                          key=Mux(op_key, cmd.key.as_value(),
                                  one_hot_select(stash_read, stash_key)),
@@ -672,6 +673,12 @@ class ConnTable(wiring.Component):
                 m.d.sync += used[t].eq(total)
             m.d.sync += goto("CMP", "SELECT")
 
+        # The lowest free stash register, registered (for HOMELESS: the stash does not
+        # change in the WALK before it).
+        free_s, s_free = Signal(name="free_s"), Signal(range(max(2, S)), name="s_free")
+        c_free_s, c_s_free = lowest_set([~v for v in stash_valid])
+        m.d.sync += [free_s.eq(c_free_s), s_free.eq(c_s_free)]
+
         # Registered results of SELECT, used by DECIDE.
         any_slot, any_stash = Signal(name="any_slot"), Signal(name="any_stash")
         which, which_s = Signal(3, name="which"), Signal(range(max(2, S)), name="which_s")
@@ -687,6 +694,8 @@ class ConnTable(wiring.Component):
         # that did not, with room in a bucket.
         dc_found = Signal(name="dc_found")
         dc_room = Signal(name="dc_room")
+        room_slot = Signal(geo.slot_bits, name="room_slot")     # where the room is
+        room_alt = Signal(BB, name="room_alt")                  # and the other bucket
         d_tsel = Signal(name="d_tsel")
         d_wsel = Signal(2, name="d_wsel")
 
@@ -708,6 +717,9 @@ class ConnTable(wiring.Component):
             c_tsel = used[1] < used[0]
             c_d_found = c_any_slot | c_any_stash
             c_d_room = (used[0] < WAYS) | (used[1] < WAYS)
+            m.d.sync += [room_slot.eq(slot_number(c_tsel, Mux(c_tsel, b[1], b[0]),
+                                                  Mux(c_tsel, w1, w0))),
+                         room_alt.eq(Mux(c_tsel, b[0], b[1]))]
             m.d.sync += [dc_found.eq(op_key & c_d_found),
                          dc_room.eq(op_insert & ~c_d_found & ~full & c_d_room)]
             m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
@@ -797,7 +809,6 @@ class ConnTable(wiring.Component):
                 m.d.sync += goto("WALK", "HOMELESS")
 
         with m.If(st["HOMELESS"]):
-            free_s, s_free = lowest_set([~v for v in stash_valid])
             with m.If(free_s):
                 with m.Switch(s_free):
                     for s in range(S):
@@ -861,7 +872,7 @@ class ConnTable(wiring.Component):
         decide_room = st["DECIDE"] & dc_room
         walk_write = st["WALK"] & (any_free | ~steps_max)
         writes = [
-            (decide_room, d_tsel, d_wsel, 1, 0, index_new, Mux(d_tsel, b[0], b[1])),
+            (decide_room, d_tsel, d_wsel, 1, 0, index_new, room_alt),
             # DELETE writes an empty word; UPDATE the command's key and value (the
             # key is found.key) with the entry's index and alt.
             (decide_found & op_delete & any_slot, ft, fw, 0, 0, 0, 0),
@@ -908,7 +919,7 @@ class ConnTable(wiring.Component):
         respond_when(decide_found, index=found_index, slot=found_slot,
                      value=Mux(op_update, cmd.value, found_value))
         respond_when(decide_room, index=index_new,
-                     slot=slot_number(d_tsel, Mux(d_tsel, b[1], b[0]), d_wsel))
+                     slot=room_slot)
         respond_when(st["WALK"] & any_free & carry_pending, index=carry_index,
                      slot=slot_number(carry_t, carry_b, w_free))
         respond_when(st["HOMELESS"] & free_s & carry_pending, index=carry_index,
