@@ -12,19 +12,21 @@ Organisation
     A stash of ``stash`` registers holds entries the cuckoo walk could not place.
   * Memory words hold valid, pending, key, value, flow index and the entry's bucket in
     the other table (so a move never re-hashes).
-  * Each memory has three ports: the lookup read port (transparent to the control
-    write, so a lookup never sees a half-written word and never stalls), and the control
-    read and write ports, which share one address (one RAM port).
+  * Each memory has three ports: the lookup read port, and the control read and write
+    ports, which share one address (one RAM port). A lookup that reads a word at the
+    edge that writes it takes the written word from the write register (so it never
+    sees a half-written word, and Yosys adds no transparency logic); lookups never stall.
 
 Lookup (``i`` -> ``o``): one key per cycle, in order, ``lookup_latency`` cycles (25) with
 a ready sink: the hash (18), the bucket address registers (duplicated), the memory
-read, the registered words, the key compare, the hit selection, the result FIFO. A lookup
+read, the keys compared in parts, the compares completed, the hit selection, the result
+FIFO. A lookup
 accepted in cycle c sees the table as it is after the edge ending cycle
 c + ``SNAPSHOT_LATENCY`` (19). ``i.ready`` is a credit check on the result FIFO, so only a
 stalled ``o`` can slow lookups; control commands never do.
 
 Control (``cmd`` -> ``resp``): one command at a time (``Op``), one response each with a
-``Status``. INSERT places the key in the less loaded of its two buckets; when both are
+``Status``; its hash is an iterative SipHash unit (same latency as the lookup's pipeline). INSERT places the key in the less loaded of its two buckets; when both are
 full it does a random walk (xorshift32 draws): the carried entry takes a random way and
 the entry there becomes the carried one, at most ``max_moves`` times; a homeless carried
 entry goes to the stash, and when the stash is full the walk is undone step by step and
