@@ -12,19 +12,21 @@ Organisation
     A stash of ``stash`` registers holds entries the cuckoo walk could not place.
   * Memory words hold valid, pending, key, value, flow index and the entry's bucket in
     the other table (so a move never re-hashes).
-  * Each memory has three ports: the lookup read port (transparent to the control
-    write, so a lookup never sees a half-written word and never stalls), and the control
-    read and write ports, which share one address (one RAM port).
+  * Each memory has three ports: the lookup read port, and the control read and write
+    ports, which share one address (one RAM port). A lookup that reads a word at the
+    edge that writes it takes the written word from the write register (so it never
+    sees a half-written word, and Yosys adds no transparency logic); lookups never stall.
 
 Lookup (``i`` -> ``o``): one key per cycle, in order, ``lookup_latency`` cycles (25) with
 a ready sink: the hash (18), the bucket address registers (duplicated), the memory
-read, the registered words, the key compare, the hit selection, the result FIFO. A lookup
+read, the keys compared in parts, the compares completed, the hit selection, the result
+FIFO. A lookup
 accepted in cycle c sees the table as it is after the edge ending cycle
 c + ``SNAPSHOT_LATENCY`` (19). ``i.ready`` is a credit check on the result FIFO, so only a
 stalled ``o`` can slow lookups; control commands never do.
 
 Control (``cmd`` -> ``resp``): one command at a time (``Op``), one response each with a
-``Status``. INSERT places the key in the less loaded of its two buckets; when both are
+``Status``; its hash is an iterative SipHash unit (same latency as the lookup's pipeline). INSERT places the key in the less loaded of its two buckets; when both are
 full it does a random walk (xorshift32 draws): the carried entry takes a random way and
 the entry there becomes the carried one, at most ``max_moves`` times; a homeless carried
 entry goes to the stash, and when the stash is full the walk is undone step by step and
@@ -60,7 +62,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .pipeline import Pipeline
-from .siphash import siphash_latency, siphash_pipeline
+from .siphash import siphash_iterative, siphash_latency, siphash_pipeline
 from .stream import lowest_set, one_hot_select, pack_struct, struct_value
 
 __all__ = ["FLOW_KEY", "Op", "Status", "TABLES", "WAYS", "RNG_SEED", "Geometry",
@@ -171,6 +173,14 @@ STATES = ("SWEEP", "IDLE", "DISPATCH", "HASH", "RD", "DATA", "READ", "CMP", "SEL
           "WALK", "HOMELESS", "UNDO", "SETUP", "FINALIZE", "FINALIZE_WRITE", "RESPOND")
 
 
+def _eq_parts(a, b, part):
+    """Equality of ``a`` and ``b`` per ``part``-bit slice (a bit each): all ones when a == b.
+
+    A register of these between two stages splits a wide compare: 2-bit parts are one
+    LUT4 level, 8-bit parts two."""
+    return Cat(*[a[i:i + part] == b[i:i + part] for i in range(0, len(a), part)])
+
+
 def _hw_xorshift32(x):
     x = x ^ (x << 13)[:32]
     x = x ^ (x >> 17)
@@ -279,14 +289,16 @@ class ConnTable(wiring.Component):
         lk_data, ctl_data = {}, {}
         for t in range(TABLES):
             for w in range(WAYS):
-                mem = Memory(shape=E.size, depth=geo.buckets, init=[])
+                # ``no_rw_check``: what the lookup port reads at the edge that writes the
+                # same word does not matter (the lookup path takes the written word from
+                # ``wq_data`` instead, see ``lk_coll``), so Yosys adds no transparency
+                # logic after the block RAM. The attribute acts when Yosys merges the
+                # register after the asynchronous lookup read port into the block RAM.
+                mem = Memory(shape=E.size, depth=geo.buckets, init=[],
+                             attrs={"no_rw_check": 1})
                 m.submodules[f"mem_t{t}_w{w}"] = mem
                 wr = mem.write_port()
-                # Transparent: a lookup reading a word at the edge that writes it gets the
-                # new word. (Yosys implements this with a multiplexer after the block RAM;
-                # a non-transparent port is no better: it has no cross-port collision mode
-                # on ECP5, so Yosys delays the write and adds the same multiplexer.)
-                lk = mem.read_port(transparent_for=(wr,))
+                lk = mem.read_port(domain="comb")    # registered just after: a BRAM read
                 ct = mem.read_port()
                 m.d.comb += [
                     lk.addr.eq(lk_addr[t, w]),
@@ -318,34 +330,55 @@ class ConnTable(wiring.Component):
         for t in range(TABLES):
             for w in range(WAYS):
                 m.d.sync += lk_addr[t, w].eq(bucket_bits(p.get("hash", H), t))
-        # Stage H+1: the memories read their words at the edge that ends this stage (the
-        # read ports are transparent: a word written at that edge is read new); the
-        # lookup sees the table as it is after that edge.
-        # Stage H+2: the memory words, registered; the stash and the carry register as
-        # they are after that same edge (one consistent snapshot).
+        # Stage H+1: the memories read their words at the edge that ends this stage; the
+        # lookup sees the table as it is after that edge. A word written at that same
+        # edge (``wq_data``, at most one per cycle outside the sweep) is read as undefined
+        # by the block RAM: ``coll{t}{w}`` marks it, and the lookup takes the written word
+        # (``wr_*``) instead of the memory's, so it sees the new word as before.
+        for t in range(TABLES):
+            for w in range(WAYS):
+                p.define(f"mem{t}{w}", lk_data[t, w], H + 1)   # merged into the block RAM
+                p.define(f"coll{t}{w}", (sweeping | wq_en[t * WAYS + w])
+                         & (ctl_addr[t] == lk_addr[t, w]),
+                         H + 1)
+        p.define("wr_word", wq_data, H + 1)
+        # Stage H+2: the memory words, registered, with their keys compared in part (one
+        # LUT level after the block RAM: 2-bit equalities); the stash and the carry
+        # register as they are after that same edge (one consistent snapshot), and the
+        # written word, compared in part too (8-bit equalities).
         key2 = p.get("key", H + 2)
         for t in range(TABLES):
             for w in range(WAYS):
-                p.define(f"word{t}{w}", lk_data[t, w], H + 2)
+                word = data.View(E, p.get(f"mem{t}{w}", H + 2))
+                p.define(f"keq{t}{w}", _eq_parts(word.key.as_value(), key2, 2), H + 2)
+                p.define(f"live{t}{w}", word.valid & ~word.pending, H + 2)
+                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 2)
+        wr_word = data.View(E, p.get("wr_word", H + 2))
+        p.define("wr_keq", _eq_parts(wr_word.key.as_value(), key2, 8), H + 2)
+        p.define("wr_live", wr_word.valid & ~wr_word.pending, H + 2)
+        p.define("wr_val", Cat(wr_word.value, wr_word.index), H + 2)
         regs = [(stash_valid[s], stash_key[s], stash_value[s], stash_index[s]) for s in range(S)]
         regs.append((carry_valid & ~carry_pending, carry_key, carry_value, carry_index))
         for s, (valid, key, value, index) in enumerate(regs):
-            p.define(f"reg_hit{s}", valid & (key == key2), H + 2)
+            p.define(f"reg_keq{s}", Cat(_eq_parts(key, key2, 8), valid), H + 2)
             p.define(f"reg_val{s}", Cat(value, index), H + 2)
         p.define("miss", sweeping, H + 2)
-        # Stage H+3: compare the 8 words read.
-        key3 = p.get("key", H + 3)
+        # Stage H+3: the compares completed: a slot word whose read collided with a write
+        # is replaced by the written word.
         for t in range(TABLES):
             for w in range(WAYS):
-                word = data.View(E, p.get(f"word{t}{w}", H + 3))
-                p.define(f"slot_hit{t}{w}", word.valid & ~word.pending
-                         & (word.key.as_value() == key3), H + 3)
-                p.define(f"slot_val{t}{w}", Cat(word.value, word.index), H + 3)
+                p.define(f"slot_hit{t}{w}", p.get(f"keq{t}{w}", H + 3).all()
+                         & p.get(f"live{t}{w}", H + 3) & ~p.get(f"coll{t}{w}", H + 3), H + 3)
+        p.define("wr_hit", p.get("wr_keq", H + 3).all() & p.get("wr_live", H + 3)
+                 & Cat(*[p.get(f"coll{t}{w}", H + 3) for t in range(TABLES)
+                         for w in range(WAYS)]).any(), H + 3)
+        for s in range(S + 1):
+            p.define(f"reg_hit{s}", p.get(f"reg_keq{s}", H + 3).all(), H + 3)
         # Stage H+4: select the hit (at most one slot or register holds the key).
         hits = [p.get(f"slot_hit{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
         vals = [p.get(f"slot_val{t}{w}", H + 4) for t in range(TABLES) for w in range(WAYS)]
-        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)]
-        vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)]
+        hits += [p.get(f"reg_hit{s}", H + 4) for s in range(S + 1)] + [p.get("wr_hit", H + 4)]
+        vals += [p.get(f"reg_val{s}", H + 4) for s in range(S + 1)] + [p.get("wr_val", H + 4)]
         hit = Const(0, 1)
         sel = Const(0, V + IB)
         for hb, val in zip(hits, vals):
@@ -366,7 +399,9 @@ class ConnTable(wiring.Component):
         m.d.comb += [self.resp.valid.eq(resp_valid), self.resp.payload.eq(resp)]
 
         ctl_start = Signal()
-        cv, ch = siphash_pipeline(m, "ctl_hash", ctl_start, hash_key, cmd.key.as_value())
+        # One command at a time: the control path's hash is iterative (same latency as the
+        # lookup pipeline, a tenth of its size).
+        cv, ch = siphash_iterative(m, "ctl_hash", ctl_start, hash_key, cmd.key.as_value())
         b = [Signal(BB, name=f"b{t}") for t in range(TABLES)]
 
         rd = {(t, w): Signal(E, name=f"rd_t{t}_w{w}") for t in range(TABLES) for w in range(WAYS)}
@@ -459,18 +494,36 @@ class ConnTable(wiring.Component):
         sweep_reply = Signal()
 
         # The control read data, registered every cycle with nothing in between (no enable:
-        # a wide enable net is slow); ``bkt`` is the bucket of table ``bkt_sel``, for the
-        # walk and its undo, and ``pick`` its way ``pick_w`` (the victim of a walk step, or
-        # the entry an undo step takes back).
+        # a wide enable net is slow); ``pick`` is one of the 8 words (the victim of a walk
+        # step, the entry an undo step takes back, or the slot a READ reads).
         bkt_sel = Signal()
         m.d.sync += [rd[k].eq(ctl_data[k]) for k in rd]
-        bkt = [Mux(bkt_sel, rd[1, w].as_value(), rd[0, w].as_value()) for w in range(WAYS)]
+        # Beside them, registered in the same cycle: the command's key compared in part
+        # with every word (2-bit equalities, one LUT level after the block RAM) and with
+        # the stash (8-bit equalities), for CMP; and the free ways of bucket ``bkt_sel``
+        # (the lowest one and whether there is one), for WALK.
+        rd_keq = {k: Signal(FLOW_KEY.size // 2, name=f"rd_keq_t{k[0]}_w{k[1]}") for k in rd}
+        stash_keq = [Signal(-(-FLOW_KEY.size // 8), name=f"stash_keq{s}") for s in range(S)]
+        m.d.sync += [rd_keq[k].eq(_eq_parts(ctl_data[k].key.as_value(), cmd.key.as_value(), 2))
+                     for k in rd]
+        m.d.sync += [stash_keq[s].eq(_eq_parts(stash_key[s], cmd.key.as_value(), 8))
+                     for s in range(S)]
+        any_free, w_free = Signal(name="any_free"), Signal(2, name="w_free")
+        c_any_free, c_w_free = lowest_set([~Mux(bkt_sel, ctl_data[1, w].valid, ctl_data[0, w].valid)
+                                           for w in range(WAYS)])
+        m.d.sync += [any_free.eq(c_any_free), w_free.eq(c_w_free)]
         w_evict = rng_next[:2]
-        pick_w = Mux(phase == PH_UNDO, path_r.data, w_evict)
+        # ``pick`` is also the slot a READ reads (way read_w of table read_t). Its select
+        # is a register, loaded in DATA: what it is made of (phase, the walk's draw
+        # rng_next, the undo's path_r.data, bkt_sel, read_t/read_w) is set before RD and
+        # does not change before the state that uses ``pick`` (WALK, UNDO or READ).
+        pick_sel = Signal(3, name="pick_sel")
+        m.d.sync += pick_sel.eq(Mux(phase == PH_READ, Cat(read_w, read_t),
+                                    Cat(Mux(phase == PH_UNDO, path_r.data, w_evict), bkt_sel)))
         pick = data.View(E, Signal(E.size, name="pick"))
         m.d.comb += pick.as_value().eq(
             Cat(*[rd[0, w] for w in range(WAYS)], *[rd[1, w] for w in range(WAYS)])
-            .word_select(Cat(pick_w, bkt_sel), E.size))
+            .word_select(pick_sel, E.size))
 
         # The write register and the next carried entry, every cycle (they are used only
         # when written, resp. loaded).
@@ -493,16 +546,18 @@ class ConnTable(wiring.Component):
         # The command's op and slot, decoded when it is taken (with ``cmd``).
         op_insert, op_delete, op_update = Signal(), Signal(), Signal()
         op_read, op_key = Signal(), Signal()
+        op_setkey, op_clear = Signal(), Signal()
         slot_bad, slot_stash = Signal(), Signal()
         stash_sel = Signal(S)
+        stash_read = Signal(S)              # a READ of a full stash entry (one-hot)
+
+        slot_t = cmd.slot[geo.bucket_bits + 2]       # the table of a READ's slot
 
         def goto(here, there):
             return [st[here].eq(0), st[there].eq(1)]
 
         with m.If(st["SWEEP"]):
-            m.d.sync += [ctl_addr[t].eq(ctl_addr[t] + 1) for t in range(TABLES)]
             with m.If(ctl_addr[0] == geo.buckets - 1):
-                m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
                 m.d.sync += sweeping.eq(0)
                 with m.If(sweep_reply):
                     m.d.sync += [sweep_reply.eq(0), resp_valid.eq(1)]
@@ -518,69 +573,65 @@ class ConnTable(wiring.Component):
                              op_delete.eq(new_cmd.op == Op.DELETE),
                              op_update.eq(new_cmd.op == Op.UPDATE),
                              op_read.eq(new_cmd.op == Op.READ),
+                             op_setkey.eq(new_cmd.op == Op.SET_KEY),
+                             op_clear.eq(new_cmd.op == Op.CLEAR),
                              op_key.eq((new_cmd.op == Op.INSERT) | (new_cmd.op == Op.DELETE)
                                        | (new_cmd.op == Op.UPDATE)),
                              slot_bad.eq(new_cmd.slot >= geo.slots),
                              slot_stash.eq((new_cmd.slot >= geo.entries)
                                            & (new_cmd.slot < geo.slots)),
                              stash_sel.eq(Cat(*[new_cmd.slot == geo.entries + k
-                                                for k in range(S)]))]
+                                                for k in range(S)])),
+                             stash_read.eq(Cat(*[(new_cmd.op == Op.READ) & stash_valid[k]
+                                                 & (new_cmd.slot == geo.entries + k)
+                                                 for k in range(S)]))]
                 m.d.sync += goto("IDLE", "DISPATCH")
 
         with m.If(st["DISPATCH"]):
             m.d.sync += [resp.op.eq(cmd.op), resp.status.eq(Status.OK), src_carry.eq(0)]
             # key, value, index, slot: the command's, a stash entry's or 0 (one write).
-            stash_read = Signal(S)
-            m.d.comb += stash_read.eq(Cat(*[op_read & slot_stash & stash_sel[s] & stash_valid[s]
-                                            for s in range(S)]))
             respond_when(st["DISPATCH"],
                          key=Mux(op_key, cmd.key.as_value(),
                                  one_hot_select(stash_read, stash_key)),
                          value=Mux(op_insert, cmd.value, one_hot_select(stash_read, stash_value)),
                          index=one_hot_select(stash_read, stash_index),
                          slot=Mux(op_read, cmd.slot, 0))
-            with m.Switch(cmd.op):
-                with m.Case(Op.INSERT, Op.DELETE, Op.UPDATE):
-                    m.d.comb += ctl_start.eq(1)
-                    m.d.sync += goto("DISPATCH", "HASH")
-                with m.Case(Op.READ):
-                    with m.If(slot_bad):
-                        m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
-                        m.d.sync += goto("DISPATCH", "RESPOND")
-                    with m.Elif(slot_stash):
-                        with m.If(~stash_read.any()):
-                            m.d.sync += resp.status.eq(Status.NOT_FOUND)
-                        m.d.sync += resp_valid.eq(1)
-                        m.d.sync += goto("DISPATCH", "RESPOND")
-                    with m.Else():
-                        t_sel = cmd.slot[geo.bucket_bits + 2]
-                        m.d.sync += [read_t.eq(t_sel), read_w.eq(cmd.slot[:2]),
-                                     phase.eq(PH_READ)]
-                        for t in range(TABLES):
-                            with m.If(t_sel == t):
-                                m.d.sync += ctl_addr[t].eq(cmd.slot[2:2 + geo.bucket_bits])
-                        m.d.sync += goto("DISPATCH", "RD")
-                with m.Case(Op.SET_KEY):
-                    with m.If(empty):
-                        m.d.sync += hash_key.eq(cmd.hash_key)
-                    with m.Else():
-                        m.d.sync += resp.status.eq(Status.NOT_EMPTY)
+            with m.If(op_key):
+                m.d.comb += ctl_start.eq(1)
+                m.d.sync += goto("DISPATCH", "HASH")
+            with m.Elif(op_read):
+                with m.If(slot_bad):
+                    m.d.sync += [resp.status.eq(Status.BAD_INDEX), resp_valid.eq(1)]
+                    m.d.sync += goto("DISPATCH", "RESPOND")
+                with m.Elif(slot_stash):
+                    with m.If(~stash_read.any()):
+                        m.d.sync += resp.status.eq(Status.NOT_FOUND)
                     m.d.sync += resp_valid.eq(1)
                     m.d.sync += goto("DISPATCH", "RESPOND")
-                with m.Case(Op.CLEAR):
-                    m.d.sync += [s.eq(0) for s in stash_valid]
-                    m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
-                                 rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
-                    m.d.sync += [ctl_addr[t].eq(0) for t in range(TABLES)]
-                    m.d.sync += goto("DISPATCH", "SWEEP")
-                with m.Default():
-                    m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
-                    m.d.sync += goto("DISPATCH", "RESPOND")
+                with m.Else():
+                    m.d.sync += [read_t.eq(slot_t), read_w.eq(cmd.slot[:2]),
+                                 phase.eq(PH_READ)]
+                    m.d.sync += goto("DISPATCH", "RD")
+            with m.Elif(op_setkey):
+                with m.If(empty):
+                    m.d.sync += hash_key.eq(cmd.hash_key)
+                with m.Else():
+                    m.d.sync += resp.status.eq(Status.NOT_EMPTY)
+                m.d.sync += resp_valid.eq(1)
+                m.d.sync += goto("DISPATCH", "RESPOND")
+            with m.Elif(op_clear):
+                m.d.sync += [s.eq(0) for s in stash_valid]
+                m.d.sync += [carry_valid.eq(0), count.eq(0), sp.eq(0), fresh.eq(0),
+                             rng.eq(RNG_SEED), sweep_reply.eq(1), sweeping.eq(1)]
+                m.d.sync += goto("DISPATCH", "SWEEP")
+            with m.Else():
+                m.d.sync += [resp.status.eq(Status.BAD_OP), resp_valid.eq(1)]
+                m.d.sync += goto("DISPATCH", "RESPOND")
 
         with m.If(st["HASH"]):
             with m.If(cv):
                 for t in range(TABLES):
-                    m.d.sync += [b[t].eq(bucket_bits(ch, t)), ctl_addr[t].eq(bucket_bits(ch, t))]
+                    m.d.sync += b[t].eq(bucket_bits(ch, t))
                 m.d.sync += phase.eq(PH_FIND)
                 m.d.sync += goto("HASH", "RD")
 
@@ -599,23 +650,22 @@ class ConnTable(wiring.Component):
                     m.d.sync += goto("DATA", "READ")
 
         with m.If(st["READ"]):
-            sel = Signal(E)
-            m.d.comb += sel.eq(Mux(read_t, Cat(*[rd[1, w] for w in range(WAYS)]),
-                                   Cat(*[rd[0, w] for w in range(WAYS)])).word_select(read_w, E.size))
+            sel = pick                          # way read_w of table read_t
             with m.If(sel.valid):
                 m.d.sync += resp.status.eq(Status.OK)
             with m.Else():
                 m.d.sync += resp.status.eq(Status.NOT_FOUND)
             m.d.sync += resp_valid.eq(1)
             m.d.sync += goto("READ", "RESPOND")
-            respond_when(st["READ"] & sel.valid, key=sel.key.as_value(), value=sel.value,
-                         index=sel.index)
+            # An empty slot answers key, value and index 0 (as DISPATCH set them): the
+            # word's valid bit gates the data, not the registers' enable.
+            respond_when(st["READ"], key=Mux(sel.valid, sel.key.as_value(), 0),
+                         value=Mux(sel.valid, sel.value, 0), index=Mux(sel.valid, sel.index, 0))
 
         with m.If(st["CMP"]):
-            key = cmd.key.as_value()
-            m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & (rd[t, w].key.as_value() == key)
+            m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & rd_keq[t, w].all()
                                         for t in range(TABLES) for w in range(WAYS)]))
-            m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & (stash_key[s] == key)
+            m.d.sync += f_stash.eq(Cat(*[stash_valid[s] & stash_keq[s].all()
                                          for s in range(S)]))
             for t in range(TABLES):
                 m.d.sync += free[t].eq(Cat(*[~rd[t, w].valid for w in range(WAYS)]))
@@ -624,6 +674,12 @@ class ConnTable(wiring.Component):
                     total = total + rd[t, w].valid
                 m.d.sync += used[t].eq(total)
             m.d.sync += goto("CMP", "SELECT")
+
+        # The lowest free stash register, registered (for HOMELESS: the stash does not
+        # change in the WALK before it).
+        free_s, s_free = Signal(name="free_s"), Signal(range(max(2, S)), name="s_free")
+        c_free_s, c_s_free = lowest_set([~v for v in stash_valid])
+        m.d.sync += [free_s.eq(c_free_s), s_free.eq(c_s_free)]
 
         # Registered results of SELECT, used by DECIDE.
         any_slot, any_stash = Signal(name="any_slot"), Signal(name="any_stash")
@@ -635,6 +691,13 @@ class ConnTable(wiring.Component):
         ft, fw = which[2], which[:2]
         d_found = Signal(name="d_found")
         d_room = Signal(name="d_room")
+        # DECIDE's write and response conditions, registered in SELECT (``full`` does not
+        # change in between): an INSERT, DELETE or UPDATE that found its key; an INSERT
+        # that did not, with room in a bucket.
+        dc_found = Signal(name="dc_found")
+        dc_room = Signal(name="dc_room")
+        room_slot = Signal(geo.slot_bits, name="room_slot")     # where the room is
+        room_alt = Signal(BB, name="room_alt")                  # and the other bucket
         d_tsel = Signal(name="d_tsel")
         d_wsel = Signal(2, name="d_wsel")
 
@@ -654,6 +717,13 @@ class ConnTable(wiring.Component):
             _, w0 = lowest_set([free[0][w] for w in range(WAYS)])
             _, w1 = lowest_set([free[1][w] for w in range(WAYS)])
             c_tsel = used[1] < used[0]
+            c_d_found = c_any_slot | c_any_stash
+            c_d_room = (used[0] < WAYS) | (used[1] < WAYS)
+            m.d.sync += [room_slot.eq(slot_number(c_tsel, Mux(c_tsel, b[1], b[0]),
+                                                  Mux(c_tsel, w1, w0))),
+                         room_alt.eq(Mux(c_tsel, b[0], b[1]))]
+            m.d.sync += [dc_found.eq(op_key & c_d_found),
+                         dc_room.eq(op_insert & ~c_d_found & ~full & c_d_room)]
             m.d.sync += [d_found.eq(c_any_slot | c_any_stash),
                          d_room.eq((used[0] < WAYS) | (used[1] < WAYS)),
                          d_tsel.eq(c_tsel), d_wsel.eq(Mux(c_tsel, w1, w0))]
@@ -671,53 +741,51 @@ class ConnTable(wiring.Component):
             m.d.sync += goto("SELECT", "DECIDE")
 
         with m.If(st["DECIDE"]):
-            with m.Switch(cmd.op):
-                with m.Case(Op.INSERT):
-                    with m.If(d_found):
-                        m.d.sync += resp.status.eq(Status.DUPLICATE)
-                        m.d.sync += resp_valid.eq(1)
-                        m.d.sync += goto("DECIDE", "RESPOND")
-                    with m.Elif(full):
-                        m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
-                        m.d.sync += goto("DECIDE", "RESPOND")
-                    with m.Elif(d_room):
-                        m.d.comb += commit.eq(1)
-                        m.d.sync += resp.status.eq(Status.OK)
-                        m.d.sync += resp_valid.eq(1)
-                        m.d.sync += goto("DECIDE", "RESPOND")
-                    with m.Else():
-                        # The walk starts with the new entry (cn_key, cn_value, cn_index
-                        # and cn_pending take the command's: src_carry is still low).
-                        t_sel = rng_next[0]
-                        m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
-                                     cn_t.eq(t_sel),
-                                     cn_b.eq(Mux(t_sel, b[1], b[0])),
-                                     cn_alt.eq(Mux(t_sel, b[0], b[1])),
-                                     steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
-                                     bkt_sel.eq(t_sel), src_carry.eq(1)]
-                        m.d.sync += goto("DECIDE", "RD")        # ctl_addr still holds both buckets
-                with m.Case(Op.DELETE, Op.UPDATE):
-                    with m.If(d_found):
-                        m.d.sync += resp.status.eq(Status.OK)
-                        with m.If(~any_slot):
-                            with m.Switch(which_s):
-                                for s in range(S):
-                                    with m.Case(s):
-                                        with m.If(cmd.op == Op.UPDATE):
-                                            m.d.sync += stash_value[s].eq(cmd.value)
-                                        with m.Else():
-                                            m.d.sync += stash_valid[s].eq(0)
-                        with m.If(cmd.op == Op.DELETE):
-                            m.d.comb += [release.eq(1), release_index.eq(found_index)]
-                    with m.Else():
-                        m.d.sync += resp.status.eq(Status.NOT_FOUND)
+            with m.If(op_insert):
+                with m.If(d_found):
+                    m.d.sync += resp.status.eq(Status.DUPLICATE)
                     m.d.sync += resp_valid.eq(1)
                     m.d.sync += goto("DECIDE", "RESPOND")
+                with m.Elif(full):
+                    m.d.sync += [resp.status.eq(Status.FULL), resp_valid.eq(1)]
+                    m.d.sync += goto("DECIDE", "RESPOND")
+                with m.Elif(d_room):
+                    m.d.comb += commit.eq(1)
+                    m.d.sync += resp.status.eq(Status.OK)
+                    m.d.sync += resp_valid.eq(1)
+                    m.d.sync += goto("DECIDE", "RESPOND")
+                with m.Else():
+                    # The walk starts with the new entry (cn_key, cn_value, cn_index
+                    # and cn_pending take the command's: src_carry is still low).
+                    t_sel = rng_next[0]
+                    m.d.sync += [rng.eq(rng_next), cn_load.eq(1), cn_valid.eq(1),
+                                 cn_t.eq(t_sel),
+                                 cn_b.eq(Mux(t_sel, b[1], b[0])),
+                                 cn_alt.eq(Mux(t_sel, b[0], b[1])),
+                                 steps.eq(0), last.eq(M - 1), phase.eq(PH_WALK),
+                                 bkt_sel.eq(t_sel), src_carry.eq(1)]
+                    m.d.sync += goto("DECIDE", "RD")        # ctl_addr still holds both buckets
+            with m.Elif(op_delete | op_update):
+                with m.If(d_found):
+                    m.d.sync += resp.status.eq(Status.OK)
+                    with m.If(~any_slot):
+                        with m.Switch(which_s):
+                            for s in range(S):
+                                with m.Case(s):
+                                    with m.If(op_update):
+                                        m.d.sync += stash_value[s].eq(cmd.value)
+                                    with m.Else():
+                                        m.d.sync += stash_valid[s].eq(0)
+                    with m.If(op_delete):
+                        m.d.comb += [release.eq(1), release_index.eq(found_index)]
+                with m.Else():
+                    m.d.sync += resp.status.eq(Status.NOT_FOUND)
+                m.d.sync += resp_valid.eq(1)
+                m.d.sync += goto("DECIDE", "RESPOND")
 
         with m.If(st["WALK"]):
-            # bkt: the bucket of table carry_t; pick: its way w_evict (the victim)
-            is_free = [~data.View(E, x).valid for x in bkt]
-            any_free, w_free = lowest_set(is_free)
+            # any_free, w_free: the bucket of table carry_t; pick: its way w_evict (the
+            # victim)
             with m.If(any_free):
                 # The carried entry lands; if it is not the new one, the new one is
                 # still pending somewhere: FINALIZE makes it visible.
@@ -743,7 +811,6 @@ class ConnTable(wiring.Component):
                 m.d.sync += goto("WALK", "HOMELESS")
 
         with m.If(st["HOMELESS"]):
-            free_s, s_free = lowest_set([~v for v in stash_valid])
             with m.If(free_s):
                 with m.Switch(s_free):
                     for s in range(S):
@@ -783,17 +850,9 @@ class ConnTable(wiring.Component):
             # The next bucket to read, from registers: a walk goes to the carried
             # entry's bucket, an undo to the slot the carried entry was taken from.
             m.d.sync += bkt_sel.eq(Mux(phase == PH_WALK, cn_t, ~cn_t))
-            for t in range(TABLES):
-                with m.If((phase == PH_WALK) & (cn_t == t)):
-                    m.d.sync += ctl_addr[t].eq(cn_b)
-                with m.If((phase == PH_UNDO) & (cn_t != t)):
-                    m.d.sync += ctl_addr[t].eq(cn_alt)
             m.d.sync += goto("SETUP", "RD")
 
         with m.If(st["FINALIZE"]):
-            for t in range(TABLES):
-                with m.If(new_t == t):
-                    m.d.sync += ctl_addr[t].eq(new_b)
             m.d.sync += src_carry.eq(0)          # FINALIZE_WRITE writes the command's entry
             m.d.sync += goto("FINALIZE", "FINALIZE_WRITE")
 
@@ -811,11 +870,11 @@ class ConnTable(wiring.Component):
         # The memory write of the next edge (we, we_t, we_w, w_*), one AND-OR per field
         # over the writers' mutually exclusive conditions: (condition, table, way,
         # valid, pending, index, alt).
-        decide_found = st["DECIDE"] & (op_insert | op_delete | op_update) & d_found
-        decide_room = st["DECIDE"] & op_insert & ~d_found & ~full & d_room
+        decide_found = st["DECIDE"] & dc_found
+        decide_room = st["DECIDE"] & dc_room
         walk_write = st["WALK"] & (any_free | ~steps_max)
         writes = [
-            (decide_room, d_tsel, d_wsel, 1, 0, index_new, Mux(d_tsel, b[0], b[1])),
+            (decide_room, d_tsel, d_wsel, 1, 0, index_new, room_alt),
             # DELETE writes an empty word; UPDATE the command's key and value (the
             # key is found.key) with the entry's index and alt.
             (decide_found & op_delete & any_slot, ft, fw, 0, 0, 0, 0),
@@ -840,11 +899,29 @@ class ConnTable(wiring.Component):
                                                 else w[6] for w in writes])),
         ]
 
+        # The control port addresses, one AND-OR per table over their writers' mutually
+        # exclusive conditions (the sweep, a READ of a table slot, CLEAR, the hash, a
+        # walk or undo step, FINALIZE).
+        for t in range(TABLES):
+            addr_writes = [
+                (st["SWEEP"], (ctl_addr[t] + 1)[:BB]),
+                (st["DISPATCH"] & op_read & ~slot_bad & ~slot_stash & (slot_t == t),
+                 cmd.slot[2:2 + BB]),
+                (st["DISPATCH"] & op_clear, Const(0, BB)),
+                (st["HASH"] & cv, bucket_bits(ch, t)),
+                (st["SETUP"] & (phase == PH_WALK) & (cn_t == t), cn_b),
+                (st["SETUP"] & (phase == PH_UNDO) & (cn_t != t), cn_alt),
+                (st["FINALIZE"] & (new_t == t), new_b),
+            ]
+            addr_sel = Cat(*[cond for cond, _ in addr_writes])
+            with m.If(addr_sel.any()):
+                m.d.sync += ctl_addr[t].eq(one_hot_select(addr_sel, [v for _, v in addr_writes]))
+
         # The response's other writers (see respond_when).
         respond_when(decide_found, index=found_index, slot=found_slot,
                      value=Mux(op_update, cmd.value, found_value))
         respond_when(decide_room, index=index_new,
-                     slot=slot_number(d_tsel, Mux(d_tsel, b[1], b[0]), d_wsel))
+                     slot=room_slot)
         respond_when(st["WALK"] & any_free & carry_pending, index=carry_index,
                      slot=slot_number(carry_t, carry_b, w_free))
         respond_when(st["HOMELESS"] & free_s & carry_pending, index=carry_index,

@@ -26,15 +26,17 @@ Ports
 
 ``i.ready`` is a credit check (messages in flight + the output FIFO below
 ``fifo_depth``), so the pipeline itself never stalls. ``siphash_pipeline`` is the bare
-valid-only pipeline for blocks that embed it (``hw.conn_table``).
+valid-only pipeline for blocks that embed it (``hw.conn_table``); ``siphash_iterative``
+computes the same hash with the same latency on one set of registers (one half round per
+cycle), for a user that starts at most one message per ``LATENCY`` cycles.
 """
 
-from amaranth.hdl import Cat, Const, Module, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["siphash24", "SipHash", "siphash_pipeline", "siphash_latency"]
+__all__ = ["siphash24", "SipHash", "siphash_pipeline", "siphash_iterative", "siphash_latency"]
 
 _MASK = (1 << 64) - 1
 _C = (0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573)
@@ -110,6 +112,72 @@ def _hw_half(v, which):
 def siphash_latency(message_bits):
     words = message_bits // 64 + 1
     return 1 + 4 * words + 8 + 1
+
+
+def _words(message):
+    """The 64-bit words of a whole-byte message, the length byte in the last one."""
+    nbits = len(message)
+    assert nbits % 8 == 0, "SipHash messages are whole bytes"
+    nbytes = nbits // 8
+    nwords = nbytes // 8 + 1
+    words = []
+    for k in range(nwords):
+        lo, hi = 64 * k, min(64 * k + 64, nbits)
+        word = message[lo:hi] if hi > lo else Const(0, 0)
+        if k == nwords - 1:
+            word = Cat(word, Const(0, 56 - (hi - lo) if hi > lo else 56), Const(nbytes & 0xFF, 8))
+        words.append(word)
+    return words
+
+
+def siphash_iterative(m, name, start, key, message):
+    """Add an iterative SipHash-2-4 unit to module ``m``: one half round per cycle.
+
+    ``key`` and ``message`` are sampled in the cycle ``start`` is high; returns
+    ``(hash_valid, hash)``: ``hash_valid`` is high for one cycle ``siphash_latency(len)``
+    cycles later (as with ``siphash_pipeline``) and ``hash`` holds the result in that
+    cycle. ``start`` must not be high again before ``hash_valid`` has been (one message at
+    a time). About a tenth of the pipeline's size: four 64-bit adders and the state.
+    """
+    words = _words(message)
+    nwords = len(words)
+    halves = 4 * nwords + 8
+    # run[j] is high in the cycle that computes half round j + 1 (run[halves]: the output).
+    run = Signal(halves + 1, name=f"{name}_run")
+    m.d.sync += run.eq(Cat(start, run[:-1]))
+    v = [Signal(64, name=f"{name}_v{j}") for j in range(4)]
+    msg = [Signal(64, name=f"{name}_m{k}") for k in range(nwords)]
+    # Registered one cycle ahead: the half round of the next cycle is a "b" half, and the
+    # XORs after it (a word's last half round folds that word into v0 and the next word
+    # into v3, or 0xFF into v2 after the last word).
+    half_b = Signal(name=f"{name}_half_b")
+    mask0, mask2, mask3 = (Signal(64, name=f"{name}_mask{j}") for j in (0, 2, 3))
+    m.d.sync += half_b.eq(Cat(*[run[j] for j in range(0, halves, 2)]).any())
+    word_last = [run[4 * k + 2] for k in range(nwords)]     # the cycle before half 4k + 4
+    m.d.sync += [
+        mask0.eq(Mux(Cat(*word_last).any(), msg[0], 0)),
+        mask3.eq(Mux(Cat(*word_last[:-1]).any(), msg[1] if nwords > 1 else 0, 0)),
+        mask2.eq(Mux(word_last[-1], 0xFF, 0)),
+    ]
+    va, vb = _hw_half(v, "a"), _hw_half(v, "b")
+    nv = [Mux(half_b, b, a) for a, b in zip(va, vb)]
+    nv[0] = nv[0] ^ mask0
+    nv[2] = nv[2] ^ mask2
+    nv[3] = nv[3] ^ mask3
+    k0, k1 = key[:64], key[64:128]
+    init = [k0 ^ _C[0], k1 ^ _C[1], k0 ^ _C[2], k1 ^ _C[3] ^ words[0]]
+    m.d.sync += [x.eq(Mux(start, i, n)) for x, i, n in zip(v, init, nv)]
+    # The words, shifted after each word's last half round (msg[0]: the current word).
+    shift = Cat(*[run[4 * k + 3] for k in range(nwords)]).any()
+    with m.If(start):
+        m.d.sync += [x.eq(w) for x, w in zip(msg, words)]
+    with m.Elif(shift):
+        m.d.sync += [msg[k].eq(msg[k + 1]) for k in range(nwords - 1)]
+    out = Signal(64, name=f"{name}_out")
+    valid = Signal(name=f"{name}_valid")
+    m.d.sync += [out.eq(v[0] ^ v[1] ^ v[2] ^ v[3]), valid.eq(run[halves])]
+    assert halves + 2 == siphash_latency(len(message))
+    return valid, out
 
 
 def siphash_pipeline(m, name, valid, key, message):

@@ -144,7 +144,8 @@ def _default_workdir(block, params, device):
 
 
 def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", speed=8,
-          freq_mhz=156.25, place_and_route=True, workdir=None, seed=1, progress=print):
+          freq_mhz=156.25, place_and_route=True, workdir=None, seed=1, progress=print,
+          placer_density=None, router=None):
     """Synthesize ``block(**params)`` for an ECP5 and return its size and speed.
 
     Returns a dict with keys ``block, params, device, lut4, ff, bram, fmax_mhz,
@@ -154,6 +155,12 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
     when ``place_and_route`` is False. Tool output is kept in
     ``workdir`` (default ``build/synth/<block>_<hash>/``): ``yosys.log``,
     ``nextpnr.log``, ``report.json``.
+
+    ``placer_density`` (nextpnr's ``--placer-heap-beta``, the maximum placement density
+    of its analytical placer, default 0.9) and ``router`` (``"router1"``, the default, or
+    ``"router2"``) are passed to nextpnr when given; None keeps nextpnr's defaults. A
+    lower density spreads a congested design over more of the die (the connection table
+    routes with 0.5, see docs/conn_table.md).
     """
     from amaranth.back import rtlil
 
@@ -197,6 +204,8 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
                            "ram": 6 * cells["TRELLIS_DPR16X4"]},
         "cells": dict(sorted(cells.items())),
         "workdir": str(workdir),
+        "placer_density": placer_density,
+        "router": router,
     }
     progress(f"  yosys done in {yosys_seconds:.1f} s: {result['lut4']} LUT4, "
              f"{result['ff']} FF, {result['bram']} DP16KD")
@@ -209,6 +218,10 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
                 "--package", package, "--speed", str(speed), "--freq", str(freq_mhz),
                 "--out-of-context", "--timing-allow-fail", "--seed", str(seed),
                 "--json", "synth.json", "--report", "report.json"]
+        if placer_density is not None:
+            argv += ["--placer-heap-beta", str(placer_density)]
+        if router is not None:
+            argv += ["--router", router]
         phases = ("Info: Running main analytical placer", "Info: Running simulated annealing",
                   "Info: Routing..", "Info: Routing complete")
         pnr_seconds = _run_tool(argv, workdir / "nextpnr.log", progress, "nextpnr", phases)
