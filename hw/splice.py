@@ -374,20 +374,35 @@ class SpliceEngine(wiring.Component):
                      descs.w_en.eq(s3_valid & s3_relay), descs.w_data.eq(s3_desc)]
 
         # ============================================================ sweeper
+        # Three steps, each from registers: address slot `sweep`; register its active bit,
+        # deadline and end; decide `due`. While a splice is being ended (the control
+        # machine not idle) the sweep stops and the slots in its first two steps are
+        # dropped (looked at again on the next round, at most `slots` cycles later).
         sweep = Signal(range(slots))
-        sweep_valid = Signal()          # the scan ports hold slot `swept`
-        swept = Signal(range(slots))
         ctl_idle = Signal()
+        due = Signal()                  # registered: slot `due_slot` has ended
+        due_slot = Signal(range(slots))
+        due_end = Signal(2)
+        moving = ctl_idle & ~due
         scan = SLOT_STATE(state_scan.data)
-        due = Signal()
-        m.d.comb += due.eq(sweep_valid & active_scan.data & deadline_passed(self.now, scan.deadline))
         scan_addr = Signal(range(slots))
         m.d.comb += [state_scan.addr.eq(scan_addr), active_scan.addr.eq(scan_addr)]
-        with m.If(ctl_idle & ~due):
+        read_valid, read_slot = Signal(), Signal(range(slots))      # the ports hold it
+        seen_valid, seen_slot = Signal(), Signal(range(slots))      # registered
+        seen_active, seen_deadline, seen_end = Signal(), Signal(32), Signal(2)
+        with m.If(moving):
             m.d.comb += scan_addr.eq(sweep)
-            m.d.sync += [sweep.eq(sweep + 1), swept.eq(sweep), sweep_valid.eq(1)]
-        with m.Else():
-            m.d.sync += sweep_valid.eq(0)
+            m.d.sync += sweep.eq(sweep + 1)
+        m.d.sync += [
+            read_valid.eq(moving), read_slot.eq(sweep),
+            seen_valid.eq(read_valid & moving), seen_slot.eq(read_slot),
+            seen_active.eq(active_scan.data), seen_deadline.eq(scan.deadline),
+            seen_end.eq(scan.end),
+            due.eq(seen_valid & moving & seen_active
+                   & deadline_passed(self.now, seen_deadline)),
+            due_slot.eq(seen_slot),
+            due_end.eq(Mux(seen_end != 0, seen_end, SpliceEnd.IDLE)),
+        ]
 
         # ============================================================ control machine
         cmd = Signal(SPLICE_COMMAND)
@@ -445,8 +460,7 @@ class SpliceEngine(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += ctl_idle.eq(1)
                 with m.If(due):
-                    m.d.sync += [slot.eq(swept), ending.eq(Mux(scan.end != 0, scan.end,
-                                                               SpliceEnd.IDLE))]
+                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end)]
                     m.next = "END_KEYS"
                 with m.Elif(self.command.valid):
                     m.d.comb += self.command.ready.eq(1)
