@@ -201,6 +201,22 @@ def _mss_index(mss):
     return Mux(mss >= MSS_TABLE[3], 3, Mux(mss >= MSS_TABLE[2], 2, Mux(mss >= MSS_TABLE[1], 1, 0)))
 
 
+def _ticker(m, period, name):
+    """A tick every ``period`` cycles (0: none), as a register. ``divider`` counts the
+    cycles of the current period (0 .. period - 1) and the tick is set for the cycle in
+    which it is ``period - 1``, decided a cycle ahead (from ``divider + 1``): the compare
+    with the 32-bit input stays off the paths of the counters that the tick enables.
+    (So a new ``period`` is seen a cycle after it is set.)"""
+    divider = Signal(32, name=f"{name}_divider")
+    tick = Signal(name=f"{name}_tick")
+    m.d.sync += [
+        divider.eq(Mux(tick | (period == 0), 0, divider + 1)),
+        # Next cycle's divider: 0 after a tick, else divider + 1 (>= period - 1 then).
+        tick.eq((period != 0) & Mux(tick, period == 1, divider + 2 >= period)),
+    ]
+    return tick
+
+
 class HandshakeEngine(wiring.Component):
     #: Depth of each output FIFO (more than the records in flight).
     FIFO_DEPTH = 64
@@ -253,20 +269,14 @@ class HandshakeEngine(wiring.Component):
         gen = Signal()
         key_set = Signal()          # a key has been set since reset: offload may start
         previous_ticks = Signal(2)
-        cookie_divider, ts_divider = Signal(32), Signal(32)
-        cookie_tick = Signal()
-        m.d.comb += cookie_tick.eq((self.cookie_period != 0)
-                                   & (cookie_divider >= self.cookie_period - 1))
-        m.d.sync += cookie_divider.eq(Mux(cookie_tick | (self.cookie_period == 0), 0,
-                                          cookie_divider + 1))
+        cookie_tick = _ticker(m, self.cookie_period, "cookie")
+        count_before = Signal(32, init=2**32 - 1)       # always cookie_count - 1
         with m.If(cookie_tick):
-            m.d.sync += self.cookie_count.eq(self.cookie_count + 1)
+            m.d.sync += [self.cookie_count.eq(self.cookie_count + 1),
+                         count_before.eq(self.cookie_count)]
             with m.If(previous_ticks != 0):
                 m.d.sync += previous_ticks.eq(previous_ticks - 1)
-        ts_tick = Signal()
-        m.d.comb += ts_tick.eq((self.ts_period != 0) & (ts_divider >= self.ts_period - 1))
-        m.d.sync += ts_divider.eq(Mux(ts_tick | (self.ts_period == 0), 0, ts_divider + 1))
-        with m.If(ts_tick):
+        with m.If(_ticker(m, self.ts_period, "ts")):
             m.d.sync += self.ts_clock.eq(self.ts_clock + 1)
 
         ctl = self.control.payload
@@ -525,7 +535,7 @@ class HandshakeEngine(wiring.Component):
         ts_options = Mux(is_active, active_options,
                          Mux(ts_ok, Mux(is_syn, syn_options, m3.opt.tsecr[:TS_OPTION_BITS]), 0))
         count = self.cookie_count
-        ack_count = Mux(iss.count_lsb == count[0], count, count - 1)
+        ack_count = Mux(iss.count_lsb == count[0], count, count_before)
         mss_index = Mux(is_syn, g["syn_mss_index"], iss.mss_index)
         key_gen = Mux(is_syn, gen, iss.key_gen)
         message = struct_value(COOKIE_MESSAGE, {
