@@ -5,22 +5,25 @@ compares a segment's destination address and port with every entry at once; the 
 with the lowest index that matches wins (an entry with address 0 matches any local
 address, so the host puts specific addresses before wildcards).
 
-Latency: ``LATENCY`` = 2 cycles from ``lookup_*`` to ``hit``/``index``/``entry``
-(compare, then pick); one lookup per cycle, never stalls. A write takes effect for
-lookups presented from the next cycle on; a lookup that races a write of the entry it
-hits may see the old match with the new contents (the host writes ``valid = 0`` first
-when it repurposes an entry). Without a match, ``index`` and ``entry`` are 0.
+Latency: ``LATENCY`` = 3 cycles from ``lookup_*`` to ``hit``/``index``/``entry``
+(compare; the lowest match's index; read its contents); one lookup per cycle, never
+stalls. A write takes effect for lookups presented from the next cycle on. The contents
+are read two cycles after the compare: a lookup that races a write of the entry it hits
+may see the old match with the new contents, but never a cleared entry (``valid`` is
+checked again when the contents are read). The host writes ``valid = 0`` first when it
+repurposes an entry. Without a match, ``index`` and ``entry`` are 0.
 
 Each entry is kept twice: its key (``valid``, ``ip``, ``port``) in registers, compared
-with every lookup at once, and the whole entry in a small LUT RAM, read at the index of
-the lowest match. Selecting 100-odd bits from 16 entries with logic (an AND-OR tree
-driven by the match bits) was the engine's critical path: its routing spans the die.
+with every lookup at once, and the whole entry in a small LUT RAM, read at the
+registered index of the lowest match. (Selecting 100-odd bits from 16 entries with an
+AND-OR tree driven by the match bits, in the cycle of the match, was the engine's
+critical path: its routing spans the die.)
 
 Ports
   write          In(stream of LISTEN_WRITE)   ``{index, entry}``; always ready
   lookup_ip      In(32)                       destination IPv4 address of the segment
   lookup_port    In(16)                       destination TCP port
-  hit            Out(1)                       an entry matched (2 cycles later)
+  hit            Out(1)                       an entry matched (3 cycles later)
   index          Out(range(entries))          the matching entry
   entry          Out(LISTEN_ENTRY)            its contents
 """
@@ -58,7 +61,7 @@ def listen_write_layout(entries):
 
 
 class ListenTable(wiring.Component):
-    LATENCY = 2
+    LATENCY = 3
 
     def __init__(self, entries=16):
         self.entries = entries
@@ -102,9 +105,12 @@ class ListenTable(wiring.Component):
             & (key.wildcard | (key.ip == self.lookup_ip))
             for key in keys]))
 
-        # Cycle 2: the index of the lowest matching entry reads its contents. (`valid` is
-        # checked again: the host may have cleared it since cycle 1.)
-        found, index = lowest_set(list(match))
+        # Cycle 2: the index of the lowest matching entry.
+        found, index = Signal(), Signal(range(n))
+        m.d.sync += Cat(found, index).eq(Cat(*lowest_set(list(match))))
+
+        # Cycle 3: its contents. (`valid` is checked again: the host may have cleared it
+        # since the compare.)
         m.d.comb += content_read.addr.eq(index)
         picked = content_read.data
         m.d.sync += [self.hit.eq(found & picked.valid), self.index.eq(index),
