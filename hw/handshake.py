@@ -399,12 +399,17 @@ class HandshakeEngine(wiring.Component):
                 m.d.sync += side_tx_valid.eq(1)
             with m.Else():
                 m.d.sync += side_ev_valid.eq(1)
+        # A free slot takes the request on `control` in every cycle (what it holds matters
+        # only once it is active), so that a CONNECT only has to set `active`: the wide
+        # write does not wait for the decoded command.
         for k, slot in enumerate(slots):
-            with m.If(connect & free_first[k]):
-                m.d.sync += [slot.active.eq(1), slot.gen.eq(slot.gen + 1), slot.retries.eq(0),
+            with m.If(~slot.active):
+                m.d.sync += [slot.retries.eq(0),
                              slot.deadline.eq(now + self.syn_rto), slot.rto.eq(self.syn_rto),
                              slot.req.eq(ctl.connect),
                              slot.ack_expected.eq(ctl.connect.iss + 1)]
+            with m.If(connect & free_first[k]):
+                m.d.sync += [slot.active.eq(1), slot.gen.eq(slot.gen + 1)]
         with m.If(act):
             with m.If(retry):
                 m.d.sync += side_tx_valid.eq(1)
@@ -445,28 +450,40 @@ class HandshakeEngine(wiring.Component):
         p.define("syn_mss_index", _mss_index(Mux(m1.opt.mss_valid, m1.opt.mss, DEFAULT_MSS)), 1)
         p.define("peer_wscale", Mux(m1.opt.wscale > MAX_WSCALE, MAX_WSCALE, m1.opt.wscale), 1)
         p.define("rst_ack", (m1.tcp.seq + 1 + m1.payload_length + fin)[:32], 1)
-        p.define("slot_match", Cat(*[
-            slot.active & (slot.req.ingress == r1.ingress)
-            & (slot.req.peer_ip == m1.ip.src) & (slot.req.local_ip == m1.ip.dst)
-            & (slot.req.peer_port == m1.tcp.sport) & (slot.req.local_port == m1.tcp.dport)
+        # The connect slots: the 4-tuple and ingress compared in two stages (per field
+        # here, all fields and the lowest match in stage 2), the slot's generation as
+        # it is now (it changes only when a free slot is taken, so it is the same in
+        # stage 2), and whether the ack is the one the slot expects (a matched slot's
+        # ack_expected does not change while it is active).
+        p.define("slot_fields", Cat(*[
+            Cat(slot.active & (slot.req.ingress == r1.ingress)
+                & (slot.req.peer_port == m1.tcp.sport),
+                slot.req.peer_ip == m1.ip.src, slot.req.local_ip == m1.ip.dst,
+                slot.req.local_port == m1.tcp.dport)
             for slot in slots]), 1)
-        # (A matched slot's ack_expected is the same in stage 2: only a free slot is written.)
+        p.define("slot_gens", Cat(*[slot.gen for slot in slots]), 1)
         p.define("slot_ack_eq", Cat(*[m1.tcp.ack == slot.ack_expected for slot in slots]), 1)
-        # Stage 2: the matching slot, its contents, and whether the segment acknowledges
-        # our SYN.
-        match_2 = p.get("slot_match", 2)
-        slot_hit, slot_index = lowest_set(list(match_2))
-        slot_oh = Cat(*[match_2[k] & ~match_2[:k].any() if k else match_2[0]
-                        for k in range(self.connects)])     # the lowest match, one-hot
+        # Stage 2: the matching slot (the lowest), one-hot and as an index.
+        fields_2 = p.get("slot_fields", 2)
+        match_2 = [fields_2[4 * k:4 * k + 4].all() for k in range(self.connects)]
+        slot_hit, slot_index = lowest_set(match_2)
+        slot_oh = Cat(*[match_2[k] & ~Cat(*match_2[:k]).any() if k else match_2[0]
+                        for k in range(self.connects)])
         p.define("slot_hit", slot_hit, 2)
         p.define("slot_index", slot_index, 2)
         p.define("slot_oh", slot_oh, 2)
-        p.define("slot_ack_ok", (slot_oh & p.get("slot_ack_eq", 2)).any(), 2)
-        p.define("slot_req", one_hot_select(slot_oh, [slot.req.as_value() for slot in slots]), 2)
-        p.define("slot_gen", one_hot_select(slot_oh, [slot.gen for slot in slots]), 2)
+        # Stage 3: its request, generation, and whether the segment acknowledges our SYN.
+        # (A slot freed since stage 1 may hold another request by now: its generation,
+        # checked in stage D, then makes the segment a plain drop.)
+        slot_oh_3 = p.get("slot_oh", 3)
+        gens_3 = p.get("slot_gens", 3)
+        p.define("slot_ack_ok", (slot_oh_3 & p.get("slot_ack_eq", 3)).any(), 3)
+        p.define("slot_req", one_hot_select(slot_oh_3, [slot.req.as_value() for slot in slots]), 3)
+        p.define("slot_gen", one_hot_select(slot_oh_3, [gens_3[4 * k:4 * k + 4]
+                                                        for k in range(self.connects)]), 3)
 
         # Stage C (4): the listener and the slot are known; classify, build the cookie
-        # message. (The slot, read in stage 2, waits a stage for the listener.)
+        # message.
         C = self.HASH_AT - 1
         rc = HANDSHAKE_IN(p.get("rec", C))
         mc = rc.meta
