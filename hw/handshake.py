@@ -201,17 +201,6 @@ def _mss_index(mss):
     return Mux(mss >= MSS_TABLE[3], 3, Mux(mss >= MSS_TABLE[2], 2, Mux(mss >= MSS_TABLE[1], 1, 0)))
 
 
-#: Equality of wide values in two stages: this many parts, then all of them.
-_EQ_PARTS = 4
-
-
-def _eq_parts(a, b):
-    """One equality bit per part of ``a`` and ``b`` (``_EQ_PARTS`` parts)."""
-    width = len(a)
-    step = -(-width // _EQ_PARTS)
-    return Cat(*[a[lo:lo + step] == b[lo:lo + step] for lo in range(0, width, step)])
-
-
 def _ticker(m, period, name):
     """A tick every ``period`` cycles (0: none), as a register. ``divider`` counts the
     cycles of the current period (0 .. period - 1) and the tick is set for the cycle in
@@ -641,28 +630,15 @@ class HandshakeEngine(wiring.Component):
             "mss_index": c_d.mss_index, "count_lsb": c_d.count_lsb, "key_gen": c_d.key_gen,
             "mac": mac}), D)
         p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS(c_d.iss).mac == mac), D)
-        # The tuples (104 bits) are compared in two steps: in `_EQ_PARTS` parts in one
-        # stage, all parts in the next. Stage D - 2 compares the entries as they are
-        # then; D - 1 makes `recent_eq` for the entries as they are in D - 1, so for
-        # the entry written at the end of D - 2's cycle (`written_last` in D - 1) it
-        # takes the tuple written into it, of the record then at G (`written_eq`).
-        # In D, the entry written at the end of D - 1's cycle (`written_last` in D) is
-        # compared with the record then at G in the same way (`pending_eq`). The
-        # stages being fixed, the record at stage s in the next cycle is the one at
-        # s - 1 now.
-        ident_2, ident_pre = p.get("ident", D - 2), p.get("ident", D - 1)
+        # The tuples are compared a stage earlier (D - 1), with the entries as they are
+        # then; the entry written at the end of that cycle (`written_last`) is compared
+        # with the tuple written into it instead.
+        ident_pre = p.get("ident", D - 1)
         ident_d, ident_f, ident_g = (p.get("ident", at) for at in (D, F, F + 1))
-        written_last = Signal(self.recent)      # the entry written at the end of last cycle
+        written_last = Signal(self.recent)
         m.d.sync += written_last.eq(Mux(pending, recent_pointer, 0))
-        for k, r in enumerate(recent):
-            p.define(f"recent_eq_parts_{k}", _eq_parts(r.tuple.as_value(), ident_2), D - 2)
-        p.define("written_eq_parts", _eq_parts(ident_2, ident_g), D - 2)
-        p.define("pending_eq_parts", _eq_parts(ident_2, ident_f), D - 2)
-        written_eq = p.get("written_eq_parts", D - 1).all()
-        p.define("recent_eq", Cat(*[
-            Mux(written_last[k], written_eq, p.get(f"recent_eq_parts_{k}", D - 1).all())
-            for k in range(self.recent)]), D - 1)
-        p.define("pending_eq", p.get("pending_eq_parts", D - 1).all(), D - 1)
+        p.define("recent_eq", Cat(*[r.tuple.as_value() == ident_pre for r in recent]), D - 1)
+        p.define("pending_eq", ident_pre == ident_g, D - 1)
         recent_eq_d, pending_eq_d = p.get("recent_eq", D), p.get("pending_eq", D)
         p.define("recent_seen", Cat(*[
             alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
@@ -680,12 +656,10 @@ class HandshakeEngine(wiring.Component):
 
         # The record ahead (at F in this cycle) may establish the same connection: its
         # entry is written only at the end of this cycle, so compare with it directly.
-        # (Compared in parts a stage earlier, when the two records were at D - 1 and D.)
-        p.define("next_eq_parts", _eq_parts(ident_pre, ident_d), D - 1)
-        p.define("same_as_next", p.get("next_eq_parts", D).all(), D)
+        p.define("same_as_next", ident_d == ident_f, D)
         # And the record two ahead (at G), whose entry is written at the end of this cycle.
-        p.define("pending_ahead_eq_parts", _eq_parts(ident_pre, ident_f), D - 1)
-        p.define("same_as_pending", pending & p.get("pending_ahead_eq_parts", D).all(), D)
+        p.define("same_as_pending", pending
+                 & (ident_d == ident_g), D)
 
         # Stage F = D + 1: decide (small signals only).
         c = _CARRY(p.get("carry", F))
