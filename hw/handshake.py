@@ -611,11 +611,10 @@ class HandshakeEngine(wiring.Component):
         # them, so that a data segment right behind a final ACK is neither taken for
         # another final ACK (a second event) nor dropped or answered with RST.
         recent = [Signal(_RECENT, name=f"recent_{k}") for k in range(self.recent)]
-        alive = Signal(self.recent)             # left != 0, kept in a register
-        for k, r in enumerate(recent):
+        alive = Cat(*[r.left != 0 for r in recent])
+        for r in recent:
             with m.If(r.left != 0):
                 m.d.sync += r.left.eq(r.left - 1)
-            m.d.sync += alive[k].eq(r.left[1:] != 0)        # left - 1 != 0 (or a write, below)
         recent_pointer = Signal(self.recent, init=1)        # one-hot
         last_write_valid = Signal()              # the record now at G establishes
         # An entry is written from registers, when its record is at G (a cycle after the
@@ -643,12 +642,6 @@ class HandshakeEngine(wiring.Component):
         p.define("recent_seen", Cat(*[
             alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
             for k in range(self.recent)]).any(), D)
-        # Stage G's arithmetic and the segment's data test, from the carried fields.
-        p.define("has_data", (c_d.payload_length != 0) | c_d.fin, D)
-        p.define("seq_plus_1", (c_d.seq + 1)[:32], D)
-        p.define("seq_minus_1", (c_d.seq - 1)[:32], D)
-        p.define("active_window", c_d.l_window >> Mux(c_d.ts_options[:4] != WSCALE_NONE,
-                                                      c_d.l_wscale, 0), D)
         # A connect slot may have been freed (timeout) since stage 2: then do nothing.
         slot_oh_d = p.get("slot_oh", D)
         p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
@@ -690,13 +683,14 @@ class HandshakeEngine(wiring.Component):
             m.d.sync += recent_pointer.eq(Cat(recent_pointer[-1], recent_pointer[:-1]))
             for k, r in enumerate(recent):
                 with m.If(recent_pointer[k]):
-                    m.d.sync += [r.eq(struct_value(_RECENT, {
-                        "tuple": tuple_g, "left": self.RECENT_CYCLES - 1})), alive[k].eq(1)]
+                    m.d.sync += r.eq(struct_value(_RECENT, {
+                        "tuple": tuple_g, "left": self.RECENT_CYCLES - 1}))
         final_reason = Mux(recent_hit, Reason.FLOW,
                            Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK,
                                Mux(active_cls & ~slot_live, Reason.ACTIVE_DISCARD, c.reason)))
         to_host = ((cls_d == _Class.PASS)
-                   | ((cls_d == _Class.CHECK_ACK) & cookie_ok & p.get("has_data", F)))
+                   | ((cls_d == _Class.CHECK_ACK) & cookie_ok
+                      & ((c.payload_length != 0) | c.fin)))
         send_synack = cls_d == _Class.SYN
         send_rst = ((cls_d == _Class.CLOSED_SYN) | (cls_d == _Class.SYNACK)
                     | ((cls_d == _Class.ACTIVE_BAD) & slot_live)
@@ -708,6 +702,11 @@ class HandshakeEngine(wiring.Component):
         p.define("f_active_est", active_est, F)
         p.define("f_active_rst", active_rst, F)
         p.define("f_closed", cls_d == _Class.CLOSED_SYN, F)
+        # Stage G's arithmetic, from the carried fields (not from the decision).
+        p.define("seq_plus_1", (c.seq + 1)[:32], F)
+        p.define("seq_minus_1", (c.seq - 1)[:32], F)
+        p.define("active_window", c.l_window >> Mux(c.ts_options[:4] != WSCALE_NONE,
+                                                    c.l_wscale, 0), F)
 
         # Stage G = F + 1: format the segment and the event.
         G = F + 1
