@@ -642,7 +642,7 @@ class HandshakeEngine(wiring.Component):
         p.define("recent_seen", Cat(*[
             alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
             for k in range(self.recent)]).any(), D)
-        # A connect slot may have been freed (timeout) since stage 2: then do nothing.
+        # A connect slot may have been freed (timeout) since stage 1: then do nothing.
         slot_oh_d = p.get("slot_oh", D)
         p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
                                     for k, slot in enumerate(slots)]).any(), D)
