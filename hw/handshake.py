@@ -49,7 +49,7 @@ All of these frames are dropped (not given to the host). A slot freed by its tim
 a segment for it is in the pipeline makes that segment a plain drop (each slot carries
 a generation number). The host must not CONNECT a 4-tuple that is already connecting.
 
-Latency: ``latency`` (31) cycles from an accepted record to its verdict, SYN-ACK header
+Latency: ``latency`` (32) cycles from an accepted record to its verdict, SYN-ACK header
 and event on the output streams (the SipHash pipeline is 22 of them).
 Throughput: one record per cycle while the outputs are read; ``rx.ready`` is a credit
 check (records in flight + FIFO levels), so the pipeline itself never stalls.
@@ -185,7 +185,7 @@ class _Class(enum.IntEnum):
 #: A recently established connection and the cycles it is still remembered for.
 _RECENT = data.StructLayout({"tuple": FLOW_KEY, "left": 13})
 
-#: Everything stage 3 hands to the output stage, carried past the hash in LUT RAM.
+#: Everything stage C (classify) hands to the output stage, carried past the hash in LUT RAM.
 _CARRY = data.StructLayout({
     "cls": 4, "reason": 4, "ingress": 8, "listener": 8, "slot_gen": 4, "a_mss": 16,
     "eth_peer": 48, "eth_local": 48,
@@ -199,6 +199,22 @@ _CARRY = data.StructLayout({
 
 def _mss_index(mss):
     return Mux(mss >= MSS_TABLE[3], 3, Mux(mss >= MSS_TABLE[2], 2, Mux(mss >= MSS_TABLE[1], 1, 0)))
+
+
+def _ticker(m, period, name):
+    """A tick every ``period`` cycles (0: none), as a register. ``divider`` counts the
+    cycles of the current period (0 .. period - 1) and the tick is set for the cycle in
+    which it is ``period - 1``, decided a cycle ahead (from ``divider + 1``): the compare
+    with the 32-bit input stays off the paths of the counters that the tick enables.
+    (So a new ``period`` is seen a cycle after it is set.)"""
+    divider = Signal(32, name=f"{name}_divider")
+    tick = Signal(name=f"{name}_tick")
+    m.d.sync += [
+        divider.eq(Mux(tick | (period == 0), 0, divider + 1)),
+        # Next cycle's divider: 0 after a tick, else divider + 1 (>= period - 1 then).
+        tick.eq((period != 0) & Mux(tick, period == 1, divider + 2 >= period)),
+    ]
+    return tick
 
 
 class HandshakeEngine(wiring.Component):
@@ -253,20 +269,14 @@ class HandshakeEngine(wiring.Component):
         gen = Signal()
         key_set = Signal()          # a key has been set since reset: offload may start
         previous_ticks = Signal(2)
-        cookie_divider, ts_divider = Signal(32), Signal(32)
-        cookie_tick = Signal()
-        m.d.comb += cookie_tick.eq((self.cookie_period != 0)
-                                   & (cookie_divider >= self.cookie_period - 1))
-        m.d.sync += cookie_divider.eq(Mux(cookie_tick | (self.cookie_period == 0), 0,
-                                          cookie_divider + 1))
+        cookie_tick = _ticker(m, self.cookie_period, "cookie")
+        count_before = Signal(32, init=2**32 - 1)       # always cookie_count - 1
         with m.If(cookie_tick):
-            m.d.sync += self.cookie_count.eq(self.cookie_count + 1)
+            m.d.sync += [self.cookie_count.eq(self.cookie_count + 1),
+                         count_before.eq(self.cookie_count)]
             with m.If(previous_ticks != 0):
                 m.d.sync += previous_ticks.eq(previous_ticks - 1)
-        ts_tick = Signal()
-        m.d.comb += ts_tick.eq((self.ts_period != 0) & (ts_divider >= self.ts_period - 1))
-        m.d.sync += ts_divider.eq(Mux(ts_tick | (self.ts_period == 0), 0, ts_divider + 1))
-        with m.If(ts_tick):
+        with m.If(_ticker(m, self.ts_period, "ts")):
             m.d.sync += self.ts_clock.eq(self.ts_clock + 1)
 
         ctl = self.control.payload
@@ -389,12 +399,17 @@ class HandshakeEngine(wiring.Component):
                 m.d.sync += side_tx_valid.eq(1)
             with m.Else():
                 m.d.sync += side_ev_valid.eq(1)
+        # A free slot takes the request on `control` in every cycle (what it holds matters
+        # only once it is active), so that a CONNECT only has to set `active`: the wide
+        # write does not wait for the decoded command.
         for k, slot in enumerate(slots):
-            with m.If(connect & free_first[k]):
-                m.d.sync += [slot.active.eq(1), slot.gen.eq(slot.gen + 1), slot.retries.eq(0),
+            with m.If(~slot.active):
+                m.d.sync += [slot.retries.eq(0),
                              slot.deadline.eq(now + self.syn_rto), slot.rto.eq(self.syn_rto),
                              slot.req.eq(ctl.connect),
                              slot.ack_expected.eq(ctl.connect.iss + 1)]
+            with m.If(connect & free_first[k]):
+                m.d.sync += [slot.active.eq(1), slot.gen.eq(slot.gen + 1)]
         with m.If(act):
             with m.If(retry):
                 m.d.sync += side_tx_valid.eq(1)
@@ -435,36 +450,50 @@ class HandshakeEngine(wiring.Component):
         p.define("syn_mss_index", _mss_index(Mux(m1.opt.mss_valid, m1.opt.mss, DEFAULT_MSS)), 1)
         p.define("peer_wscale", Mux(m1.opt.wscale > MAX_WSCALE, MAX_WSCALE, m1.opt.wscale), 1)
         p.define("rst_ack", (m1.tcp.seq + 1 + m1.payload_length + fin)[:32], 1)
-        p.define("slot_match", Cat(*[
-            slot.active & (slot.req.ingress == r1.ingress)
-            & (slot.req.peer_ip == m1.ip.src) & (slot.req.local_ip == m1.ip.dst)
-            & (slot.req.peer_port == m1.tcp.sport) & (slot.req.local_port == m1.tcp.dport)
+        # The connect slots: the 4-tuple and ingress compared in two stages (per field
+        # here, all fields and the lowest match in stage 2), the slot's generation as
+        # it is now (it changes only when a free slot is taken, so it is the same in
+        # stage 2), and whether the ack is the one the slot expects (a matched slot's
+        # ack_expected does not change while it is active).
+        p.define("slot_fields", Cat(*[
+            Cat(slot.active & (slot.req.ingress == r1.ingress)
+                & (slot.req.peer_port == m1.tcp.sport),
+                slot.req.peer_ip == m1.ip.src, slot.req.local_ip == m1.ip.dst,
+                slot.req.local_port == m1.tcp.dport)
             for slot in slots]), 1)
-        # (A matched slot's ack_expected is the same in stage 2: only a free slot is written.)
+        p.define("slot_gens", Cat(*[slot.gen for slot in slots]), 1)
         p.define("slot_ack_eq", Cat(*[m1.tcp.ack == slot.ack_expected for slot in slots]), 1)
-        # Stage 2: the matching slot, its contents, and whether the segment acknowledges
-        # our SYN.
-        match_2 = p.get("slot_match", 2)
-        slot_hit, slot_index = lowest_set(list(match_2))
-        slot_oh = Cat(*[match_2[k] & ~match_2[:k].any() if k else match_2[0]
-                        for k in range(self.connects)])     # the lowest match, one-hot
+        # Stage 2: the matching slot (the lowest), one-hot and as an index.
+        fields_2 = p.get("slot_fields", 2)
+        match_2 = [fields_2[4 * k:4 * k + 4].all() for k in range(self.connects)]
+        slot_hit, slot_index = lowest_set(match_2)
+        slot_oh = Cat(*[match_2[k] & ~Cat(*match_2[:k]).any() if k else match_2[0]
+                        for k in range(self.connects)])
         p.define("slot_hit", slot_hit, 2)
         p.define("slot_index", slot_index, 2)
         p.define("slot_oh", slot_oh, 2)
-        p.define("slot_ack_ok", (slot_oh & p.get("slot_ack_eq", 2)).any(), 2)
-        p.define("slot_req", one_hot_select(slot_oh, [slot.req.as_value() for slot in slots]), 2)
-        p.define("slot_gen", one_hot_select(slot_oh, [slot.gen for slot in slots]), 2)
+        # Stage 3: its request, generation, and whether the segment acknowledges our SYN.
+        # (A slot freed since stage 1 may hold another request by now: its generation,
+        # checked in stage D, then makes the segment a plain drop.)
+        slot_oh_3 = p.get("slot_oh", 3)
+        gens_3 = p.get("slot_gens", 3)
+        p.define("slot_ack_ok", (slot_oh_3 & p.get("slot_ack_eq", 3)).any(), 3)
+        p.define("slot_req", one_hot_select(slot_oh_3, [slot.req.as_value() for slot in slots]), 3)
+        p.define("slot_gen", one_hot_select(slot_oh_3, [gens_3[4 * k:4 * k + 4]
+                                                        for k in range(self.connects)]), 3)
 
-        # Stage 3: the listener and the slot are known; classify, build the cookie message.
-        r3 = HANDSHAKE_IN(p.get("rec", 3))
-        m3 = r3.meta
+        # Stage C (4): the listener and the slot are known; classify, build the cookie
+        # message.
+        C = self.HASH_AT - 1
+        rc = HANDSHAKE_IN(p.get("rec", C))
+        mc = rc.meta
         hit, entry = listen.hit, listen.entry
         listener_index = listen.index
-        g = {name: p.get(name, 3) for name in (
+        g = {name: p.get(name, C) for name in (
             "is_tcp", "errored", "vlan", "syn_only", "closed_syn", "cookie_ack", "synack",
             "rst", "ack_flag", "peer_isn", "iss", "syn_mss_index", "peer_wscale", "rst_ack",
             "slot_hit", "slot_index", "slot_ack_ok")}
-        slot_req = CONNECT_REQUEST(p.get("slot_req", 3))
+        slot_req = CONNECT_REQUEST(p.get("slot_req", C))
         slot_ack_ok = g["slot_ack_ok"]
         cls, reason = Signal(_Class), Signal(Reason)
         with m.If(~g["is_tcp"]):
@@ -473,7 +502,7 @@ class HandshakeEngine(wiring.Component):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.PARSE_ERROR)]
         with m.Elif(g["vlan"]):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.VLAN)]
-        with m.Elif(r3.flow_hit):
+        with m.Elif(rc.flow_hit):
             m.d.comb += [cls.eq(_Class.PASS), reason.eq(Reason.FLOW)]
         with m.Elif(g["slot_hit"]):
             with m.If(g["rst"]):
@@ -513,67 +542,67 @@ class HandshakeEngine(wiring.Component):
         iss = COOKIE_ISS(g["iss"])
         # Options we remember (SYN) or read back from TSecr (ACK); for a CONNECT, the
         # options both sides agreed on, in the same encoding.
-        syn_ts_ok = m3.opt.ts_valid & entry.ts_ok
-        syn_wscale_ok = m3.opt.wscale_valid & entry.wscale_ok
+        syn_ts_ok = mc.opt.ts_valid & entry.ts_ok
+        syn_wscale_ok = mc.opt.wscale_valid & entry.wscale_ok
         syn_options = (Mux(syn_wscale_ok, g["peer_wscale"], WSCALE_NONE)
-                       | Mux(m3.opt.sack_perm & entry.sack_ok, TS_SACK, 0))
-        active_ts_ok = m3.opt.ts_valid & slot_req.ts_ok
-        active_options = (Mux(m3.opt.wscale_valid & slot_req.wscale_ok, g["peer_wscale"],
+                       | Mux(mc.opt.sack_perm & entry.sack_ok, TS_SACK, 0))
+        active_ts_ok = mc.opt.ts_valid & slot_req.ts_ok
+        active_options = (Mux(mc.opt.wscale_valid & slot_req.wscale_ok, g["peer_wscale"],
                               WSCALE_NONE)
-                          | Mux(m3.opt.sack_perm & slot_req.sack_ok, TS_SACK, 0))
-        ts_ok = Mux(is_active, active_ts_ok, Mux(is_syn, syn_ts_ok, m3.opt.ts_valid))
+                          | Mux(mc.opt.sack_perm & slot_req.sack_ok, TS_SACK, 0))
+        ts_ok = Mux(is_active, active_ts_ok, Mux(is_syn, syn_ts_ok, mc.opt.ts_valid))
         ts_options = Mux(is_active, active_options,
-                         Mux(ts_ok, Mux(is_syn, syn_options, m3.opt.tsecr[:TS_OPTION_BITS]), 0))
+                         Mux(ts_ok, Mux(is_syn, syn_options, mc.opt.tsecr[:TS_OPTION_BITS]), 0))
         count = self.cookie_count
-        ack_count = Mux(iss.count_lsb == count[0], count, count - 1)
+        ack_count = Mux(iss.count_lsb == count[0], count, count_before)
         mss_index = Mux(is_syn, g["syn_mss_index"], iss.mss_index)
         key_gen = Mux(is_syn, gen, iss.key_gen)
         message = struct_value(COOKIE_MESSAGE, {
-            "peer_ip": m3.ip.src, "local_ip": m3.ip.dst,
-            "peer_port": m3.tcp.sport, "local_port": m3.tcp.dport,
+            "peer_ip": mc.ip.src, "local_ip": mc.ip.dst,
+            "peer_port": mc.tcp.sport, "local_port": mc.tcp.dport,
             "peer_isn": g["peer_isn"], "count": Mux(is_syn, count, ack_count),
             "mss_index": mss_index, "ts_options": ts_options, "ts_ok": ts_ok,
-            "ingress": r3.ingress})
-        p.define("message", message, 3)
-        p.define("key", Mux(key_gen, keys[1], keys[0]), 3)
+            "ingress": rc.ingress})
+        p.define("message", message, C)
+        p.define("key", Mux(key_gen, keys[1], keys[0]), C)
         carry = struct_value(_CARRY, {
-            "cls": cls, "reason": reason, "ingress": r3.ingress,
+            "cls": cls, "reason": reason, "ingress": rc.ingress,
             "listener": Mux(is_active, g["slot_index"], listener_index),
-            "slot_gen": p.get("slot_gen", 3),
-            "a_mss": Mux(m3.opt.mss_valid, m3.opt.mss, DEFAULT_MSS),
-            "eth_peer": m3.eth.src, "eth_local": m3.eth.dst,
-            "peer_ip": m3.ip.src, "local_ip": m3.ip.dst,
-            "peer_port": m3.tcp.sport, "local_port": m3.tcp.dport,
-            "seq": m3.tcp.seq, "ack": m3.tcp.ack, "iss": g["iss"], "fin": m3.tcp.flags[0],
-            "window": m3.tcp.window, "payload_length": m3.payload_length,
-            "tsval": m3.opt.tsval, "tsecr": m3.opt.tsecr,
+            "slot_gen": p.get("slot_gen", C),
+            "a_mss": Mux(mc.opt.mss_valid, mc.opt.mss, DEFAULT_MSS),
+            "eth_peer": mc.eth.src, "eth_local": mc.eth.dst,
+            "peer_ip": mc.ip.src, "local_ip": mc.ip.dst,
+            "peer_port": mc.tcp.sport, "local_port": mc.tcp.dport,
+            "seq": mc.tcp.seq, "ack": mc.tcp.ack, "iss": g["iss"], "fin": mc.tcp.flags[0],
+            "window": mc.tcp.window, "payload_length": mc.payload_length,
+            "tsval": mc.opt.tsval, "tsecr": mc.opt.tsecr,
             "ts_ok": ts_ok, "ts_options": ts_options, "mss_index": mss_index,
             "count_lsb": count[0], "key_gen": key_gen,
             "key_ok": (iss.key_gen == gen) | (previous_ticks != 0),
             "l_mss": entry.mss,
             "l_wscale": Mux(is_active, slot_req.wscale, entry.wscale),
             "l_window": Mux(is_active, slot_req.window, entry.window)})
-        p.define("carry", carry, 3)
+        p.define("carry", carry, C)
         # The connection-table key of the segment (the peer is its source).
         p.define("ident", struct_value(FLOW_KEY, {
-            "port": r3.ingress, "src": m3.ip.src, "dst": m3.ip.dst,
-            "sport": m3.tcp.sport, "dport": m3.tcp.dport}), 3)
-        slot_oh_3 = p.get("slot_oh", 3)
+            "port": rc.ingress, "src": mc.ip.src, "dst": mc.ip.dst,
+            "sport": mc.tcp.sport, "dport": mc.tcp.dport}), C)
+        slot_oh_c = p.get("slot_oh", C)
         p.define("timer_busy", Mux((cls == _Class.ACTIVE_EST) | (cls == _Class.ACTIVE_RST),
-                                   slot_oh_3, 0), 3)
-        p.define("rst_ack_3", g["rst_ack"], 3)
-        p.define("ts_now", self.ts_clock, 3)
+                                   slot_oh_c, 0), C)
+        p.define("rst_ack_c", g["rst_ack"], C)
+        p.define("ts_now", self.ts_clock, C)
 
-        # Stage 4 .. decide_at: the cookie.
+        # Stage C + 1 .. decide_at: the cookie.
         at = self.HASH_AT
         _, digest = siphash_pipeline(m, "cookie", p.valid(at), p.get("key", at),
                                               p.get("message", at))
         D = self.decide_at
         F = D + 1
         p.inject("digest", digest, D)
-        middle = (3 + D) // 2
+        middle = (C + D) // 2
         # (Read half-way first: two LUT-RAM delay lines instead of a chain of registers.)
-        for name in ("carry", "rst_ack_3", "ts_now", "slot_oh", "timer_busy", "ident"):
+        for name in ("carry", "rst_ack_c", "ts_now", "slot_oh", "timer_busy", "ident"):
             p.get(name, middle)
         c_d = _CARRY(p.get("carry", D))
 
@@ -613,7 +642,7 @@ class HandshakeEngine(wiring.Component):
         p.define("recent_seen", Cat(*[
             alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
             for k in range(self.recent)]).any(), D)
-        # A connect slot may have been freed (timeout) since stage 3: then do nothing.
+        # A connect slot may have been freed (timeout) since stage 1: then do nothing.
         slot_oh_d = p.get("slot_oh", D)
         p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
                                     for k, slot in enumerate(slots)]).any(), D)
@@ -682,7 +711,7 @@ class HandshakeEngine(wiring.Component):
         # Stage G = F + 1: format the segment and the event.
         G = F + 1
         c = _CARRY(p.get("carry", G))
-        rst_ack, ts_now = p.get("rst_ack_3", G), p.get("ts_now", G)
+        rst_ack, ts_now = p.get("rst_ack_c", G), p.get("ts_now", G)
         ts_high = Cat(Const(0, TS_OPTION_BITS), ts_now[TS_OPTION_BITS:])
         cookie = p.get("cookie", G)
         send_synack, active_est = p.get("f_synack", G), p.get("f_active_est", G)
