@@ -188,16 +188,8 @@ def siphash_pipeline(m, name, valid, key, message):
     cycles later. The pipeline never stalls.
     """
     nbits = len(message)
-    assert nbits % 8 == 0, "SipHash messages are whole bytes"
-    nbytes = nbits // 8
-    nwords = nbytes // 8 + 1
-    words = []
-    for k in range(nwords):
-        lo, hi = 64 * k, min(64 * k + 64, nbits)
-        word = message[lo:hi] if hi > lo else Const(0, 0)
-        if k == nwords - 1:
-            word = Cat(word, Const(0, 56 - (hi - lo) if hi > lo else 56), Const(nbytes & 0xFF, 8))
-        words.append(word)
+    words = _words(message)
+    nwords = len(words)
 
     def reg(value, tag, width=64):
         r = Signal(width, name=f"{name}_{tag}")
