@@ -139,6 +139,20 @@ def check_relayed(out_frame, want):
     assert got == want, f"relayed frame differs:\n got  {got}\n want {want}"
 
 
+def make_peers(rng, ts=True):
+    """A client (A, on the proxy's port 8000) and a back-end server (B, port 8080), with
+    random addresses, window scales and timestamp clocks (none when ``ts`` is false)."""
+    a = Peer(rng, "192.0.2.%d" % rng.randrange(1, 255), rng.randrange(1024, 65536),
+             "02:00:00:00:01:%02x" % rng.randrange(256), 8000, PROXY_MAC_A,
+             rng.choice([0, 2, 7, 14]), rng.getrandbits(32) if ts else None)
+    b = Peer(rng, "203.0.113.%d" % rng.randrange(1, 255), 8080,
+             "02:00:00:00:02:%02x" % rng.randrange(256), rng.randrange(20000, 60000),
+             PROXY_MAC_B, rng.choice([0, 5, 9]), rng.getrandbits(32) if ts else None)
+    for peer in (a, b):           # the state at the splice, for expected_relay
+        peer.snd_nxt0, peer.rcv_nxt0 = peer.snd_nxt, peer.rcv_nxt
+    return a, b
+
+
 class SpliceBench(NicBench):
     def __init__(self, bus, width, stall, seed, entries=256):
         super().__init__(bus, width, stall, seed)
@@ -148,16 +162,7 @@ class SpliceBench(NicBench):
             bus.set(name, value)
 
     def peers(self, ts=True):
-        rng = self.rng
-        a = Peer(rng, "192.0.2.%d" % rng.randrange(1, 255), rng.randrange(1024, 65536),
-                 "02:00:00:00:01:%02x" % rng.randrange(256), 8000, PROXY_MAC_A,
-                 rng.choice([0, 2, 7, 14]), rng.getrandbits(32) if ts else None)
-        b = Peer(rng, "203.0.113.%d" % rng.randrange(1, 255), 8080,
-                 "02:00:00:00:02:%02x" % rng.randrange(256), rng.randrange(20000, 60000),
-                 PROXY_MAC_B, rng.choice([0, 5, 9]), rng.getrandbits(32) if ts else None)
-        for peer in (a, b):           # the state at the splice, for expected_relay
-            peer.snd_nxt0, peer.rcv_nxt0 = peer.snd_nxt, peer.rcv_nxt
-        return a, b
+        return make_peers(self.rng, ts)
 
     def splice_cmd(self, side_a, side_b, tag, **override):
         """Send SPLICE for the peers ``side_a`` and ``side_b``; ``override`` replaces whole
@@ -306,11 +311,11 @@ def table_insert_host(bench, peer):
                                                value=pack_struct(FLOW_VALUE, kind=FlowKind.HOST))])
 
 
-def corrupt_tcp_checksum(frame):
-    """The frame with its TCP checksum off by one (the IPv4 header stays correct)."""
+def corrupt_tcp_checksum(frame, by=1):
+    """The frame with its TCP checksum off by ``by`` (the IPv4 header stays correct)."""
     frame = bytearray(frame)
     at = 14 + 20 + 16
-    value = (int.from_bytes(frame[at:at + 2], "big") + 1) & 0xFFFF
+    value = (int.from_bytes(frame[at:at + 2], "big") + by) & 0xFFFF
     frame[at:at + 2] = value.to_bytes(2, "big")
     return bytes(frame)
 
@@ -384,7 +389,7 @@ async def splice_exceptions(bus, width, stall=0.2, seed=2):
         if frame is bad:
             # Still bad, by the same amount: fixing the one bit gives the right checksum.
             assert not _checksums_ok(got)
-            check_relayed(corrupt_tcp_checksum_back(got), want)
+            check_relayed(corrupt_tcp_checksum(got, by=-1), want)
         else:
             check_relayed(got, want)
     assert sorted(bench.host_rx.frames) == sorted(to_host)
@@ -415,14 +420,6 @@ async def splice_exceptions(bus, width, stall=0.2, seed=2):
     await bench.settle()
     assert bench.bus.get("spliced") == 0
     assert bench.counter(SpCounter.ENDED_RESET) == 1 and bench.counter(SpCounter.ENDED_IDLE) == 1
-
-
-def corrupt_tcp_checksum_back(frame):
-    frame = bytearray(frame)
-    at = 14 + 20 + 16
-    value = (int.from_bytes(frame[at:at + 2], "big") - 1) & 0xFFFF
-    frame[at:at + 2] = value.to_bytes(2, "big")
-    return bytes(frame)
 
 
 async def splice_race(bus, width, stall=0.2, seed=3):
@@ -585,9 +582,7 @@ def test_engine_slots():
     from hw.metadata import EVENT
     engine = SpliceEngine(slots=2)
     rng = __import__("random").Random(3)
-    bench = SpliceBench.__new__(SpliceBench)        # only for its peers()
-    bench.rng = rng
-    pairs = [bench.peers() for _ in range(4)]
+    pairs = [make_peers(rng) for _ in range(4)]
     events, ops = [], []
 
     async def testbench(ctx):
