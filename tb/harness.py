@@ -13,9 +13,14 @@ Environment:
 
 The parameters reach the cocotb module as JSON in ``ACCELTCP_PARAMS``
 (``tb_params()`` reads them back).
+
+Several processes may share the build folder (``make test`` runs pytest with
+pytest-xdist workers): a lock file next to each model's folder makes its build and
+each run of it exclusive, so two workers never build, or run in, the same folder at once.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -53,7 +58,10 @@ def build_verilog(block, params, toplevel="top"):
     component = block(**params)
     text = verilog.convert(component, name=toplevel, emit_src=False)
     if not out.exists() or out.read_text() != text:
-        out.write_text(text)
+        # Write then rename: another process may be reading the same file.
+        temp = out.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(text)
+        os.replace(temp, out)
     return out, text
 
 
@@ -102,14 +110,33 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
     ``quiet``: send the compiler's and the simulator's output to ``build.log`` and
     ``run/test.log`` in the build folder instead of the terminal (the CLI does this;
     on a failed build the tail of the log is printed)."""
+    _sim_tool_check(sim)
+    waves = os.environ.get("WAVES", "0") not in ("", "0")
+    build_dir = build_dir_root() / "sim" / f"{block.__name__.lower()}_{_key(block, params)}_{sim}{'_waves' if waves else ''}"
+    with _exclusive(build_dir):
+        return _build_and_run(block, params, test_module, sim, toplevel, testcase, extra_env,
+                              quiet, waves, build_dir)
+
+
+@contextlib.contextmanager
+def _exclusive(build_dir):
+    """Hold the lock of one model's build folder (blocks while another process holds it)."""
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_and_run(block, params, test_module, sim, toplevel, testcase, extra_env, quiet, waves,
+                   build_dir):
     from cocotb_tools.runner import get_runner
 
-    _sim_tool_check(sim)
     src, text = build_verilog(block, params, toplevel)
     # The build flags count too: a flag changed here rebuilds every model.
     digest = hashlib.sha1((text + BUILD_FLAGS_VERSION).encode()).hexdigest()[:12]
-    waves = os.environ.get("WAVES", "0") not in ("", "0")
-    build_dir = build_dir_root() / "sim" / f"{block.__name__.lower()}_{_key(block, params)}_{sim}{'_waves' if waves else ''}"
     runner = get_runner(sim)
     stamp = build_dir / f".built-{digest}"
     if not stamp.exists() and (build_dir, digest) not in _built:
