@@ -20,10 +20,12 @@ import enum
 from dataclasses import dataclass
 
 from hw.handshake import Reason
+from hw.host_formats import Ring
+from hw.splice import SpCounter
 from hw.teardown import TdCounter
 
 __all__ = ["Access", "Register", "REGISTERS", "UNMAPPED", "NIC_ID", "NIC_VERSION",
-           "register", "register_offset"]
+           "RING_REGISTERS", "RingStatus", "register", "register_offset", "ring_register"]
 
 #: "ATCP" in ASCII: the value of the ID register.
 NIC_ID = 0x41544350
@@ -63,6 +65,42 @@ def _regs(*entries):
         assert reg.name not in seen, reg.name
         seen[reg.name] = reg
     return tuple(entries)
+
+
+class RingStatus(enum.IntFlag):
+    """Bits of a ring's ``<RING>_STATUS`` register. A ring with either bit set is stopped:
+    the NIC neither fetches nor writes its entries until the host fixes what is wrong."""
+    BAD_CONFIG = 1      # SIZE_LOG2 above MAX_RING_LOG2, or BASE not 4 KB-aligned
+    OVERFLOW = 2        # the host's index is more than the ring's size ahead of the NIC's
+
+
+#: Per ring, at ``0x400 + 0x20 * ring``: what each register does. The host writes the
+#: producer index of a host -> NIC ring (a doorbell) and the consumer index of the event
+#: ring; the NIC shows the other one.
+RING_REGISTERS = (
+    ("BASE_LO", 0x00, Access.RW, "ring base address, bits 0..31 (4 KB-aligned)"),
+    ("BASE_HI", 0x04, Access.RW, "ring base address, bits 32..63"),
+    ("SIZE_LOG2", 0x08, Access.RW, "log2 of the ring's entries, 1..15; 0 turns the ring off "
+                                   "(the NIC's index returns to 0 once idle)"),
+    ("HOST_INDEX", 0x0C, Access.RW, "the host's index (free-running, 16 bits): producer of "
+                                    "TX/RX/COMMAND (doorbell), consumer of EVENT"),
+    ("NIC_INDEX", 0x10, Access.RO, "the NIC's index: consumer of TX/RX/COMMAND, producer of EVENT"),
+    ("STATUS", 0x14, Access.RO, "hw.registers.RingStatus bits"),
+)
+
+
+def _ring_registers():
+    regs = []
+    for ring in Ring:
+        for name, offset, access, doc in RING_REGISTERS:
+            regs.append(Register(f"{ring.name}_{name}", 0x400 + 0x20 * ring + offset, access,
+                                 f"{ring.name} ring: {doc}"))
+    return regs
+
+
+def ring_register(ring, name):
+    """The declaration of register ``name`` (``"BASE_LO"``...) of ``ring`` (a Ring)."""
+    return register(f"{Ring(ring).name}_{name}")
 
 
 REGISTERS = _regs(
@@ -107,6 +145,21 @@ REGISTERS = _regs(
              count=len(Reason)),
     Register("TEARDOWN_COUNTERS", 0x200, Access.RO,
              "one register per hw.teardown.TdCounter", count=len(TdCounter)),
+    # ---- splicing
+    Register("CAP_SPLICE_SLOTS", 0x028, Access.CONST, "splices the NIC can hold",
+             value=lambda p: p["splice_slots"]),
+    Register("IDLE_TIMEOUT", 0x068, Access.RW, "splice: ticks without a relayed segment before it ends"),
+    Register("LINGER", 0x06C, Access.RW, "splice: ticks after both FINs are acknowledged"),
+    Register("SPLICED", 0x098, Access.RO, "splice slots in use"),
+    Register("SPLICE_COUNTERS", 0x300, Access.RO,
+             "one register per hw.splice.SpCounter", count=len(SpCounter)),
+    *_ring_registers(),
+    # ---- the event ring's interrupt (one vector) and its moderation
+    Register("IRQ_ENABLE", 0x480, Access.RW, "bit 0: raise the event ring's interrupt"),
+    Register("IRQ_COUNT", 0x484, Access.RW,
+             "interrupt once this many events are unannounced (0 or 1: every event)"),
+    Register("IRQ_TIME", 0x488, Access.RW,
+             "... or once the oldest unannounced event is this many cycles old (0: at once)"),
 )
 
 

@@ -96,7 +96,7 @@ def enum_table(cls):
 
 
 def registers_table():
-    params = "width, entries, listeners, teardown_slots, teardown_buffers"
+    params = "width, entries, listeners, teardown_slots, teardown_buffers, splice_slots"
     rows = ["| offset | register | access | reset / value | meaning |", "|---:|---|---|---|---|"]
     for reg in REGISTERS:
         where = f"0x{reg.offset:03X}" + (f" .. 0x{reg.end - 4:03X}" if reg.count > 1 else "")

@@ -13,7 +13,7 @@ from hw.stream import pack_struct
 from sim.bus import StreamSink, StreamSource, run_until
 
 PARAMS = {"params": {"width": 64, "entries": 4096, "listeners": 16, "teardown_slots": 1024,
-                     "teardown_buffers": 16}}
+                     "teardown_buffers": 16, "splice_slots": 512}}
 
 
 def test_map_is_consistent():

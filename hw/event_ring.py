@@ -1,0 +1,134 @@
+"""Writes events into the event ring in host memory, with a phase bit and an interrupt.
+
+``EventRing(width)`` takes ``EVENT_ENTRY`` records on ``event`` and writes each, by DMA,
+into the next slot of the ring (``base``, ``size_log2``); it sets the entry's ``phase``
+bit (``hw.host_formats.phase_of_pass``) so that the host finds new entries by polling
+memory. ``nic_index`` (the producer index) counts the entries handed to the DMA engine;
+the DMA engine writes them in that order, each after the ones before, so an event never
+overtakes the data it announces (the RX path writes a frame before its event).
+
+The ring is full when ``nic_index`` is the ring's size ahead of the host's consumer
+index ``host_index``: events then wait (back-pressure on ``event``: the host must keep
+consuming). Bad configuration and an impossible ``host_index`` (ahead of
+``nic_index``) stop the ring, as in ``hw.ring_fetch``, with the same ``status`` bits.
+
+Interrupt moderation: each written event is *unannounced* until an interrupt goes out
+on ``irq`` (one vector: 0). With ``irq_enable``, an interrupt goes out as soon as
+``irq_count`` events are unannounced, or the oldest unannounced one has waited
+``irq_time`` cycles. The driver may instead poll, with ``irq_enable`` = 0.
+
+Throughput: one event per ``128 / (W/8)`` cycles (16 at W=64, 2 at W=512), plus one
+cycle per event. Latency: 1 cycle from ``event`` to the DMA request.
+
+Ports:
+  base (64), size_log2 (32), host_index (16): the ring's registers
+  nic_index (16), status (2): out, to the registers
+  event: In(stream of hw.host_formats.EVENT_ENTRY; its phase bit is ignored)
+  dma_req: Out(stream of hw.dma.DMA_WRITE), dma_data: Out(packet stream, W)
+  irq_enable (1), irq_count (32), irq_time (32): in; irq: Out(stream of 8: the vector)
+  written: Out(32), events written since reset
+"""
+
+from amaranth.hdl import Cat, Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hw.dma import DMA_WRITE
+from hw.host_formats import (EVENT_ENTRY, INDEX_BITS, MAX_RING_LOG2, RING_BASE_ALIGN,
+                             RING_ENTRY_BYTES, Ring)
+from hw.stream import packet_signature
+
+__all__ = ["EventRing"]
+
+ENTRY_BYTES = RING_ENTRY_BYTES[Ring.EVENT]
+
+
+class EventRing(wiring.Component):
+    def __init__(self, width):
+        self.width = width
+        super().__init__({
+            "base": In(64), "size_log2": In(32), "host_index": In(INDEX_BITS),
+            "nic_index": Out(INDEX_BITS), "status": Out(2),
+            "event": In(stream.Signature(EVENT_ENTRY)),
+            "dma_req": Out(stream.Signature(DMA_WRITE)),
+            "dma_data": Out(packet_signature(width)),
+            "irq_enable": In(1), "irq_count": In(32), "irq_time": In(32),
+            "irq": Out(stream.Signature(8)),
+            "written": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        beat_bytes = self.width // 8
+        beats = ENTRY_BYTES // beat_bytes
+
+        # ---- configuration and space, registered.
+        bad_config = Signal()
+        off = Signal()
+        mask = Signal(INDEX_BITS)
+        size = Signal(INDEX_BITS + 1)
+        used = Signal(INDEX_BITS)
+        m.d.sync += [
+            bad_config.eq((self.size_log2 > MAX_RING_LOG2)
+                          | (self.base[:RING_BASE_ALIGN.bit_length() - 1] != 0)),
+            off.eq(self.size_log2 == 0),
+            mask.eq((1 << self.size_log2[:4]) - 1),
+            size.eq(1 << self.size_log2[:4]),
+        ]
+        m.d.comb += used.eq(self.nic_index - self.host_index)
+        overflow = ~off & (used > size)
+        m.d.comb += self.status.eq(Cat(bad_config, overflow))
+        # The size and the used count settle a cycle after a change of the registers.
+        room = ~off & ~bad_config & ~overflow & (used < size)
+
+        # ---- one event at a time: request, then its beats.
+        entry = Signal(8 * ENTRY_BYTES)
+        sending = Signal()                   # the request is out; beats to go
+        beat = Signal(range(beats))
+        requested = Signal()
+        phase = Signal()
+        m.d.comb += phase.eq(~(self.nic_index >> self.size_log2[:4])[0])
+        m.d.comb += self.event.ready.eq(~sending & room)
+        with m.If(self.event.valid & self.event.ready):
+            m.d.sync += [
+                entry.eq(self.event.payload.as_value()),
+                entry[-1].eq(phase),
+                sending.eq(1), requested.eq(0), beat.eq(0),
+            ]
+        m.d.comb += [
+            self.dma_req.valid.eq(sending & ~requested),
+            self.dma_req.payload.addr.eq(self.base + ((self.nic_index & mask) * ENTRY_BYTES)),
+            self.dma_req.payload.length.eq(ENTRY_BYTES),
+        ]
+        with m.If(self.dma_req.valid & self.dma_req.ready):
+            m.d.sync += requested.eq(1)
+        # The beats follow the request (or go with it: the DMA engine takes them in order).
+        m.d.comb += [
+            self.dma_data.valid.eq(sending),
+            self.dma_data.payload.data.eq(entry[:self.width]),
+            self.dma_data.payload.keep.eq((1 << beat_bytes) - 1),
+            self.dma_data.payload.last.eq(beat == beats - 1),
+        ]
+        done = Signal()
+        with m.If(self.dma_data.valid & self.dma_data.ready):
+            m.d.sync += [entry.eq(entry >> self.width), beat.eq(beat + 1)]
+            with m.If(beat == beats - 1):
+                m.d.comb += done.eq(1)
+                m.d.sync += [sending.eq(0), self.nic_index.eq(self.nic_index + 1),
+                             self.written.eq(self.written + 1)]
+        with m.If(off & ~sending):
+            m.d.sync += self.nic_index.eq(0)
+
+        # ---- interrupt moderation.
+        unannounced = Signal(32)
+        age = Signal(32)
+        due = (unannounced != 0) & ((unannounced >= self.irq_count) | (age >= self.irq_time))
+        m.d.comb += [self.irq.valid.eq(self.irq_enable & due), self.irq.payload.eq(0)]
+        with m.If(self.irq.valid & self.irq.ready):
+            m.d.sync += [unannounced.eq(done), age.eq(0)]
+        with m.Else():
+            with m.If(done):
+                m.d.sync += unannounced.eq(unannounced + 1)
+            with m.If(unannounced != 0):
+                m.d.sync += age.eq(age + 1)
+        return m
