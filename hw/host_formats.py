@@ -106,11 +106,13 @@ class CommandOp(enum.IntEnum):
 
 
 class CommandStatus(enum.IntEnum):
-    """``status`` of a COMMAND_DONE event (for TABLE: ``hw.conn_table.Status`` + 8)."""
+    """``status`` of a COMMAND_DONE event. A TABLE command that ran is OK; the table's own
+    answer is in the event's ``table.status`` (``hw.conn_table.Status``)."""
     OK = 0
     UNKNOWN_OP = 1      # ``op`` is not a CommandOp
     DMA_ERROR = 2       # the entry, or a CLOSE's held data, could not be read
-    BAD_LENGTH = 3      # a CLOSE's data length is longer than a held-data buffer
+    BAD_LENGTH = 3      # a CLOSE's held data is longer than a held-data buffer, or its
+                        # address is not aligned to the datapath width
 
 
 #: A connection-table command from the host (``hw.conn_table.Op``: DELETE a flow the
@@ -166,6 +168,7 @@ _EVENT_FIELDS = {
     "reason": 8,                      # RX: why the frame came to the host (hw.handshake.Reason)
     "command_tag": 16,                # COMMAND_DONE: the command's ``tag``
     "table": data.StructLayout({      # COMMAND_DONE of TABLE: the table's response
+        "status": 3,                  # hw.conn_table.Status
         "index": 16, "slot": 16, "key": FLOW_KEY, "value": 16}),
 }
 EVENT_ENTRY = data.StructLayout({
