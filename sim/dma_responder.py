@@ -8,8 +8,9 @@ block is tested alone, with random stalls and read latency, against a
 ``sim.pcie.HostMemory``:
 
 * ``DmaReadResponder``: each request is answered ``latency`` cycles later, in order,
-  with exactly the beats the engine would send; a request outside the registered
-  memory (or one the test marks with ``fail(addr)``) gets the engine's error answer.
+  with exactly the beats the engine would send: a read outside the registered memory
+  (or one the test marks with ``fail(addr)``) gets all its beats, zero, with ``error``
+  on the last; a bad request (misaligned, length 0) one beat with ``error``.
 * ``DmaWriteResponder``: each request's data packet lands in host memory ``latency``
   cycles after its last beat (a posted write on its way), in order; writes outside the registered memory, and packets whose length
   differs from their request's, are recorded in ``faults`` (never written).
@@ -45,15 +46,21 @@ class DmaReadResponder:
 
     def _beats(self, addr, length):
         step = self.width // 8
+        if addr % step or length == 0:
+            # A bad request: the engine answers one error beat and reads nothing.
+            return [pack_struct(self.layout, keep=1, last=1, error=1)]
+        error = 0
         try:
-            if addr in self.failing or addr % step or length == 0:
+            if addr in self.failing:
                 raise HostMemoryError(addr, length, "read")
             raw = self.memory.read(addr, length)
         except HostMemoryError:
-            return [pack_struct(self.layout, keep=1, last=1, error=1)]
+            # A failed read: all of its beats, zero, the last one marked.
+            raw, error = bytes(length), 1
         chunks = [raw[i:i + step] for i in range(0, length, step)]
         return [pack_struct(self.layout, data=int.from_bytes(c, "little"),
-                            keep=(1 << len(c)) - 1, last=int(k == len(chunks) - 1))
+                            keep=(1 << len(c)) - 1, last=int(k == len(chunks) - 1),
+                            error=error & int(k == len(chunks) - 1))
                 for k, c in enumerate(chunks)]
 
     def drive(self):
