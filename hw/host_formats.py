@@ -41,7 +41,7 @@ from hw.teardown import CLOSE_COMMAND
 __all__ = ["Ring", "RING_ENTRY_BYTES", "RING_BASE_ALIGN", "INDEX_BITS", "MAX_RING_LOG2",
            "TxFlag", "TX_DESCRIPTOR", "RX_DESCRIPTOR",
            "CommandOp", "CommandStatus", "COMMAND_BODY", "COMMAND_ENTRY",
-           "HostEventKind", "TxStatus", "EVENT_ENTRY",
+           "HostEventKind", "TxStatus", "RxStatus", "EVENT_ENTRY",
            "entry_bytes", "entry_from_bytes", "phase_of_pass"]
 
 
@@ -145,7 +145,7 @@ COMMAND_ENTRY = data.StructLayout({
 
 class HostEventKind(enum.IntEnum):
     """Event kinds of the host interface, after the engines' (``hw.metadata.EventKind``)."""
-    RX = 8              # a received frame is in an RX buffer
+    RX = 8              # an RX buffer is back: a received frame is in it (``status``: RxStatus)
     TX_DONE = 9         # a TX descriptor's frame has been read (``status``: TxStatus)
     COMMAND_DONE = 10   # a command completed (``status``: CommandStatus)
 
@@ -155,6 +155,14 @@ class TxStatus(enum.IntEnum):
     OK = 0
     BAD_DESCRIPTOR = 1  # length out of range or address misaligned: nothing sent
     DMA_ERROR = 2       # the frame could not be read: nothing sent
+
+
+class RxStatus(enum.IntEnum):
+    """``status`` of an RX event. Every RX buffer comes back in exactly one RX event."""
+    OK = 0              # the frame is in the buffer (``length`` bytes, ``reason``)
+    TOO_LONG = 1        # the next frame was longer than the buffer: frame dropped, buffer unused
+    BAD_BUFFER = 2      # the descriptor could not be read, or its address is misaligned:
+                        # buffer unused (the frame waits for the next buffer)
 
 
 #: One event: 128 bytes. ``event`` is the engines' record (its ``kind`` says which, an

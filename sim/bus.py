@@ -15,12 +15,13 @@ used by the testbenches in ``tb/``). One clock cycle, for every agent, is::
     sample()  read the handshake: a transfer seen here happens at the coming edge
     edge()    the clock edge
 
-``run_cycles`` runs that loop for a list of agents.
+``run_until`` runs that loop for a list of agents until a condition holds,
+``run_cycles`` for a number of cycles.
 """
 
 import random
 
-__all__ = ["AmaranthBus", "CocotbBus", "StreamSource", "StreamSink", "run_until"]
+__all__ = ["AmaranthBus", "CocotbBus", "StreamSource", "StreamSink", "run_until", "run_cycles"]
 
 
 class AmaranthBus:
@@ -177,3 +178,15 @@ async def run_until(bus, agents, done, max_cycles, progress=None):
         if progress is not None and cycles % 1024 == 0:
             progress(cycles)
     return cycles
+
+
+async def run_cycles(bus, agents, cycles):
+    """Clock ``agents`` for ``cycles`` cycles (under cocotb, a value read right after an
+    edge is the one before it: a cycle or two of this lets registers be read)."""
+    left = cycles
+
+    def done():
+        nonlocal left
+        left -= 1
+        return left < 0
+    await run_until(bus, agents, done, cycles + 1)

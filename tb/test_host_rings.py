@@ -25,7 +25,7 @@ from hw.host_formats import EVENT_ENTRY, RING_ENTRY_BYTES, Ring, entry_from_byte
 from hw.registers import RingStatus
 from hw.ring_fetch import RingFetcher, fetched_entry_layout
 from hw.stream import pack_struct, unpack_struct
-from sim.bus import StreamSink, StreamSource, run_until
+from sim.bus import StreamSink, StreamSource, run_cycles, run_until
 from sim.dma_responder import DmaReadResponder, DmaWriteResponder
 from sim.pcie import HostMemory
 
@@ -67,11 +67,11 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     while len(posted) < passes * size:
         room = size - ((host_index - bus.get("nic_index")) & 0xFFFF)
         post(rng.randrange(0, room + 1))
-        await _idle(bus, agents, rng.randrange(1, 40))
+        await run_cycles(bus, agents, rng.randrange(1, 40))
         assert (host_index - bus.get("nic_index")) & 0xFFFF <= size
     await run_until(bus, agents, lambda: len(out.received) == len(posted), 4000)
     # Under cocotb a read right after an edge sees the value before it: wait a little.
-    await _idle(bus, agents, 2)
+    await run_cycles(bus, agents, 2)
     for k, entry in enumerate(entries()):
         assert entry["index"] == k & 0xFFFF and entry["error"] == 0
         assert entry["data"].to_bytes(entry_bytes, "little") == posted[k], k
@@ -92,12 +92,12 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     assert entries()[-1]["error"] == 0
 
     # 3. The host posts more than the ring holds: stopped, flagged; fixed: resumes.
-    await _idle(bus, agents, 2)
+    await run_cycles(bus, agents, 2)
     nic = bus.get("nic_index")
     bus.set("host_index", (nic + size + 1) & 0xFFFF)
     await run_until(bus, agents, lambda: bus.get("status") & RingStatus.OVERFLOW, 20)
     fetched = len(dma.log)
-    await _idle(bus, agents, 40)
+    await run_cycles(bus, agents, 40)
     assert len(dma.log) == fetched and bus.get("nic_index") == nic
     bus.set("host_index", host_index)
     await run_until(bus, agents, lambda: bus.get("status") == 0, 20)
@@ -110,7 +110,7 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     post(1)
     await run_until(bus, agents, lambda: bus.get("status") & RingStatus.BAD_CONFIG, 20)
     before = len(dma.log)
-    await _idle(bus, agents, 40)
+    await run_cycles(bus, agents, 40)
     assert len(dma.log) == before
     bus.set("base", BASE)
     await run_until(bus, agents, lambda: len(out.received) == len(posted), 2000)
@@ -127,16 +127,6 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     await run_until(bus, agents, lambda: len(out.received) == 3, 2000)
     assert [e["data"].to_bytes(entry_bytes, "little") for e in entries()] == posted
     return {"entries": len(posted), "reads": reads}
-
-
-async def _idle(bus, agents, cycles):
-    count = 0
-
-    def done():
-        nonlocal count
-        count += 1
-        return count > cycles
-    await run_until(bus, agents, done, cycles + 2)
 
 
 # ------------------------------------------------------------------------------ event ring
@@ -217,7 +207,7 @@ async def event_job(bus, width, seed=1, stall=0.3, passes=3):
     events.send([pack_struct(EVENT_ENTRY, event={"kind": 2})])
     await run_until(bus, agents, lambda: bus.get("status") & RingStatus.OVERFLOW, 20)
     written = bus.get("written")
-    await _idle(bus, agents, 40)
+    await run_cycles(bus, agents, 40)
     assert bus.get("written") == written
     return {"events": len(got)}
 
