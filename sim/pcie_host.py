@@ -56,7 +56,7 @@ class PcieHost:
         self.rd, self.cpl, self.wr = (f"{prefix}{n}" for n in ("pcie_rd", "pcie_cpl", "pcie_wr"))
         self.mmio, self.mmio_rdata, self.irq = mmio, mmio_rdata, irq
         self._cpl_layout, self._wr_layout = pcie_completion_layout(width), pcie_write_layout(width)
-        self.cycle = 0
+        self._ticks = 0                # cycles sampled: the host's own time
         self.answer_delay = lambda addr, length: 0
         self.reads = []                # (cycle, tag, addr, length) of every read request
         self.writes = []               # (cycle, addr, data) of every write TLP
@@ -157,15 +157,20 @@ class PcieHost:
             if self._ready[self.mmio_rdata] and bus.get(f"{self.mmio_rdata}__valid"):
                 value = bus.get(f"{self.mmio_rdata}__payload")
                 token = self._mmio_waiting.popleft()
-                self._at(self.cycle + self._mmio_up_cycles,
+                self._at(self._ticks + self._mmio_up_cycles,
                          lambda t=token, v=value: self._mmio_results.__setitem__(t, v))
         if self.irq and self._ready[self.irq] and bus.get(f"{self.irq}__valid"):
             self.interrupts.append((bus.get(f"{self.irq}__payload"), self.cycle))
         self._tick()
 
+    @property
+    def cycle(self):
+        """The bus cycle (for the records: comparable with the other agents')."""
+        return self.bus.cycle
+
     def _tick(self):
-        self.cycle += 1
-        while self._events and self._events[0][0] <= self.cycle:
+        self._ticks += 1
+        while self._events and self._events[0][0] <= self._ticks:
             heapq.heappop(self._events)[2]()
         if self.link is not None:
             for completion in self.link.tick():
@@ -189,10 +194,10 @@ class PcieHost:
             return                                  # never answered (timeout tests)
         if self.link is not None:
             seq = self._seq
-            self._at(self.cycle + delay,
+            self._at(self._ticks + delay,
                      lambda: self.link.request_read(addr, length, (tag, seq)))
         else:
-            self._at(self.cycle + delay, lambda: self._answer(tag, addr, length))
+            self._at(self._ticks + delay, lambda: self._answer(tag, addr, length))
 
     def _answer(self, tag, addr, length):
         """Answer from memory at once (no link): one completion for the whole request."""
