@@ -136,7 +136,8 @@ def _memory(rng):
 
 async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder=True,
                   timeout=0, silent=0.0, late=0.0, ur=0.06, bad=0.08, inject=6, link=False,
-                  tags=16, mrrs=512, mps=256, max_length=16384, longest=16384):
+                  tags=16, mrrs=512, mps=256, max_length=16384, longest=16384,
+                  read_clients=CLIENTS, write_clients=CLIENTS):
     """Random traffic on every client; everything checked against sim.dma_model."""
     rng = random.Random(seed)
     step = width // 8
@@ -158,10 +159,10 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
 
     def rnd():
         return random.Random(rng.random())
-    rd_req = [StreamSource(bus, f"rd_req__{c}", stall, rnd()) for c in range(CLIENTS)]
-    rd_data = [StreamSink(bus, f"rd_data__{c}", stall, rnd()) for c in range(CLIENTS)]
-    wr_req = [StreamSource(bus, f"wr_req__{c}", stall, rnd()) for c in range(CLIENTS)]
-    wr_data = [StreamSource(bus, f"wr_data__{c}", stall, rnd()) for c in range(CLIENTS)]
+    rd_req = [StreamSource(bus, f"rd_req__{c}", stall, rnd()) for c in range(read_clients)]
+    rd_data = [StreamSink(bus, f"rd_data__{c}", stall, rnd()) for c in range(read_clients)]
+    wr_req = [StreamSource(bus, f"wr_req__{c}", stall, rnd()) for c in range(write_clients)]
+    wr_data = [StreamSource(bus, f"wr_data__{c}", stall, rnd()) for c in range(write_clients)]
 
     # Completions nobody asked for: one for a tag the engine has not issued yet (before
     # any request), the others for tags past the engine's, in the middle of the traffic.
@@ -171,15 +172,15 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
         await run_until(bus, agents, lambda: host.idle, 1000)
     kinds = {"ok": 1.0 - ur - bad - silent - late, "ur": ur, "bad": bad, "silent": silent,
              "late": late}
-    read_reqs = [[] for _ in range(CLIENTS)]
+    read_reqs = [[] for _ in range(read_clients)]
     for _ in range(reads):
-        client = rng.randrange(CLIENTS)
+        client = rng.randrange(read_clients)
         addr, length = _read_request(rng, width, max_length, kinds, longest)
         read_reqs[client].append((addr, length))
         rd_req[client].send([pack_struct(DMA_READ, addr=addr, length=length)])
-    write_reqs = [[] for _ in range(CLIENTS)]
+    write_reqs = [[] for _ in range(write_clients)]
     for _ in range(writes):
-        client = rng.randrange(CLIENTS)
+        client = rng.randrange(write_clients)
         addr, length = _write_request(rng, width, max_length, longest)
         data = rng.randbytes(length)
         write_reqs[client].append((addr, data))
@@ -218,7 +219,7 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
         await bus.edge()
 
     # Reads: answers, in order, per client.
-    for c in range(CLIENTS):
+    for c in range(read_clients):
         got = _group(rd_data[c].received, width)
         assert len(got) == len(expected_answers[c])
         for k, (g, e) in enumerate(zip(got, expected_answers[c])):
@@ -276,8 +277,9 @@ def frame_to_beats_list(write_reqs, width):
     return [frame_to_beats(d, width) for reqs in write_reqs for _, d in reqs if d]
 
 
-async def bench_dma(bus, width=64, size=4096, count=24):
-    """Beats per cycle with an always-ready host answering at once, and read latency."""
+async def bench_dma(bus, width=64, count=24):
+    """Beats per cycle with an always-ready host answering at once (requests of 4096 B
+    and of 64 B, alternating between the clients), and the read latency."""
     step = width // 8
     rng = random.Random(5)
     memory = _memory(rng)
@@ -288,36 +290,40 @@ async def bench_dma(bus, width=64, size=4096, count=24):
     wr_req = [StreamSource(bus, f"wr_req__{c}") for c in range(CLIENTS)]
     wr_data = [StreamSource(bus, f"wr_data__{c}") for c in range(CLIENTS)]
     agents = [*rd_req, *rd_data, *wr_req, *wr_data, host]
-    beats = size // step
 
     def rate(cycles):
         return round(len(cycles) / (cycles[-1] - cycles[0] + 1), 4) if len(cycles) > 1 else 1.0
 
-    # Reads alone, then writes alone, then both at once.
     figures = {}
-    for name, do_reads, do_writes in (("read", True, False), ("write", False, True),
-                                      ("both", True, True)):
+    for size, name, do_reads, do_writes in ((4096, "read", True, False),
+                                            (4096, "write", False, True),
+                                            (4096, "both", True, True),
+                                            (64, "read", True, False),
+                                            (64, "write", False, True)):
+        n = count if size > 64 else 8 * count
         start_rd = [len(s.received_cycles) for s in rd_data]
-        start_wr = len(host.writes)
-        for k in range(count):
+        start_beats = len(host.write_beat_cycles)
+        for k in range(n):
             c = k % CLIENTS
             if do_reads:
                 rd_req[c].send([pack_struct(DMA_READ, addr=READ_BASE + k * size, length=size)])
             if do_writes:
                 wr_req[c].send([pack_struct(DMA_WRITE, addr=WRITE_BASE + k * size, length=size)])
                 wr_data[c].send(frame_to_beats(bytes(size), width))
-        want_rd = [start_rd[c] + (beats * (count // CLIENTS) if do_reads else 0)
+        beats = -(-size // step)
+        want_rd = [start_rd[c] + (beats * (n // CLIENTS) if do_reads else 0)
                    for c in range(CLIENTS)]
-        want_wr = start_wr + (count * size // 256 if do_writes else 0)
-        start_beats = len(host.write_beat_cycles)
+        want_wr = start_beats + (n * beats if do_writes else 0)
         await run_until(bus, agents, lambda: all(len(s.received_cycles) == w for s, w in
                                                   zip(rd_data, want_rd))
-                        and len(host.writes) == want_wr, max_cycles=20 * count * beats + 2000)
-        rd_cycles = sorted(c for s, n in zip(rd_data, start_rd) for c in s.received_cycles[n:])
+                        and len(host.write_beat_cycles) == want_wr,
+                        max_cycles=20 * n * beats + 2000)
+        rd_cycles = sorted(c for s, k in zip(rd_data, start_rd) for c in s.received_cycles[k:])
+        label = f"{name}_{size}B" if name != "both" else f"both_{size}B"
         if do_reads:
-            figures[f"{name}_read_beats_per_cycle"] = rate(rd_cycles)
+            figures[f"{label}_read_beats_per_cycle"] = rate(rd_cycles)
         if do_writes:
-            figures[f"{name}_write_beats_per_cycle"] = rate(host.write_beat_cycles[start_beats:])
+            figures[f"{label}_write_beats_per_cycle"] = rate(host.write_beat_cycles[start_beats:])
     # Latency of one 64-byte read: request taken -> first data beat.
     before = len(rd_data[0].received_cycles)
     rd_req[0].send([pack_struct(DMA_READ, addr=READ_BASE, length=64)])
@@ -359,48 +365,78 @@ async def link_latency(bus, width=64):
     return figures
 
 
+async def bench_dma_figures(bus, width=64):
+    """``acceltcp bench dma``: bench_dma, then the read latency through the link model."""
+    figures = await bench_dma(bus, width=width)
+    figures.update(await link_latency(bus, width=width))
+    return figures
+
+
 # --- cocotb tests (names must not start with test_) ----------------------------------------
 
 if cocotb is not None:
-    def _width():
+    def _config():
+        """The engine's parameters (as built) in dma_job's terms."""
         from tb.harness import tb_params
-        return tb_params().get("width", 64)
+        p = {"width": 64, "tags": 16, "mrrs": 512, "mps": 256, "read_clients": 2,
+             "write_clients": 2, "max_length": 16384}
+        p.update(tb_params())
+        p["longest"] = p["max_length"]
+        return p
 
     @cocotb.test()
     async def random_traffic(dut):
         from tb.cocotb_util import start
-        width = _width()
-        result = await dma_job(await start(dut), width=width, seed=11, reads=28, writes=22)
-        dut._log.info(f"random_traffic W={width}: {result}")
+        cfg = _config()
+        result = await dma_job(await start(dut), seed=11, reads=150, writes=110, **cfg)
+        dut._log.info(f"random_traffic {cfg}: {result}")
+
+    @cocotb.test()
+    async def no_stalls(dut):
+        from tb.cocotb_util import start
+        cfg = _config()
+        result = await dma_job(await start(dut), seed=14, reads=120, writes=80, stall=0.0,
+                               **cfg)
+        dut._log.info(f"no_stalls {cfg}: {result}")
 
     @cocotb.test()
     async def timeouts(dut):
         from tb.cocotb_util import start
-        width = _width()
-        result = await dma_job(await start(dut), width=width, seed=12, reads=24, writes=4,
-                               timeout=3000, silent=0.12, late=0.12, ur=0.08, bad=0.08)
-        dut._log.info(f"timeouts W={width}: {result}")
+        cfg = _config()
+        result = await dma_job(await start(dut), seed=12, reads=70, writes=10, timeout=3000,
+                               silent=0.1, late=0.1, ur=0.08, bad=0.08, **cfg)
+        dut._log.info(f"timeouts {cfg}: {result}")
 
     @cocotb.test()
     async def timed_link(dut):
         from tb.cocotb_util import start
-        width = _width()
-        result = await dma_job(await start(dut), width=width, seed=13, reads=14, writes=10,
-                               link=True, reorder=False, stall=0.2, timeout=100_000)
-        dut._log.info(f"timed_link W={width}: {result}")
+        cfg = _config()
+        result = await dma_job(await start(dut), seed=13, reads=40, writes=30, link=True,
+                               reorder=False, stall=0.2, timeout=100_000, **cfg)
+        dut._log.info(f"timed_link {cfg}: {result}")
 
     @cocotb.test()
     async def throughput(dut):
         from tb.cocotb_util import start
-        width = _width()
-        bus = await start(dut)
-        figures = await bench_dma(bus, width=width)
-        figures.update(await link_latency(bus, width=width))
-        dut._log.info(f"bench_dma W={width}: {figures}")
-        assert figures["read_read_beats_per_cycle"] >= 0.95
-        assert figures["write_write_beats_per_cycle"] >= 0.95
+        cfg = _config()
+        if cfg["read_clients"] != CLIENTS or cfg["write_clients"] != CLIENTS:
+            return                              # the bench drives two clients of each
+        figures = await bench_dma_figures(await start(dut), width=cfg["width"])
+        dut._log.info(f"bench_dma W={cfg['width']}: {figures}")
+        assert figures["read_4096B_read_beats_per_cycle"] >= 0.95
+        assert figures["write_4096B_write_beats_per_cycle"] >= 0.95
 
-    ALL_TESTS = ["random_traffic", "timeouts", "timed_link", "throughput"]
+    ALL_TESTS = ["random_traffic", "no_stalls", "timeouts", "timed_link", "throughput"]
+
+#: A small configuration: few tags (ring full, quarantine blocking), small mrrs/mps,
+#: three read clients and one write client, W=128.
+SMALL = {"width": 128, "tags": 4, "mrrs": 128, "mps": 128, "read_clients": 3,
+         "write_clients": 1, "max_length": 5000}
+
+
+def test_dma_small(sim):
+    from tb.harness import run_cocotb
+    run_cocotb(DmaEngine, SMALL, "tb.test_dma", sim, testcase=ALL_TESTS[:-1])
 
 
 @pytest.mark.parametrize("width", [64, 512])
