@@ -1,6 +1,396 @@
-"""The DMA engine's client layouts (placeholder until the engine lands from its branch)."""
-from amaranth.lib import data
+"""DMA engine: clients' reads and writes of host memory as PCIe memory reads and writes.
+
+The NIC's host side (rings, commands, events) reads and writes host memory through this
+engine; the link side is a Corundum-style split interface (read requests, completion
+beats, posted-write TLPs as packets), served in simulation by ``sim.pcie_host.PcieHost``.
+
+Clients (``R = read_clients``, ``C = write_clients``; ``B = W/8`` bytes per beat):
+
+* A read (``rd_req[i]``, ``DMA_READ {addr, length}``) is answered on ``rd_data[i]`` by
+  exactly ``ceil(length/B)`` beats (``DMA_READ_DATA``): the bytes packed from byte 0 of
+  the first beat, ``keep`` as in ``hw.stream``, ``last`` on the final beat, ``error`` on
+  the final beat when the request failed (an error completion, UR/CA, a completion
+  timeout, or a short completion). The data of a failed PCIe read is zero from its first
+  beat that had not arrived when it failed (a UR brings no data: all zero); the other
+  PCIe reads of the request keep their data.
+* A write (``wr_req[j]``, ``DMA_WRITE {addr, length}``) takes exactly ``ceil(length/B)``
+  beats from ``wr_data[j]`` (the beats are counted: ``last`` and ``keep`` of
+  ``wr_data`` are not checked) and sends them as posted writes on ``pcie_wr``.
+* Addresses must be multiples of B. A request with a misaligned address, length 0 or
+  length > ``max_length`` is a **bad request** (counted): a read is answered with one
+  beat ``{keep: 0, last: 1, error: 1}`` in its turn and nothing goes on the link; a
+  write drops its ``ceil(length/B)`` data beats (none for length 0).
+
+Reads. Clients are served round-robin, one request at a time; the request is cut into
+PCIe reads (``PCIE_READ``) of at most ``mrrs`` bytes that never cross a 4 KB boundary
+(the rule of ``sim.pcie.tlps_for_read``: pieces of min(mrrs, left, bytes to the next
+4 KB boundary) from the start address), one per cycle, each with a tag. Tags are handed
+out in ring order and recycled in the same order, so the reorder buffer (``Memory`` of
+``tags x mrrs`` bytes, one ``mrrs`` slot per tag) is drained in the order the requests
+were accepted: a client sees its answers in order, and **all clients share that order**
+(head of line: a request whose completions are late, or a client that does not take its
+data, holds back the answers of every later request, of any client). Completions may
+arrive in any order between tags and interleave at any beat; each beat is written to its
+tag's slot at once (``pcie_cpl`` is always ready) and a beat leaves as soon as it and
+every beat before it are there (cut-through), one beat per cycle.
+
+Completion timeout: a scanner visits one tag per cycle; a tag outstanding for
+``cpl_timeout`` cycles or more (``0``: never) is ended with an error (found within
+``tags`` cycles of its deadline; counted). **Quarantine rule:** a tag that timed out is
+not handed out again until ``cpl_timeout`` more cycles have passed since it timed out,
+so a completion up to ``2 x cpl_timeout`` after the request is dropped, not taken for a
+later request's data; tags behind it in the ring wait meanwhile. A completion beat for a
+tag that is not outstanding (never issued, finished, timed out, tag >= ``tags``, or an
+offset past the request) is dropped and counted (``UNEXPECTED_COMPLETIONS`` counts beats).
+
+Writes. One request at a time, round-robin between clients, whole, in acceptance order;
+cut at ``mps`` and 4 KB (``sim.pcie.tlps_for_write``); each client beat is one TLP beat
+(``PCIE_WRITE``: addr and length of the TLP on every beat, ``last`` on its final beat).
+``wr_data`` passes to ``pcie_wr`` through logic only (no register): valid, payload and
+ready are combinational between the two.
+
+Latency (cycles, host answering at once): ``rd_req`` accepted at cycle 0 -> ``pcie_rd``
+valid at 2; a completion beat at cycle c -> on ``rd_data`` at c + 2. ``wr_req`` accepted
+at 0 -> its first beat may go at 1. Throughput: one read-data beat and one write beat
+per cycle (at most one PCIe read issued per cycle; one bubble per tag when the data is
+already there: none). ``docs/dma.md`` has the measured figures.
+
+Ports
+  rd_req[i]     In(stream of DMA_READ)                 i < read_clients
+  rd_data[i]    Out(stream of DMA_READ_DATA(W))
+  wr_req[j]     In(stream of DMA_WRITE)                j < write_clients
+  wr_data[j]    In(hw.stream.packet_signature(W))
+  pcie_rd       Out(stream of PCIE_READ)
+  pcie_cpl      In(stream of PCIE_COMPLETION(W))       always ready
+  pcie_wr       Out(stream of PCIE_WRITE(W))
+  cpl_timeout   In(32)                                 cycles; 0 = never
+  counters      Out(32 * len(DmaCounter))              DmaCounter order
+"""
+
+import enum
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from hw.stream import packet_signature, round_robin_grant, struct_value
+
+__all__ = ["DmaEngine", "DmaCounter", "DMA_READ", "DMA_WRITE", "PCIE_READ",
+           "DMA_READ_DATA", "PCIE_COMPLETION", "PCIE_WRITE",
+           "dma_read_data_layout", "pcie_completion_layout", "pcie_write_layout", "PAGE"]
+
+#: No PCIe request crosses a 4 KB boundary.
+PAGE = 4096
+
 DMA_READ = data.StructLayout({"addr": 64, "length": 16})
 DMA_WRITE = data.StructLayout({"addr": 64, "length": 16})
+PCIE_READ = data.StructLayout({"tag": 8, "addr": 64, "length": 13})
+
+
 def dma_read_data_layout(width):
     return data.StructLayout({"data": width, "keep": width // 8, "last": 1, "error": 1})
+
+
+def pcie_completion_layout(width):
+    return data.StructLayout({"tag": 8, "offset": 12, "data": width, "last": 1, "error": 1})
+
+
+def pcie_write_layout(width):
+    return data.StructLayout({"addr": 64, "length": 13, "data": width, "keep": width // 8,
+                              "last": 1})
+
+
+#: The names the interface is specified with.
+DMA_READ_DATA = dma_read_data_layout
+PCIE_COMPLETION = pcie_completion_layout
+PCIE_WRITE = pcie_write_layout
+
+
+class DmaCounter(enum.IntEnum):
+    """The engine's counters (one 32-bit field each in ``counters``)."""
+    READ_REQUESTS = 0           # reads accepted (bad ones not included)
+    WRITE_REQUESTS = 1          # writes accepted (bad ones not included)
+    BAD_REQUESTS = 2            # bad reads and writes
+    COMPLETION_TIMEOUTS = 3     # PCIe reads ended by the completion timeout
+    UNEXPECTED_COMPLETIONS = 4  # completion beats dropped
+
+
+def _log2(n):
+    return n.bit_length() - 1
+
+
+def _is_pow2(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+class DmaEngine(wiring.Component):
+    def __init__(self, width=64, tags=16, mrrs=512, mps=256, read_clients=2, write_clients=2,
+                 max_length=16384):
+        beat = width // 8
+        if width not in (64, 128, 256, 512):
+            raise ValueError(f"width must be 64, 128, 256 or 512, not {width}")
+        if not _is_pow2(tags) or tags > 256:
+            raise ValueError("tags must be a power of two, at most 256")
+        for name, size in (("mrrs", mrrs), ("mps", mps)):
+            if not _is_pow2(size) or not beat <= size <= PAGE:
+                raise ValueError(f"{name} must be a power of two in {beat}..{PAGE}")
+        if not 1 <= max_length <= 0xFFFF:
+            raise ValueError("max_length must be 1..65535 (16-bit length)")
+        if read_clients < 1 or write_clients < 1:
+            raise ValueError("at least one read and one write client")
+        self.width, self.tags, self.mrrs, self.mps = width, tags, mrrs, mps
+        self.read_clients, self.write_clients, self.max_length = (read_clients, write_clients,
+                                                                   max_length)
+        super().__init__({
+            "rd_req": In(stream.Signature(DMA_READ)).array(read_clients),
+            "rd_data": Out(stream.Signature(dma_read_data_layout(width))).array(read_clients),
+            "wr_req": In(stream.Signature(DMA_WRITE)).array(write_clients),
+            "wr_data": In(packet_signature(width)).array(write_clients),
+            "pcie_rd": Out(stream.Signature(PCIE_READ)),
+            "pcie_cpl": In(stream.Signature(pcie_completion_layout(width))),
+            "pcie_wr": Out(stream.Signature(pcie_write_layout(width))),
+            "cpl_timeout": In(32),
+            "counters": Out(32 * len(DmaCounter)),
+        })
+
+    # ------------------------------------------------------------------ helpers
+
+    def _bad(self, request):
+        """A request the engine refuses: misaligned address, length 0 or too long."""
+        low = _log2(self.width // 8)
+        return (request.addr[:low] != 0) | (request.length == 0) | \
+            (request.length > self.max_length)
+
+    @staticmethod
+    def _piece(addr, left, limit):
+        """Bytes of the next PCIe request: min(limit, left, bytes to the next 4 KB)."""
+        to_page = PAGE - addr[:12]
+        bound = Mux(to_page < limit, to_page, limit)
+        return Mux(left < bound, left, bound)
+
+    def _tail_keep(self, nbytes):
+        """``keep`` of a final beat holding ``nbytes % B`` bytes (all ones for 0)."""
+        beat = self.width // 8
+        tail = nbytes[:_log2(beat)]
+        return Mux(tail == 0, Const((1 << beat) - 1, beat),
+                   ((Const(1, beat + 1) << tail) - 1)[:beat])
+
+    # ------------------------------------------------------------------ design
+
+    def elaborate(self, platform):
+        m = Module()
+        counters = {c: Signal(32, name=f"count_{c.name.lower()}") for c in DmaCounter}
+        m.d.comb += self.counters.eq(Cat(*(counters[c] for c in DmaCounter)))
+        now = Signal(32)
+        m.d.sync += now.eq(now + 1)
+        bad_reads, bad_writes = self._read_path(m, now, counters), self._write_path(m, counters)
+        m.d.sync += counters[DmaCounter.BAD_REQUESTS].eq(
+            counters[DmaCounter.BAD_REQUESTS] + bad_reads + bad_writes)
+        return m
+
+    def _read_path(self, m, now, counters):
+        width, tags, beat = self.width, self.tags, self.width // 8
+        slot_beats = self.mrrs // beat                      # reorder buffer beats per tag
+        tag_bits, slot_bits, beat_bits = _log2(tags), _log2(slot_beats), _log2(beat)
+        m.submodules.reorder = reorder = Memory(shape=width, depth=tags * slot_beats, init=[])
+        write = reorder.write_port()
+        read = reorder.read_port()
+
+        # Per-tag state, in registers (every one is read at an arbitrary tag).
+        def per_tag(name, shape):
+            return Array(Signal(shape, name=f"{name}_{k}") for k in range(tags))
+        outstanding = per_tag("outstanding", 1)   # issued, waiting for completions
+        done = per_tag("done", 1)                 # all data in, failed or timed out
+        failed = per_tag("failed", 1)
+        filled = per_tag("filled", range(slot_beats + 1))   # beats arrived (in order)
+        beats = per_tag("beats", range(slot_beats + 1))     # beats of the PCIe read
+        client = per_tag("client", range(self.read_clients))
+        ends_request = per_tag("ends_request", 1)
+        refused = per_tag("refused", 1)                     # a bad request's entry
+        tail = per_tag("tail", range(beat))                 # bytes in the final beat (0: all)
+        stamp = per_tag("stamp", 32)                        # issued / timed out at
+        quarantined = per_tag("quarantined", 1)
+
+        # Tag ring: [free, out) drained but held (quarantine), [out, alloc) in use.
+        alloc, out, free = (Signal(tag_bits + 1, name=n) for n in ("alloc", "out", "free"))
+        ring_full = (alloc[:tag_bits] == free[:tag_bits]) & (alloc[tag_bits] != free[tag_bits])
+
+        # 1. Accept a client request (round-robin) into `cur`.
+        cur_valid = Signal()
+        cur_addr, cur_left = Signal(64), Signal(16)
+        cur_client, cur_bad = Signal(range(self.read_clients)), Signal()
+        piece = Signal(13)
+        m.d.comb += piece.eq(self._piece(cur_addr, cur_left, self.mrrs))
+        last_piece = cur_bad | (piece == cur_left)
+        step = cur_valid & ~ring_full & (cur_bad | ~self.pcie_rd.valid | self.pcie_rd.ready)
+        taking = Signal()
+        rr_last = Signal(range(self.read_clients))
+        grant = round_robin_grant(m, [p.valid for p in self.rd_req], rr_last)
+        request = Array(p.payload for p in self.rd_req)[grant]
+        any_valid = Cat(p.valid for p in self.rd_req).any()
+        m.d.comb += taking.eq(any_valid & (~cur_valid | (step & last_piece)))
+        for k, port in enumerate(self.rd_req):
+            m.d.comb += port.ready.eq(taking & (grant == k))
+        bad_read = Signal()
+        m.d.comb += bad_read.eq(taking & self._bad(request))
+
+        # 2. Issue PCIe reads, one per cycle, each on the next tag of the ring.
+        with m.If(self.pcie_rd.ready):
+            m.d.sync += self.pcie_rd.valid.eq(0)
+        with m.If(step):
+            tag = alloc[:tag_bits]
+            m.d.sync += [
+                alloc.eq(alloc + 1),
+                cur_addr.eq(cur_addr + piece), cur_left.eq(cur_left - piece),
+                outstanding[tag].eq(~cur_bad), done[tag].eq(cur_bad), failed[tag].eq(cur_bad),
+                filled[tag].eq(0), beats[tag].eq(Mux(cur_bad, 1, (piece + beat - 1) >> beat_bits)),
+                client[tag].eq(cur_client), ends_request[tag].eq(last_piece),
+                refused[tag].eq(cur_bad), tail[tag].eq(piece[:beat_bits]),
+                stamp[tag].eq(now), quarantined[tag].eq(0),
+            ]
+            with m.If(~cur_bad):
+                m.d.sync += [self.pcie_rd.valid.eq(1), self.pcie_rd.payload.tag.eq(tag),
+                             self.pcie_rd.payload.addr.eq(cur_addr),
+                             self.pcie_rd.payload.length.eq(piece)]
+            with m.If(last_piece):
+                m.d.sync += cur_valid.eq(0)
+        with m.If(taking):
+            m.d.sync += [cur_valid.eq(1), cur_addr.eq(request.addr),
+                         cur_left.eq(request.length), cur_client.eq(grant),
+                         cur_bad.eq(bad_read), rr_last.eq(grant)]
+            with m.If(~bad_read):
+                m.d.sync += counters[DmaCounter.READ_REQUESTS].eq(
+                    counters[DmaCounter.READ_REQUESTS] + 1)
+
+        # 3. Completions: into the tag's slot, at once.
+        cpl = self.pcie_cpl.payload
+        m.d.comb += self.pcie_cpl.ready.eq(1)
+        ctag = cpl.tag[:tag_bits]
+        cbeat = cpl.offset >> beat_bits                     # beat within the PCIe read
+        in_range = cbeat < beats[ctag]
+        tag_ok = (cpl.tag < tags) if tags < 256 else Const(1)
+        expected = Signal()
+        m.d.comb += expected.eq(self.pcie_cpl.valid & tag_ok & outstanding[ctag]
+                                & (cpl.error | in_range))
+        ending = expected & (cpl.last | cpl.error)
+        m.d.comb += [write.addr.eq(Cat(cbeat[:slot_bits], ctag)),
+                     write.data.eq(cpl.data), write.en.eq(expected & ~cpl.error)]
+        with m.If(expected & ~cpl.error):
+            m.d.sync += filled[ctag].eq(cbeat + 1)
+        with m.If(ending):
+            short = (cbeat + 1) != beats[ctag]
+            m.d.sync += [outstanding[ctag].eq(0), done[ctag].eq(1),
+                         failed[ctag].eq(cpl.error | short)]
+        with m.If(self.pcie_cpl.valid & ~expected):
+            m.d.sync += counters[DmaCounter.UNEXPECTED_COMPLETIONS].eq(
+                counters[DmaCounter.UNEXPECTED_COMPLETIONS] + 1)
+
+        # 4. Completion timeout: one tag per cycle.
+        scan = Signal(tag_bits)
+        m.d.sync += scan.eq(scan + 1)
+        expired = Signal()
+        m.d.comb += expired.eq((self.cpl_timeout != 0) & outstanding[scan]
+                               & ((now - stamp[scan])[:32] >= self.cpl_timeout)
+                               & ~(ending & (ctag == scan)))
+        with m.If(expired):
+            m.d.sync += [outstanding[scan].eq(0), done[scan].eq(1), failed[scan].eq(1),
+                         quarantined[scan].eq(1), stamp[scan].eq(now),
+                         counters[DmaCounter.COMPLETION_TIMEOUTS].eq(
+                             counters[DmaCounter.COMPLETION_TIMEOUTS] + 1)]
+
+        # 5. Release drained tags, unless quarantined.
+        oldest = free[:tag_bits]
+        with m.If((free != out) & (~quarantined[oldest]
+                                   | ((now - stamp[oldest])[:32] >= self.cpl_timeout))):
+            m.d.sync += free.eq(free + 1)
+
+        # 6. Drain the ring in order: stage A picks a beat, stage B (the memory's read
+        #    register and its side-band registers) offers it to the client.
+        head = out[:tag_bits]
+        index = Signal(range(slot_beats + 1))          # beat within the head tag
+        b_valid, b_zero, b_last, b_error = Signal(), Signal(), Signal(), Signal()
+        b_client = Signal(range(self.read_clients))
+        b_keep = Signal(beat)
+        sticky_error = Signal()                         # an earlier piece failed
+        b_ready = Array(p.ready for p in self.rd_data)[b_client]
+        available = (out != alloc) & (done[head] | (index < filled[head]))
+        advance = Signal()
+        m.d.comb += advance.eq(available & (~b_valid | b_ready))
+        final = index == beats[head] - 1
+        request_end = final & ends_request[head]
+        m.d.comb += [read.addr.eq(Cat(index[:slot_bits], head)),
+                     read.en.eq(advance)]
+        with m.If(b_ready):
+            m.d.sync += b_valid.eq(0)
+        with m.If(advance):
+            m.d.sync += [
+                b_valid.eq(1), b_client.eq(client[head]), b_zero.eq(index >= filled[head]),
+                b_last.eq(request_end),
+                b_error.eq(request_end & (sticky_error | failed[head])),
+                b_keep.eq(Mux(refused[head], 0,
+                              Mux(request_end, self._tail_keep(tail[head]), (1 << beat) - 1))),
+                index.eq(Mux(final, 0, index + 1)),
+            ]
+            with m.If(final):
+                m.d.sync += [out.eq(out + 1),
+                             sticky_error.eq(~ends_request[head] & (sticky_error | failed[head]))]
+        layout = dma_read_data_layout(width)
+        payload = struct_value(layout, {"data": Mux(b_zero, 0, read.data), "keep": b_keep,
+                                        "last": b_last, "error": b_error})
+        for k, port in enumerate(self.rd_data):
+            m.d.comb += [port.valid.eq(b_valid & (b_client == k)), port.payload.eq(payload)]
+        return bad_read
+
+    def _write_path(self, m, counters):
+        beat = self.width // 8
+        beat_bits = _log2(beat)
+        active, bad = Signal(), Signal()
+        addr, left = Signal(64), Signal(16)
+        owner = Signal(range(self.write_clients))
+        index = Signal(range(self.mps // beat + 1))       # beat within the current TLP
+        piece = Signal(13)
+        m.d.comb += piece.eq(self._piece(addr, left, self.mps))
+        tlp_beats = (piece + beat - 1) >> beat_bits
+        tlp_last = index == tlp_beats - 1
+        request_last = tlp_last & (piece == left)
+        source = Array(self.wr_data)[owner]
+        moves = Signal()
+        m.d.comb += moves.eq(active & source.valid & (bad | self.pcie_wr.ready))
+        finishing = moves & Mux(bad, left <= beat, request_last)
+
+        m.d.comb += self.pcie_wr.valid.eq(active & ~bad & source.valid)
+        m.d.comb += self.pcie_wr.payload.eq(struct_value(pcie_write_layout(self.width), {
+            "addr": addr, "length": piece, "data": source.payload.data,
+            "keep": Mux(request_last, self._tail_keep(piece), (1 << beat) - 1),
+            "last": tlp_last}))
+        for k, port in enumerate(self.wr_data):
+            m.d.comb += port.ready.eq(active & (owner == k) & (bad | self.pcie_wr.ready))
+
+        with m.If(moves):
+            with m.If(bad):
+                m.d.sync += left.eq(left - beat)
+            with m.Elif(tlp_last):
+                m.d.sync += [addr.eq(addr + piece), left.eq(left - piece), index.eq(0)]
+            with m.Else():
+                m.d.sync += index.eq(index + 1)
+            with m.If(finishing):
+                m.d.sync += active.eq(0)
+
+        rr_last = Signal(range(self.write_clients))
+        grant = round_robin_grant(m, [p.valid for p in self.wr_req], rr_last)
+        request = Array(p.payload for p in self.wr_req)[grant]
+        any_valid = Cat(p.valid for p in self.wr_req).any()
+        taking = any_valid & (~active | finishing)
+        for k, port in enumerate(self.wr_req):
+            m.d.comb += port.ready.eq(taking & (grant == k))
+        bad_write = Signal()
+        m.d.comb += bad_write.eq(taking & self._bad(request))
+        with m.If(taking):
+            m.d.sync += [active.eq(request.length != 0), bad.eq(bad_write),
+                         addr.eq(request.addr), left.eq(request.length), owner.eq(grant),
+                         index.eq(0), rr_last.eq(grant)]
+            with m.If(~bad_write):
+                m.d.sync += counters[DmaCounter.WRITE_REQUESTS].eq(
+                    counters[DmaCounter.WRITE_REQUESTS] + 1)
+        return bad_write

@@ -112,11 +112,14 @@ def _bench_job(block):
     if block == "splice":
         from tb.test_splice import bench_splice
         return bench_splice
+    if block == "dma":
+        from tb.test_dma import bench_dma_figures
+        return bench_dma_figures
     raise KeyError(block)
 
 
 BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake", "teardown",
-           "splice")
+           "splice", "dma")
 
 #: Benches that measure a block inside the NIC: the component they run on.
 IN_NIC = {"handshake": ("hw.nic:Nic", {"width": 64, "entries": 4096}),

@@ -46,6 +46,9 @@ BLOCKS = {
     "splice": Block("hw.splice:SpliceEngine", {"slots": 512},
                     "splice engine: SPLICE commands, per-flow rewrite parameters, FIN/RST/idle "
                     "tracking (bench: the whole NIC)"),
+    "dma": Block("hw.dma:DmaEngine", {"width": 64},
+                 "DMA engine: client reads/writes of host memory as PCIe reads (tags, "
+                 "reorder buffer, timeout) and posted writes"),
     "splice_rewrite": Block("hw.splice_rewrite:SpliceRewriter", {"width": 64},
                             "splice rewriter: MACs, IPs, ports, seq/ack, TS, SACK, window, checksums"),
 }

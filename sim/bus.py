@@ -37,8 +37,8 @@ class AmaranthBus:
         sig = self._cache.get(port)
         if sig is None:
             obj = self.component
-            for part in port.split("__"):
-                obj = getattr(obj, part)
+            for part in port.split("__"):    # "rd_req__0__valid": arrays of ports too
+                obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
             if hasattr(obj, "as_value"):     # a lib.data view: talk to its raw bits
                 obj = obj.as_value()
             sig = self._cache[port] = obj

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from amaranth.lib import data
 
+from hw.dma import (DMA_READ, DMA_WRITE, PCIE_READ, DmaCounter, dma_read_data_layout,
+                    pcie_completion_layout, pcie_write_layout)
 from hw.headers import HEADERS, TCP_OPTIONS
 from hw.metadata import (ERROR_FLAGS, EVENT, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
                          EventKind, FrameClass, SpliceEnd, SpliceStatus)
@@ -127,6 +129,13 @@ GENERATORS = {
     "splice_end": lambda: enum_table(SpliceEnd),
     "sp_counters": lambda: enum_table(SpCounter),
     "headers": headers_table,
+    "dma_read": lambda: layout_doc(DMA_READ),
+    "dma_write": lambda: layout_doc(DMA_WRITE),
+    "dma_read_data": lambda: layout_doc(dma_read_data_layout(64)),
+    "pcie_read": lambda: layout_doc(PCIE_READ),
+    "pcie_completion": lambda: layout_doc(pcie_completion_layout(64)),
+    "pcie_write": lambda: layout_doc(pcie_write_layout(64)),
+    "dma_counters": lambda: enum_table(DmaCounter),
     "parser_meta": lambda: layout_doc(PARSER_META),
     "tx_header": lambda: layout_doc(TX_HEADER),
     "frame_classes": classes_table,
