@@ -35,6 +35,7 @@ Ports:
   control, close, close_data, splice, table_cmd: Out (the NIC's engine ports); table_resp: In
   dma_req: Out(stream of hw.dma.DMA_READ), dma_data: In(DMA read data): the CLOSE data
   done: Out(stream of hw.host_formats.EVENT_ENTRY)
+  executed: Out(32): command entries taken
 """
 
 from amaranth.hdl import Module, Signal
@@ -72,6 +73,7 @@ class CommandDecoder(wiring.Component):
             "dma_req": Out(stream.Signature(DMA_READ)),
             "dma_data": In(stream.Signature(dma_read_data_layout(width))),
             "done": Out(stream.Signature(EVENT_ENTRY)),
+            "executed": Out(32),
         })
 
     def elaborate(self, platform):
@@ -130,6 +132,7 @@ class CommandDecoder(wiring.Component):
                 m.d.comb += self.entry.ready.eq(1)
                 with m.If(self.entry.valid):
                     m.d.sync += [index.eq(self.entry.payload.index),
+                                 self.executed.eq(self.executed + 1),
                                  command.eq(self.entry.payload.data), table.eq(0)]
                     with m.If(self.entry.payload.error):
                         m.d.sync += status.eq(CommandStatus.DMA_ERROR)

@@ -42,7 +42,7 @@ __all__ = ["Ring", "RING_ENTRY_BYTES", "RING_BASE_ALIGN", "INDEX_BITS", "MAX_RIN
            "TxFlag", "TX_DESCRIPTOR", "RX_DESCRIPTOR",
            "CommandOp", "CommandStatus", "COMMAND_BODY", "COMMAND_ENTRY",
            "HostEventKind", "TxStatus", "RxStatus", "EVENT_ENTRY",
-           "entry_bytes", "entry_from_bytes", "phase_of_pass"]
+           "HostCounter", "entry_bytes", "entry_from_bytes", "phase_of_pass"]
 
 
 class Ring(enum.IntEnum):
@@ -189,6 +189,17 @@ assert COMMAND_ENTRY.size == 8 * RING_ENTRY_BYTES[Ring.COMMAND]
 assert EVENT_ENTRY.size == 8 * RING_ENTRY_BYTES[Ring.EVENT]
 assert TX_DESCRIPTOR.size == 8 * RING_ENTRY_BYTES[Ring.TX]
 assert RX_DESCRIPTOR.size == 8 * RING_ENTRY_BYTES[Ring.RX]
+
+
+class HostCounter(enum.IntEnum):
+    """The host interface's counters (register ``HOST_COUNTERS``, one each)."""
+    TX_FRAMES = 0       # frames read from the TX ring and sent
+    TX_BAD = 1          # TX descriptors refused, or whose frame could not be read
+    RX_DELIVERED = 2    # frames written into RX buffers
+    RX_DROPPED = 3      # frames dropped: no room while waiting for RX buffers
+    RX_TOO_LONG = 4     # frames dropped: longer than their RX buffer
+    EVENTS = 5          # events written into the event ring
+    COMMANDS = 6        # command entries executed
 
 
 def entry_bytes(layout, **fields):

@@ -19,8 +19,9 @@ map; ``python -m sim.docs`` renders it into docs/host_interface.md.
 import enum
 from dataclasses import dataclass
 
+from hw.dma import DmaCounter
 from hw.handshake import Reason
-from hw.host_formats import Ring
+from hw.host_formats import HostCounter, Ring
 from hw.splice import SpCounter
 from hw.teardown import TdCounter
 
@@ -160,6 +161,13 @@ REGISTERS = _regs(
              "interrupt once this many events are unannounced (0 or 1: every event)"),
     Register("IRQ_TIME", 0x488, Access.RW,
              "... or once the oldest unannounced event is this many cycles old (0: at once)"),
+    # ---- DMA and the host interface's statistics
+    Register("DMA_TIMEOUT", 0x48C, Access.RW,
+             "DMA read completion timeout (cycles; 0: never)", reset=1 << 20),
+    Register("HOST_COUNTERS", 0x4C0, Access.RO,
+             "one register per hw.host_formats.HostCounter", count=len(HostCounter)),
+    Register("DMA_COUNTERS", 0x4E0, Access.RO,
+             "one register per hw.dma.DmaCounter", count=len(DmaCounter)),
 )
 
 

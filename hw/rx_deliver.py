@@ -79,9 +79,16 @@ class RxDeliver(wiring.Component):
         # Decided at the first beat (the frame's verdict must be there too).
         room = (level <= depth - max_beats) & stored.w_rdy
         keep_this = Mux(first, room, keeping)
+        # The verdicts wait in a FIFO: no path from one input's valid to the other's ready
+        # (the dispatcher's host and host_meta streams depend on each other).
+        m.submodules.verdicts = verdicts = SyncFIFOBuffered(width=VERDICT.size, depth=4)
+        verdict = VERDICT(verdicts.r_data)
         m.d.comb += [
-            self.frame.ready.eq(~first | self.meta.valid),
-            self.meta.ready.eq(self.frame.valid & first),
+            verdicts.w_en.eq(self.meta.valid),
+            verdicts.w_data.eq(self.meta.payload),
+            self.meta.ready.eq(verdicts.w_rdy),
+            self.frame.ready.eq(~first | verdicts.r_rdy),
+            verdicts.r_en.eq(self.frame.valid & first),
         ]
         took = self.frame.valid & self.frame.ready
         beat_length = Signal(range(beat_bytes + 1))
@@ -90,7 +97,7 @@ class RxDeliver(wiring.Component):
         with m.If(took):
             m.d.sync += in_frame.eq(~beat.last)
             with m.If(first):
-                m.d.sync += [keeping.eq(room), reason.eq(self.meta.payload.reason),
+                m.d.sync += [keeping.eq(room), reason.eq(verdict.reason),
                              length.eq(beat_length)]
             with m.Else():
                 m.d.sync += length.eq(length + beat_length)
@@ -102,7 +109,7 @@ class RxDeliver(wiring.Component):
             stored.w_en.eq(took & keep_this & beat.last),
             stored.w_data.eq(struct_value(_STORED, {
                 "length": Mux(first, beat_length, length + beat_length),
-                "reason": Mux(first, self.meta.payload.reason, reason)})),
+                "reason": Mux(first, verdict.reason, reason)})),
         ]
 
         # ---- out: the next stored frame into the next buffer.

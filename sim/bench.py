@@ -122,9 +122,9 @@ BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake", "t
            "splice", "dma")
 
 #: Benches that measure a block inside the NIC: the component they run on.
-IN_NIC = {"handshake": ("hw.nic:Nic", {"width": 64, "entries": 4096}),
-          "teardown": ("hw.nic:Nic", {"width": 64, "entries": 4096}),
-          "splice": ("hw.nic:Nic", {"width": 64, "entries": 4096})}
+IN_NIC = {"handshake": ("hw.datapath:Datapath", {"width": 64, "entries": 4096}),
+          "teardown": ("hw.datapath:Datapath", {"width": 64, "entries": 4096}),
+          "splice": ("hw.datapath:Datapath", {"width": 64, "entries": 4096})}
 
 
 def run(block, width=64, sim="amaranth", waves=None, entries=None):

@@ -14,7 +14,7 @@
    (``hw.builder.TxBuilder``) build it; scapy checks every frame and checksum;
 4. **TX host frames**: sends host-built frames with blank checksums through the
    checksum inserter (``hw.checksum_insert.ChecksumInserter``); scapy checks them;
-5. **connection setup offload** through the whole NIC (``hw.nic.Nic``): scapy
+5. **connection setup offload** through the whole NIC (``hw.datapath.Datapath``): scapy
    clients with different stacks' options open connections (SYN-ACKs with keyed
    cookies, checked by scapy; established events; data to the host; flows in the
    connection table), then a SYN flood at line rate and forged final ACKs;
@@ -276,23 +276,23 @@ def main(args):
     completed_ok = sum(_checksums_ok(f) for f in completed)
 
     # ---- connection setup offload through the whole NIC
-    from hw.nic import Nic
+    from hw.datapath import Datapath
     from tb.test_nic import demo_setup
     print(f"NIC: {SETUP_CLIENTS} clients open connections through the setup offload, "
           f"then a {SETUP_FLOOD}-SYN flood and {SETUP_FORGED} forged ACKs ...", flush=True)
-    nic = run_job(Nic, {"width": width, "entries": 4096}, demo_setup, sim=sim,
+    nic = run_job(Datapath, {"width": width, "entries": 4096}, demo_setup, sim=sim,
                   job_args={"width": width, "clients": SETUP_CLIENTS, "flood": SETUP_FLOOD,
                             "forged": SETUP_FORGED})
     setup = nic.value
     from tb.demo_teardown import SCENARIOS, TIMERS, demo_teardown
     print(f"NIC: {len(SCENARIOS)} connections closed by the teardown offload ...", flush=True)
-    closing = run_job(Nic, {"width": width, "entries": 4096}, demo_teardown, sim=sim,
+    closing = run_job(Datapath, {"width": width, "entries": 4096}, demo_teardown, sim=sim,
                       job_args={"width": width})
     teardown = closing.value
     from tb.demo_splice import RESPONSE_BYTES, demo_splice
     print(f"NIC: a proxy splices a client and a back end; a {RESPONSE_BYTES}-byte response "
           "relayed ...", flush=True)
-    splicing = run_job(Nic, {"width": width, "entries": 4096}, demo_splice, sim=sim,
+    splicing = run_job(Datapath, {"width": width, "entries": 4096}, demo_splice, sim=sim,
                        job_args={"width": width})
     splice = splicing.value
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of hw.nic (Nic): scapy clients on the wire, the host on plain streams.
+"""End-to-end tests of the NIC datapath (hw.datapath.Datapath): scapy clients on the wire, the host on plain streams.
 
 The clients' frames go in on ``mac_rx`` beat by beat; everything the NIC sends on
 ``mac_tx`` is parsed back with scapy and checked (checksums recomputed by scapy, flags,
@@ -16,7 +16,7 @@ from scapy.layers.l2 import ARP, Ether
 from hw.conn_table import Op, Status, command_layout, response_layout
 from hw.handshake import VERDICT, ControlOp, Reason, control_layout
 from hw.metadata import EVENT, FLOW_VALUE, EventKind
-from hw.nic import Nic
+from hw.datapath import Datapath
 from hw.stream import beats_to_frame, frame_to_beats, pack_struct, unpack_struct
 from sim.bus import StreamSink, StreamSource, run_until
 from sim.demo import _checksums_ok
@@ -245,7 +245,7 @@ async def nic_handshakes(dut):
 @pytest.mark.parametrize("width", [64, 512])
 def test_nic_rtl(sim, width):
     from tb.harness import run_cocotb
-    run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_nic", sim)
+    run_cocotb(Datapath, {"width": width, "entries": 256}, "tb.test_nic", sim)
 
 
 # ----------------------------------------------------------------------------- bench

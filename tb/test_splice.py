@@ -1,4 +1,4 @@
-"""End-to-end tests of connection splicing through the whole NIC (hw.nic.Nic).
+"""End-to-end tests of connection splicing through the whole NIC (hw.datapath.Datapath).
 
 A scapy client (peer A) talks to the proxy's connection a, a scapy server (peer B) to
 its connection b; each has its own ISN, MSS, window scale and timestamp clock. The test
@@ -565,9 +565,9 @@ TESTS = {
 
 @pytest.mark.parametrize("width", [64, 512])
 def test_splice(sim, width):
-    from hw.nic import Nic
+    from hw.datapath import Datapath
     from tb.harness import run_cocotb
-    run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_splice", sim,
+    run_cocotb(Datapath, {"width": width, "entries": 256}, "tb.test_splice", sim,
                testcase=TESTS[sim, width])
 
 

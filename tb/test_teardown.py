@@ -1,4 +1,4 @@
-"""End-to-end tests of the teardown engine through the NIC (hw.nic.Nic), against its model.
+"""End-to-end tests of the teardown engine through the NIC (hw.datapath.Datapath), against its model.
 
 The host hands connections over on ``close``/``close_data``; scapy peers (``Peer`` of
 tb/test_teardown_model.py) answer on ``mac_rx`` like TCP endpoints, and the testbench
@@ -36,7 +36,7 @@ from sim.teardown_model import MASK32, TableModel, TeardownModel
 from tb.test_nic import CLOCK_MHZ, FrameSink, NicBench
 from tb.test_teardown_model import FA, A, R, RA, S, F, Peer, ip_int
 
-#: The Nic configuration the tests build (shared with tb/test_nic.py).
+#: The Datapath configuration the tests build (shared with tb/test_nic.py).
 NIC_PARAMS = {"width": 64, "entries": 256}
 SLOTS = 1024
 BUFFERS = 16
@@ -134,7 +134,7 @@ def flow_of_peer(peer):
 
 
 class TdBench(NicBench):
-    """The Nic, its stream agents, the teardown model and the expectations."""
+    """The Datapath, its stream agents, the teardown model and the expectations."""
 
     def __init__(self, bus, width, stall=0.2, seed=1, entries=256, slots=SLOTS, buffers=BUFFERS,
                  tick_period=0, fin_rto=NEVER, fin2_timeout=NEVER, time_wait=NEVER,
@@ -961,9 +961,9 @@ TESTS = ["td_transitions_test", "td_burst_test", "td_loss_test", "td_timers_test
 
 @pytest.mark.parametrize("width", [64, 512])
 def test_teardown_rtl(sim, width):
-    from hw.nic import Nic
+    from hw.datapath import Datapath
     from tb.harness import run_cocotb
-    run_cocotb(Nic, {"width": width, "entries": 256}, "tb.test_teardown", sim,
+    run_cocotb(Datapath, {"width": width, "entries": 256}, "tb.test_teardown", sim,
                testcase=TESTS if width == 64 else TESTS[:2])
 
 
@@ -999,9 +999,9 @@ async def td_small(bus, width=64, stall=0.1, seed=17):
 def test_teardown_small_nic_amaranth():
     """NO_SLOT and TABLE_FULL need a NIC with few slots and a small table: a build of its
     own, on the built-in simulator (no Verilator or Icarus build for one test)."""
-    from hw.nic import Nic
+    from hw.datapath import Datapath
     from sim.jobs import run_job
-    result = run_job(Nic, {"width": 64, "entries": 64, "teardown_slots": 4,
+    result = run_job(Datapath, {"width": 64, "entries": 64, "teardown_slots": 4,
                            "teardown_buffers": 3}, td_small, sim="amaranth")
     assert result.value["filled"] >= 48, result.value
 
