@@ -1,0 +1,578 @@
+"""The host's TCP stack for established connections (``host_driver.tcp``).
+
+* every frame it emits parses in scapy with right checksums and the expected fields;
+* two connections back to back through a lossy, reordering, duplicating channel;
+* bad input: truncated frames, bad checksums, other 4-tuples, out-of-window segments,
+  RSTs and SYNs (RFC 5961), PAWS;
+* the hand-overs to the NIC (CLOSE_COMMAND, SPLICE_SIDE);
+* against the real Linux stack in a network namespace (``sim.linux_peer``): a Linux
+  client connects to our side, which answers with the NIC's cookie SYN-ACK
+  (``sim.handshake_model``) and runs an echo server on a ``TcpConnection``.
+
+Time is simulated (seconds) except against Linux; no assertion depends on wall time.
+"""
+
+import heapq
+import random
+import socket
+import threading
+import time
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from hw.headers import TcpFlags
+from hw.metadata import EventKind
+from hw.splice import SPLICE_SIDE
+from hw.stream import pack_struct
+from hw.teardown import CLOSE_COMMAND, MAX_HELD_DATA
+from host_driver.segment import MASK32, frame_from_header
+from host_driver.tcp import State, TcpConnection, TcpSettings
+from sim import linux_peer
+from sim.handshake_model import HandshakeModel, listener
+from sim.reference import parse_frame
+from sim.teardown_model import zero_event
+from tb.test_splice_rewrite import scapy_checksums
+
+A_MAC, B_MAC = 0x02_00_00_00_00_0A, 0x02_00_00_00_00_0B
+A_IP, B_IP = 0xC0_00_02_02, 0xC0_00_02_01          # 192.0.2.2, 192.0.2.1
+A_PORT, B_PORT = 80, 40000
+
+
+class Clock:
+    """Simulated time: ``now`` in seconds, and the NIC's TSval clock in milliseconds."""
+
+    def __init__(self, start=0.0, ts_base=0):
+        self.now = start
+        self.ts_base = ts_base
+
+    def ts(self):
+        return (self.ts_base + int(self.now * 1000)) & MASK32
+
+
+def make_event(local, peer, iss, irs, *, mss=1460, wscale=(7, 9), ts=True, ts_recent=0,
+               ts_echo=0, window=None):
+    """An ESTABLISHED event dict for ``local`` talking to ``peer`` ((mac, ip, port) each).
+    ``wscale``: (our shift, the peer's), or None when not negotiated."""
+    e = zero_event()
+    local_shift, peer_shift = wscale or (0, 0)
+    e.update(kind=int(EventKind.ESTABLISHED), peer_ip=peer[1], local_ip=local[1],
+             peer_port=peer[2], local_port=local[2], iss=iss, irs=irs, mss=mss,
+             wscale_ok=int(wscale is not None), peer_wscale=peer_shift,
+             local_wscale=local_shift, sack_ok=1, ts_ok=int(ts), ts_recent=ts_recent,
+             ts_echo=ts_echo, window=(65535 >> peer_shift) if window is None else window)
+    e["eth"] = {"peer": peer[0], "local": local[0]}
+    return e
+
+
+def make_pair(rng, clock, *, mss=1460, wscale=(7, 9), ts=True, buffers=(1 << 16, 1 << 16),
+              **settings):
+    """Two connections, A (192.0.2.2:80) and B (192.0.2.1:40000), established with each
+    other as the NIC would report it on both ends."""
+    a_iss, b_iss = rng.getrandbits(32), rng.getrandbits(32)
+    a_end, b_end = (A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT)
+    b_shifts = (wscale[1], wscale[0]) if wscale else None
+    ts_a, ts_b = rng.getrandbits(32), rng.getrandbits(32)
+    a = TcpConnection(make_event(a_end, b_end, a_iss, b_iss, mss=mss, wscale=wscale, ts=ts,
+                                 ts_recent=ts_b, ts_echo=clock.ts()),
+                      TcpSettings(receive_buffer=buffers[0], ts_clock=clock.ts, **settings))
+    b = TcpConnection(make_event(b_end, a_end, b_iss, a_iss, mss=mss, wscale=b_shifts, ts=ts,
+                                 ts_recent=ts_a, ts_echo=clock.ts()),
+                      TcpSettings(receive_buffer=buffers[1], ts_clock=clock.ts, **settings))
+    # Each side's first TSval is what the other side's ts_recent says (any value would
+    # do for PAWS as long as it is not in the future of the sender's clock).
+    a.ts_recent, b.ts_recent = b._tsval(), a._tsval()
+    return a, b
+
+
+class Channel:
+    """A lossy network between two endpoints: each frame is lost with probability
+    ``loss``, duplicated with ``dup``, and delivered after ``delay`` plus up to
+    ``jitter`` seconds (so frames overtake each other)."""
+
+    def __init__(self, rng, loss=0.0, dup=0.0, delay=0.01, jitter=0.0):
+        self.rng, self.loss, self.dup = rng, loss, dup
+        self.delay, self.jitter = delay, jitter
+        self.queue = []                 # (arrival, order, destination, frame)
+        self.order = 0
+        self.sent = self.lost = self.duplicated = 0
+
+    def send(self, now, destination, frame):
+        self.sent += 1
+        if self.rng.random() < self.loss:
+            self.lost += 1
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        self.duplicated += copies - 1
+        for _ in range(copies):
+            self.order += 1
+            arrival = now + self.delay + self.rng.random() * self.jitter
+            heapq.heappush(self.queue, (arrival, self.order, destination, frame))
+
+    def next_arrival(self):
+        return self.queue[0][0] if self.queue else None
+
+    def pop(self):
+        arrival, _, destination, frame = heapq.heappop(self.queue)
+        return arrival, destination, frame
+
+
+def run_pair(a, b, clock, channel, *, until, app=None, max_events=500_000, tap=None):
+    """Run both connections over ``channel`` (event-driven simulated time) until
+    ``until()`` holds or nothing is left to happen. ``app(now)`` runs after each event
+    (the applications); ``tap(sender, frame)`` sees every frame sent."""
+    peers = {id(a): b, id(b): a}
+    idle = 0
+    for _ in range(max_events):
+        for conn in (a, b):
+            for frame in conn.poll(clock.now):
+                if tap:
+                    tap(conn, frame)
+                channel.send(clock.now, peers[id(conn)], frame)
+        if until():
+            return True
+        times = [t for t in (channel.next_arrival(), a.next_deadline(), b.next_deadline())
+                 if t is not None]
+        if not times:                   # nothing scheduled: the applications act or it is over
+            idle += 1
+            if app is None or idle > 1000:
+                return until()
+            clock.now += 0.01
+            app(clock.now)
+            continue
+        idle = 0
+        clock.now = max(clock.now, min(times))
+        if channel.next_arrival() is not None and channel.next_arrival() <= clock.now:
+            _, destination, frame = channel.pop()
+            destination.receive(frame, clock.now)
+        if app:
+            app(clock.now)
+    raise AssertionError("the simulation did not settle")
+
+
+# ---------------------------------------------------------------------------- scapy checks
+
+def check_with_scapy(frame, conn, *, seq=None, ack=None, flags=None, payload=None):
+    """``frame`` (sent by ``conn``) parses in scapy, has right checksums and the
+    connection's addresses, window and timestamp option."""
+    p = Ether(frame)
+    assert IP in p and TCP in p
+    ip, tcp = p[IP], p[TCP]
+    assert scapy_checksums(frame) == (ip.chksum, tcp.chksum)
+    assert (int(p.src.replace(":", ""), 16), int(p.dst.replace(":", ""), 16)) == (
+        conn.local_mac, conn.peer_mac)
+    assert (ip.src, ip.dst) == (socket.inet_ntoa(conn.local_ip.to_bytes(4, "big")),
+                                socket.inet_ntoa(conn.peer_ip.to_bytes(4, "big")))
+    assert (tcp.sport, tcp.dport) == (conn.local_port, conn.peer_port)
+    assert ip.flags.DF and ip.ttl == 64 and ip.ihl == 5
+    options = dict((k, v) for k, v in tcp.options if k != "NOP")
+    if tcp.flags.R:
+        assert tcp.window == 0 and not options
+    else:
+        assert tcp.flags.A and tcp.ack == conn.rcv_nxt
+        assert (tcp.window << conn.local_wscale) >= conn.receive_buffer.free - (
+            1 << conn.local_wscale) or tcp.window == 0xFFFF
+        if conn.ts_ok:
+            assert set(options) == {"Timestamp"}
+            assert options["Timestamp"] == (conn._tsval(), conn.ts_recent)
+        else:
+            assert not options
+    data = bytes(tcp.payload)[:ip.len - ip.ihl * 4 - tcp.dataofs * 4]
+    if seq is not None:
+        assert tcp.seq == seq & MASK32
+    if ack is not None:
+        assert tcp.ack == ack & MASK32
+    if flags is not None:
+        assert str(tcp.flags) == flags
+    if payload is not None:
+        assert data == payload
+    return tcp, data
+
+
+@pytest.mark.parametrize("ts,wscale", [(True, (7, 9)), (False, None), (True, None),
+                                        (False, (2, 14))])
+def test_frames_parse_in_scapy(ts, wscale):
+    rng = random.Random(1)
+    clock = Clock(ts_base=rng.getrandbits(32))
+    a, b = make_pair(rng, clock, ts=ts, wscale=wscale, buffers=(100_000, 70_000))
+    mss = 1460 - (12 if ts else 0)
+    assert a.mss == mss
+    data = rng.randbytes(2 * mss + 100)     # three segments: the initial window (RFC 5681)
+    a.send(data)
+    frames = a.poll(0.0)
+    assert len(frames) == 3
+    start = a.snd_una
+    for k, frame in enumerate(frames):
+        chunk = data[k * mss:(k + 1) * mss]
+        check_with_scapy(frame, a, seq=start + k * mss, ack=b.snd_una, payload=chunk,
+                         flags="PA" if k == 2 else "A")
+    for frame in frames:
+        assert b.receive(frame, 0.01)
+    assert b.read() == data
+    acks = b.poll(0.01)
+    assert len(acks) == 1          # one ACK for the burst (every second segment, merged)
+    check_with_scapy(acks[0], b, seq=b.snd_nxt, ack=a.snd_max, flags="A", payload=b"")
+    assert a.receive(acks[0], 0.02) and a.all_acked
+    a.close()
+    fin = a.poll(0.02)
+    check_with_scapy(fin[0], a, seq=a.snd_una, flags="FA", payload=b"")
+    # The parser model of the NIC agrees (no error flags) on everything we send.
+    for frame in frames + acks + fin:
+        meta = parse_frame(frame)
+        assert not any(meta["errors"].values())
+        assert meta["opt"]["ts_valid"] == int(ts)
+
+
+# ---------------------------------------------------------------------------- back to back
+
+@pytest.mark.parametrize("seed,loss,dup,jitter", [(1, 0.0, 0.0, 0.0), (2, 0.05, 0.02, 0.004),
+                                                   (3, 0.15, 0.05, 0.02), (4, 0.02, 0.1, 0.05)])
+def test_back_to_back(seed, loss, dup, jitter):
+    rng = random.Random(seed)
+    clock = Clock(ts_base=rng.getrandbits(32))
+    a, b = make_pair(rng, clock, buffers=(rng.choice([8_000, 65_536, 300_000]),
+                                          rng.choice([5_000, 65_536, 200_000])),
+                     time_wait=2.0)
+    channel = Channel(rng, loss=loss, dup=dup, delay=0.005, jitter=jitter)
+    to_b, to_a = rng.randbytes(rng.randrange(100_000, 400_000)), rng.randbytes(150_000)
+    pending = {id(a): [to_b, 0], id(b): [to_a, 0]}
+    got = {id(a): bytearray(), id(b): bytearray()}
+
+    def app(now):
+        for conn in (a, b):
+            data, offset = pending[id(conn)]
+            if offset < len(data) and rng.random() < 0.3:
+                size = rng.choice([1, 100, 1000, 5000, 30000])
+                conn.send(data[offset:offset + size])
+                pending[id(conn)][1] = offset + size
+            elif offset >= len(data) and not conn.fin_queued:
+                conn.close()
+            if rng.random() < 0.5:                  # the application reads when it likes
+                got[id(conn)] += conn.read(rng.choice([None, 2000]))
+
+    assert run_pair(a, b, clock, channel, app=app, until=lambda: a.closed and b.closed)
+    got[id(a)] += a.read()
+    got[id(b)] += b.read()
+    assert bytes(got[id(b)]) == to_b and bytes(got[id(a)]) == to_a
+    assert a.error is None and b.error is None
+    # Who closed first ends in TIME_WAIT and then CLOSED; both end CLOSED.
+    assert a.state == b.state == State.CLOSED
+    if loss:
+        assert a.counters.get("retransmits", 0) + b.counters.get("retransmits", 0) > 0
+    if dup or jitter:
+        assert a.counters.get("rx_duplicate", 0) + b.counters.get("rx_duplicate", 0) \
+            + a.counters.get("rx_out_of_order", 0) + b.counters.get("rx_out_of_order", 0) > 0
+
+
+def test_retransmission_backoff_and_abort():
+    """A silent peer: RTO doubles each time, then the connection aborts with an RST."""
+    rng = random.Random(7)
+    clock = Clock()
+    a, _ = make_pair(rng, clock, max_retries=4, initial_rto=1.0, min_rto=0.2)
+    a.send(b"x" * 100)
+    sent = []
+    while not a.closed:
+        frames = a.poll(clock.now)
+        sent += [(clock.now, f) for f in frames]
+        clock.now = a.next_deadline() if a.next_deadline() is not None else clock.now
+    times = [t for t, _ in sent]
+    gaps = [round(y - x, 6) for x, y in zip(times, times[1:])]
+    assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0]              # 4 retransmissions, then the RST
+    last = Ether(sent[-1][1])[TCP]
+    assert last.flags == "RA" and a.error == "timeout"
+    assert all(bytes(Ether(f)[TCP].payload)[:100] == b"x" * 100 for _, f in sent[:-1])
+
+
+def test_zero_window_probes():
+    """A peer whose application never reads: its window closes; probes back off; when it
+    reads, the window update restarts the transfer."""
+    rng = random.Random(8)
+    clock = Clock()
+    a, b = make_pair(rng, clock, buffers=(1 << 16, 4096), wscale=None)
+    channel = Channel(rng, delay=0.01)
+    data = rng.randbytes(20_000)
+    a.send(data)
+    assert run_pair(a, b, clock, channel, until=lambda: a.counters.get("window_probes", 0) >= 4)
+    assert b.readable == 4096 and a.snd_wnd == 0
+    assert run_pair(a, b, clock, channel, app=lambda now: b.read(500) if now > 60 else None,
+                    until=lambda: a.all_acked)
+    assert b.counters["window_updates"] > 0
+
+
+def test_rtt_estimate():
+    rng = random.Random(9)
+    clock = Clock()
+    a, b = make_pair(rng, clock, delayed_ack=0)
+    channel = Channel(rng, delay=0.05)
+    a.send(rng.randbytes(50_000))
+    assert run_pair(a, b, clock, channel, until=lambda: a.all_acked)
+    assert a.rtt.srtt == pytest.approx(0.1, abs=0.01)
+    assert a.rtt.rto == pytest.approx(0.2, abs=0.05)       # min_rto bounds it
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _from_b(b, flags="A", seq=None, ack=None, payload=b"", tsval=None, window=100):
+    """A frame from B's side, built by scapy (the reference), with B's numbers."""
+    options = []
+    if b.ts_ok:
+        options = [("NOP", None), ("NOP", None),
+                   ("Timestamp", (b._tsval() if tsval is None else tsval, b.ts_recent))]
+    frame = (Ether(src="02:00:00:00:00:0b", dst="02:00:00:00:00:0a")
+             / IP(src="192.0.2.1", dst="192.0.2.2", flags="DF")
+             / TCP(sport=B_PORT, dport=A_PORT, flags=flags,
+                   seq=(b.snd_nxt if seq is None else seq) & MASK32,
+                   ack=(b.rcv_nxt if ack is None else ack) & MASK32, window=window,
+                   options=options) / payload)
+    frame = bytes(frame)
+    return frame + bytes(max(0, 60 - len(frame)))
+
+
+def test_bad_frames_dropped_and_counted():
+    rng = random.Random(10)
+    clock = Clock()
+    a, b = make_pair(rng, clock)
+    assert len(a.poll(0.0)) == 1        # the first poll announces our (scaled) window
+    good = _from_b(b, payload=b"hello")
+    bad_tcp = bytearray(good)
+    bad_tcp[54 + 12] ^= 0xFF                  # the first payload byte: TCP checksum wrong
+    bad_ip = bytearray(good)
+    bad_ip[14 + 8] ^= 1                       # the TTL: IPv4 checksum wrong
+    other = bytes(Ether(src="02:00:00:00:00:0b", dst="02:00:00:00:00:0a")
+                  / IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=B_PORT + 1, dport=A_PORT))
+    for frame in (good[:30], good[:54 + 5], bytes(bad_tcp), bytes(bad_ip), other, b"\0" * 10):
+        assert not a.receive(frame, 0.0)
+    c = a.counters
+    assert (c["rx_truncated"], c["rx_bad_tcp_checksum"], c["rx_bad_ip_checksum"],
+            c["rx_other_flow"], c["rx_not_tcp"]) == (2, 1, 1, 1, 1)
+    assert a.readable == 0 and a.poll(0.0) == []
+    assert a.receive(good, 0.0) and a.read() == b"hello"
+
+
+def test_out_of_window_and_old_segments():
+    rng = random.Random(11)
+    clock = Clock()
+    a, b = make_pair(rng, clock, buffers=(10_000, 10_000))
+    nxt = a.rcv_nxt
+    assert a.receive(_from_b(b, seq=nxt + 20_000, payload=b"far"), 0.0)
+    assert a.counters["rx_out_of_window"] == 1
+    acks = a.poll(0.0)
+    assert len(acks) == 1
+    check_with_scapy(acks[0], a, seq=a.snd_nxt, ack=nxt, flags="A", payload=b"")
+    assert a.receive(_from_b(b, seq=nxt - 5000, payload=b"old"), 0.0)     # before RCV.NXT
+    assert a.counters["rx_out_of_window"] == 2 and len(a.poll(0.0)) == 1
+    # Out of order inside the window: held, a duplicate ACK at once, delivered later.
+    assert a.receive(_from_b(b, seq=nxt + 5, payload=b"world"), 0.0)
+    check_with_scapy(a.poll(0.0)[0], a, ack=nxt, flags="A")
+    assert a.readable == 0
+    assert a.receive(_from_b(b, seq=nxt, payload=b"hello"), 0.0)
+    assert a.read() == b"helloworld"
+    # An ACK of data we never sent: answered with an ACK, segment dropped.
+    assert a.receive(_from_b(b, seq=a.rcv_nxt, ack=a.snd_nxt + 1000, payload=b"zzz"), 0.0)
+    assert a.counters["rx_ack_too_new"] == 1 and a.readable == 0
+
+
+def test_rst_rfc5961():
+    rng = random.Random(12)
+    clock = Clock()
+    a, b = make_pair(rng, clock)
+    nxt = a.rcv_nxt
+    assert a.receive(_from_b(b, flags="R", seq=nxt + 100), 0.0)        # in window, not exact
+    frames = a.poll(0.0)
+    assert len(frames) == 1 and a.state == State.ESTABLISHED
+    check_with_scapy(frames[0], a, seq=a.snd_nxt, ack=nxt, flags="A")   # challenge ACK
+    assert a.receive(_from_b(b, flags="R", seq=nxt + 10_000_000), 0.0)  # outside: ignored
+    assert a.poll(0.0) == [] and a.state == State.ESTABLISHED
+    assert a.receive(_from_b(b, flags="S", seq=nxt + 3), 0.0)           # SYN: challenge ACK
+    assert len(a.poll(0.0)) == 1 and a.state == State.ESTABLISHED
+    assert (a.counters["rst_challenged"], a.counters["rst_ignored"],
+            a.counters["syn_challenged"]) == (1, 1, 1)
+    assert a.receive(_from_b(b, flags="R", seq=nxt), 0.0)               # exact: closed
+    assert a.state == State.CLOSED and a.error == "reset" and a.poll(0.0) == []
+
+
+def test_paws_and_ts_recent():
+    rng = random.Random(13)
+    clock = Clock()
+    a, b = make_pair(rng, clock)
+    recent = a.ts_recent
+    assert a.receive(_from_b(b, payload=b"old", tsval=(recent - 5) & MASK32), 0.0)
+    assert a.counters["rx_paws"] == 1 and a.readable == 0
+    assert len(a.poll(0.0)) == 1                                        # ACKed, dropped
+    assert a.receive(_from_b(b, payload=b"new", tsval=recent + 7), 0.0)
+    assert a.read() == b"new" and a.ts_recent == (recent + 7) & MASK32
+    # An out-of-order segment does not move TS.Recent (its SEQ is after the last ACK sent).
+    assert a.receive(_from_b(b, seq=a.rcv_nxt + 10, payload=b"x", tsval=recent + 50), 0.0)
+    assert a.ts_recent == (recent + 7) & MASK32
+
+
+def test_ts_offset_continues_the_synack_clock():
+    """The SYN-ACK's TSval (ts_echo) may be ahead of the NIC clock (cookie bits in its low
+    6 bits): our first TSval is not below it, and the offset is what CLOSE carries."""
+    rng = random.Random(14)
+    clock = Clock(ts_base=1024)
+    e = make_event((A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT), 1, 2, ts_echo=1024 | 63)
+    conn = TcpConnection(e, TcpSettings(ts_clock=clock.ts))
+    assert conn.ts_offset == 63 and conn._tsval() == 1087
+    clock.now = 1.0
+    assert conn._tsval() == 2087
+    e = make_event((A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT), 1, 2, ts_echo=900)
+    assert TcpConnection(e, TcpSettings(ts_clock=clock.ts)).ts_offset == 0
+    _ = rng
+
+
+# ---------------------------------------------------------------------------- hand-overs
+
+def test_close_command():
+    rng = random.Random(15)
+    clock = Clock(ts_base=77)
+    a, b = make_pair(rng, clock)
+    channel = Channel(rng, delay=0.01)
+    a.send(b"request-answer" * 10)
+    assert run_pair(a, b, clock, channel, until=lambda: a.all_acked)
+    a.send(b"held1")
+    a.poll(clock.now)                       # sent, not acknowledged
+    a.send(b"held2")                        # queued, not sent
+    fields, held = a.close_command()
+    assert held == b"held1held2" and fields["data_length"] == 10
+    assert fields["snd_una"] == a.snd_una and fields["snd_nxt"] == (a.snd_una + 5) & MASK32
+    assert fields["rcv_nxt"] == a.rcv_nxt and fields["peer_fin"] == 0
+    assert fields["ts_offset"] == a.ts_offset and fields["ts_recent"] == a.ts_recent
+    assert fields["rcv_wscale"] == 7 and fields["window"] << 7 >= a.receive_buffer.free - 127
+    pack_struct(CLOSE_COMMAND, **fields)            # every field fits the layout
+    assert a.state == State.HANDED_OVER and a.poll(clock.now) == []
+    # Passive close: the peer's FIN first.
+    a2, b2 = make_pair(rng, clock)
+    b2.close()
+    assert run_pair(a2, b2, clock, Channel(rng), until=lambda: a2.state == State.CLOSE_WAIT)
+    fields, held = a2.close_command()
+    assert fields["peer_fin"] == 1 and held == b""
+    # Too much unacknowledged data: refused.
+    a3, _ = make_pair(rng, clock)
+    a3.send(bytes(MAX_HELD_DATA + 1))
+    assert not a3.can_hand_over_close
+    with pytest.raises(ValueError):
+        a3.close_command()
+
+
+def test_splice_side():
+    rng = random.Random(16)
+    clock = Clock()
+    a, b = make_pair(rng, clock)
+    a.send(b"GET / HTTP/1.1\r\n\r\n")
+    a.poll(0.0)
+    assert not a.all_acked
+    with pytest.raises(ValueError):
+        a.splice_side()
+    assert run_pair(a, b, clock, Channel(rng), until=lambda: a.all_acked)
+    side = a.splice_side(ttl=64)
+    assert side["snd_nxt"] == a.snd_una and side["rcv_nxt"] == a.rcv_nxt
+    assert (side["ts_ok"], side["wscale_ok"], side["peer_wscale"], side["local_wscale"]) == (
+        1, 1, 9, 7)
+    assert side["ts_now"] == a._tsval()
+    pack_struct(SPLICE_SIDE, **side)
+    assert a.state == State.HANDED_OVER
+
+
+# ---------------------------------------------------------------------------- against Linux
+
+LINUX_REASON = linux_peer.unavailable()
+needs_linux = pytest.mark.skipif(LINUX_REASON is not None,
+                                 reason=f"no Linux peer: {LINUX_REASON}")
+
+
+def _ip_int(text):
+    return int.from_bytes(socket.inet_aton(text), "big")
+
+
+def linux_client(total, seed, port, result):
+    """Inside the namespace: connect, write ``total`` random bytes in writes of random
+    sizes (another thread), read the echo, half-close, read to EOF, close."""
+    rng = random.Random(seed)
+    data = rng.randbytes(total)
+    sock = socket.create_connection((linux_peer.OUR_IP, port), timeout=30)
+
+    def writer():
+        offset = 0
+        while offset < total:
+            size = rng.choice([1, 10, 100, 1000, 1448, 4000, 16384, 65536])
+            sock.sendall(data[offset:offset + size])
+            offset += size
+        sock.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    received = bytearray()
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        received += chunk
+    thread.join()
+    sock.close()
+    result["echo_ok"] = bytes(received) == data
+    result["received"] = len(received)
+    return result
+
+
+def serve_echo(peer, port, settings, handshake, deadline):
+    """Our side: the NIC's cookie handshake (golden model), then an echo server on a
+    ``TcpConnection`` until it is closed. Returns the connection."""
+    conn = None
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        wait = 0.05
+        if conn is not None and conn.next_deadline() is not None:
+            wait = min(wait, max(0.0, conn.next_deadline() - now))
+        frame = peer.read_frame(wait)
+        now = time.monotonic()
+        if frame is not None:
+            if conn is None:
+                meta = parse_frame(frame)
+                handshake.ts_clock = settings.ts_clock()
+                _, reply, event = handshake.process(meta)
+                if reply is not None:
+                    peer.write_frame(frame_from_header(reply))
+                if event is not None:
+                    conn = TcpConnection(event, settings)
+                    if event["payload_length"]:
+                        conn.receive(frame, now)
+            else:
+                conn.receive(frame, now)
+        if conn is None:
+            continue
+        data = conn.read()
+        if data and not conn.fin_queued:
+            conn.send(data)
+        if conn.at_eof and not conn.fin_queued and conn.state == State.CLOSE_WAIT:
+            conn.close()
+        for out in conn.poll(now):
+            peer.write_frame(out)
+        if conn.closed:
+            return conn
+    raise AssertionError("the echo did not finish in time")
+
+
+@needs_linux
+@pytest.mark.parametrize("total", [200_000])
+def test_linux_client_echo(total):
+    port = 80
+    handshake = HandshakeModel()
+    handshake.keys.rotate(random.Random(17).getrandbits(128))
+    handshake.write_listener(0, listener(port, ip=_ip_int(linux_peer.OUR_IP), mss=1460,
+                                         wscale=7, window=65535))
+    settings = TcpSettings(receive_buffer=1 << 18, time_wait=0.2)
+    with linux_peer.LinuxPeer() as peer:
+        result = {}
+        client = peer.start(linux_client, total, 18, port, result)
+        started, cpu = time.monotonic(), time.process_time()
+        conn = serve_echo(peer, port, settings, handshake, time.monotonic() + 120)
+        wall, cpu = time.monotonic() - started, time.process_time() - cpu
+        client.join(30)
+        assert client.error is None, client.error
+    assert result == {"echo_ok": True, "received": total}
+    assert conn.state == State.CLOSED and conn.error is None
+    assert conn.ts_ok and conn.wscale_ok and conn.mss == 1448
+    print(f"\nLinux echo: {2 * total / 1e6:.1f} MB moved in {wall:.2f} s wall, {cpu:.2f} s CPU "
+          f"({2 * total / 1e6 / wall:.2f} MB/s); counters {conn.counters}")
