@@ -26,7 +26,8 @@ Behaviour (RFC 9293 unless said otherwise):
   are held** and delivered when the hole is filled; each one is answered at once with a
   duplicate ACK. In-order data is acknowledged at once for every second full segment,
   else after ``delayed_ack`` seconds (0: at once). No SACK blocks are sent or used.
-* RST (RFC 5961 3): SEQ = RCV.NXT aborts (``error = "reset"``); another RST in the window
+* RST (RFC 5961 3): SEQ = RCV.NXT closes (``error = "reset"``, unless both FINs were
+  received and all our data acknowledged: LAST_ACK, TIME_WAIT); another RST in the window
   gets a challenge ACK; others are ignored. A SYN gets a challenge ACK (RFC 5961 4).
 * ACKs (RFC 5961 5.2): an ACK of data not sent yet is answered with an ACK and dropped;
   one older than SND.UNA - MAX.SND.WND is dropped; the window is taken with SND.WL1/WL2
@@ -53,8 +54,10 @@ Behaviour (RFC 9293 unless said otherwise):
   go-back-N retransmission.
 * Close: ``close()`` is a half close (shutdown of the sending side, the application may
   still read): FIN after the queued data; FIN_WAIT_1/2, CLOSING, TIME_WAIT
-  (``time_wait`` seconds, short by default), CLOSE_WAIT, LAST_ACK, CLOSED.
-  FIN_WAIT_2 ends after ``fin_wait_2_timeout`` seconds.
+  (``time_wait`` seconds, short by default), CLOSE_WAIT, LAST_ACK, CLOSED. FIN_WAIT_2
+  lasts until the peer's FIN (a half close), or ``fin_wait_2_timeout`` seconds if set.
+  A CLOSED connection (not a HANDED_OVER one) answers segments with an RST (RFC 9293
+  3.10.7.1), e.g. a peer still sending after a timeout.
 
 Counters (``counters``, a dict): every frame dropped and why, and what was sent.
 """
@@ -113,7 +116,7 @@ class TcpSettings:
     max_retries: int = 15                   # RTO expirations without progress, then abort
     delayed_ack: float = 0.04               # 0: acknowledge every segment at once
     time_wait: float = 1.0                  # 2*MSL is 60 s or more; short by default
-    fin_wait_2_timeout: float = 60.0
+    fin_wait_2_timeout: float | None = None  # None: wait for the peer's FIN (half close)
     congestion_control: bool = True
     ttl: int = 64
 
@@ -125,6 +128,9 @@ class TcpConnection:
     def __init__(self, event, settings=None):
         self.settings = settings = settings or TcpSettings()
         e = event
+        if e["wscale_ok"] and settings.receive_buffer < 4 << e["local_wscale"]:
+            raise ValueError(f"a receive buffer of {settings.receive_buffer} bytes is too small "
+                             f"for window scale {e['local_wscale']} (at least 4 << scale)")
         # Who we talk to (integers, as in the event).
         self.ingress = e.get("ingress", 0)
         self.peer_mac, self.local_mac = e["eth"]["peer"], e["eth"]["local"]
@@ -318,9 +324,23 @@ class TcpConnection:
         self._count("rx_segments")
         if self.closed:
             self._count("rx_after_close")
+            if self.state == State.CLOSED and not segment.has(_RST):
+                self._reset_answer(segment)
             return True
         self._segment_arrives(segment, now)
         return True
+
+    def _reset_answer(self, seg):
+        """RFC 9293 3.10.7.1: a segment for a closed connection gets an RST."""
+        self._count("rst_sent")
+        if seg.has(_ACK):
+            seq, ack, flags = seg.ack, 0, _RST
+        else:
+            seq, ack, flags = 0, (seg.seq + seg.length) & MASK32, _RST | _ACK
+        self.pending_rst = build_segment(
+            eth_dst=self.peer_mac, eth_src=self.local_mac, ip_src=self.local_ip,
+            ip_dst=self.peer_ip, sport=self.local_port, dport=self.peer_port, seq=seq,
+            ack=ack, flags=flags, window=0, ttl=self.settings.ttl)
 
     def _receive_window(self):
         """Bytes we accept beyond RCV.NXT: the advertised window, or more."""
@@ -365,7 +385,9 @@ class TcpConnection:
         if rst:
             if seg.seq == self.rcv_nxt:
                 self._count("rst_accepted")
-                self._enter_closed("reset")
+                # After both FINs, with all our data acknowledged, nothing was lost.
+                done = self.peer_fin and not len(self.send_buffer)
+                self._enter_closed(None if done else "reset")
             else:
                 self._count("rst_challenged")
                 self.ack_now = True
@@ -453,7 +475,8 @@ class TcpConnection:
     def _our_fin_acked(self, now):
         if self.state == State.FIN_WAIT_1:
             self.state = State.FIN_WAIT_2
-            self.close_deadline = now + self.settings.fin_wait_2_timeout
+            if self.settings.fin_wait_2_timeout is not None:
+                self.close_deadline = now + self.settings.fin_wait_2_timeout
         elif self.state == State.CLOSING:
             self._enter_time_wait(now)
         elif self.state == State.LAST_ACK:
@@ -618,7 +641,8 @@ class TcpConnection:
 
     def _arm_persist(self, now):
         if self.persist_deadline is None:
-            interval = min(self.rtt.base_rto * (1 << self.persist_backoffs), self.settings.max_rto)
+            interval = min(self.rtt.base_rto * (1 << min(self.persist_backoffs, 30)),
+                           self.settings.max_rto)
             self.persist_deadline = now + interval
 
     def _window_update_due(self):

@@ -142,7 +142,8 @@ def run_pair(a, b, clock, channel, *, until, app=None, max_events=500_000, tap=N
             app(clock.now)
             continue
         idle = 0
-        clock.now = max(clock.now, min(times))
+        # The applications act at least every 50 ms, also while timers back off.
+        clock.now = max(clock.now, min(times) if app is None else min(min(times), clock.now + 0.05))
         if channel.next_arrival() is not None and channel.next_arrival() <= clock.now:
             _, destination, frame = channel.pop()
             destination.receive(frame, clock.now)
