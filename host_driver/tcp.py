@@ -151,9 +151,13 @@ class TcpConnection:
         iss1 = (e["iss"] + 1) & MASK32
         self.send_buffer = SendBuffer(iss1)
         self.snd_nxt = self.snd_max = iss1
-        self.snd_wnd = e["window"] << self.peer_wscale
+        # The event's segment: the final ACK of a passive open (its window is scaled) or
+        # the SYN-ACK of an active one (never scaled, RFC 7323 2.2).
+        self.active = bool(e.get("active", 0))
+        self.snd_wnd = e["window"] if self.active else e["window"] << self.peer_wscale
         self.max_snd_wnd = self.snd_wnd
-        self.snd_wl1, self.snd_wl2 = (e["irs"] + 1) & MASK32, iss1
+        self.snd_wl1 = e["irs"] if self.active else (e["irs"] + 1) & MASK32
+        self.snd_wl2 = iss1
         self.fin_queued = False                 # close() called: FIN after the queued data
         self.fin_acked = False                  # the peer acknowledged our FIN
         self.retransmit_first = False           # resend the segment at SND.UNA at the next poll
@@ -646,12 +650,15 @@ class TcpConnection:
             self.persist_deadline = now + interval
 
     def _window_update_due(self):
-        """Reading made room: tell the peer when the right edge moves by at least
-        min(buffer / 2, one MSS) (RFC 9293 receiver SWS avoidance)."""
+        """Reading made room (RFC 9293 receiver SWS avoidance, with Linux's rule of
+        thumb): tell the peer when the window we can offer moved the right edge by at
+        least min(buffer / 2, one MSS) and is at least twice what the peer still sees."""
         if self.state not in _RECEIVING or self.peer_fin:
             return False
-        edge = (self.rcv_nxt + (self._window_field() << self.local_wscale)) & MASK32
-        return seq_diff(edge, self.rcv_adv) >= min(self.receive_buffer.capacity // 2, self.mss)
+        seen = max(0, seq_diff(self.rcv_adv, self.rcv_nxt))
+        offer = self._window_field() << self.local_wscale
+        return (offer - seen >= min(self.receive_buffer.capacity // 2, self.mss)
+                and offer >= 2 * seen)
 
     def _run_timers(self, now, out):
         if self.close_deadline is not None and now >= self.close_deadline:

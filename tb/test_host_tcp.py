@@ -27,7 +27,7 @@ from hw.metadata import EventKind
 from hw.splice import SPLICE_SIDE
 from hw.stream import pack_struct
 from hw.teardown import CLOSE_COMMAND, MAX_HELD_DATA
-from host_driver.segment import MASK32, frame_from_header
+from host_driver.segment import MASK32, build_segment, frame_from_header, parse_segment
 from host_driver.tcp import State, TcpConnection, TcpSettings
 from sim import linux_peer
 from sim.handshake_model import HandshakeModel, listener
@@ -481,99 +481,217 @@ def test_splice_side():
 LINUX_REASON = linux_peer.unavailable()
 needs_linux = pytest.mark.skipif(LINUX_REASON is not None,
                                  reason=f"no Linux peer: {LINUX_REASON}")
+OUR_IP_INT = int.from_bytes(socket.inet_aton(linux_peer.OUR_IP), "big")
+LINUX_IP_INT = int.from_bytes(socket.inet_aton(linux_peer.LINUX_IP), "big")
 
 
-def _ip_int(text):
-    return int.from_bytes(socket.inet_aton(text), "big")
+def random_writes(rng, data):
+    """``data`` cut into writes of mixed sizes."""
+    offset = 0
+    while offset < len(data):
+        size = rng.choice([1, 10, 100, 1000, 1448, 4000, 16384, 65536])
+        yield data[offset:offset + size]
+        offset += size
 
 
-def linux_client(total, seed, port, result):
-    """Inside the namespace: connect, write ``total`` random bytes in writes of random
-    sizes (another thread), read the echo, half-close, read to EOF, close."""
+def linux_client(total, seed, port):
+    """Inside the namespace: connect to our side, write ``total`` random bytes (another
+    thread), half-close, read the echo to EOF, close. Returns whether it came back whole."""
     rng = random.Random(seed)
     data = rng.randbytes(total)
-    sock = socket.create_connection((linux_peer.OUR_IP, port), timeout=30)
+    sock = socket.create_connection((linux_peer.OUR_IP, port), timeout=60)
 
     def writer():
-        offset = 0
-        while offset < total:
-            size = rng.choice([1, 10, 100, 1000, 1448, 4000, 16384, 65536])
-            sock.sendall(data[offset:offset + size])
-            offset += size
+        for chunk in random_writes(rng, data):
+            sock.sendall(chunk)
         sock.shutdown(socket.SHUT_WR)
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     received = bytearray()
-    while True:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
+    while chunk := sock.recv(1 << 16):
         received += chunk
     thread.join()
     sock.close()
-    result["echo_ok"] = bytes(received) == data
-    result["received"] = len(received)
-    return result
+    return bytes(received) == data, len(received)
 
 
-def serve_echo(peer, port, settings, handshake, deadline):
-    """Our side: the NIC's cookie handshake (golden model), then an echo server on a
-    ``TcpConnection`` until it is closed. Returns the connection."""
-    conn = None
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        wait = 0.05
-        if conn is not None and conn.next_deadline() is not None:
-            wait = min(wait, max(0.0, conn.next_deadline() - now))
-        frame = peer.read_frame(wait)
-        now = time.monotonic()
-        if frame is not None:
-            if conn is None:
-                meta = parse_frame(frame)
-                handshake.ts_clock = settings.ts_clock()
-                _, reply, event = handshake.process(meta)
-                if reply is not None:
-                    peer.write_frame(frame_from_header(reply))
-                if event is not None:
-                    conn = TcpConnection(event, settings)
-                    if event["payload_length"]:
-                        conn.receive(frame, now)
+def linux_echo_server(listening):
+    """Inside the namespace: accept one connection, echo it to EOF, close."""
+    conn, _ = listening.accept()
+    conn.settimeout(60)
+    echoed = 0
+    while chunk := conn.recv(1 << 16):
+        conn.sendall(chunk)
+        echoed += len(chunk)
+    conn.close()
+    listening.close()
+    return echoed
+
+
+class OurSide:
+    """Our end of a connection with Linux: frames through a ``LinuxPeer``, each dropped
+    with probability ``loss`` in either direction (to make both stacks retransmit)."""
+
+    def __init__(self, peer, settings, rng, loss=0.0):
+        self.peer, self.settings, self.rng, self.loss = peer, settings, rng, loss
+        self.conn = None
+        self.dropped = 0
+
+    def write(self, frames):
+        for frame in frames:
+            if self.rng.random() < self.loss:
+                self.dropped += 1
             else:
-                conn.receive(frame, now)
-        if conn is None:
-            continue
-        data = conn.read()
-        if data and not conn.fin_queued:
-            conn.send(data)
-        if conn.at_eof and not conn.fin_queued and conn.state == State.CLOSE_WAIT:
-            conn.close()
-        for out in conn.poll(now):
-            peer.write_frame(out)
-        if conn.closed:
-            return conn
-    raise AssertionError("the echo did not finish in time")
+                self.peer.write_frame(frame)
+
+    def read(self, timeout):
+        frame = self.peer.read_frame(timeout)
+        if frame is not None and self.rng.random() < self.loss:
+            self.dropped += 1
+            return None
+        return frame
+
+    def run(self, before_established, application, deadline):
+        """Until the connection is closed: frames before it exists go to
+        ``before_established(frame, now)`` (which may set ``self.conn``); then to the
+        connection; ``application(conn)`` runs after every step."""
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            wait = 0.02
+            if self.conn is not None and self.conn.next_deadline() is not None:
+                wait = min(wait, max(0.0, self.conn.next_deadline() - now))
+            frame = self.read(wait)
+            now = time.monotonic()
+            if frame is not None:
+                if self.conn is None:
+                    before_established(frame, now)
+                else:
+                    self.conn.receive(frame, now)
+            if self.conn is None:
+                continue
+            application(self.conn)
+            self.write(self.conn.poll(now))
+            if self.conn.closed:
+                return self.conn
+        raise AssertionError("the connection did not finish in time")
+
+
+def echo_application(conn):
+    """Send back what arrives; close once the peer closed and all is echoed."""
+    data = conn.read()
+    if data and not conn.fin_queued:
+        conn.send(data)
+    if conn.at_eof and not conn.fin_queued:
+        conn.close()
 
 
 @needs_linux
-@pytest.mark.parametrize("total", [200_000])
-def test_linux_client_echo(total):
+@pytest.mark.parametrize("total,loss", [(200_000, 0.0), (100_000, 0.03)])
+def test_linux_client_echo(total, loss):
+    """A Linux client; our side answers the handshake as the NIC does (the golden
+    model's cookie SYN-ACK), turns its established event into a TcpConnection and echoes."""
     port = 80
+    rng = random.Random(17)
     handshake = HandshakeModel()
-    handshake.keys.rotate(random.Random(17).getrandbits(128))
-    handshake.write_listener(0, listener(port, ip=_ip_int(linux_peer.OUR_IP), mss=1460,
-                                         wscale=7, window=65535))
+    handshake.keys.rotate(rng.getrandbits(128))
+    handshake.write_listener(0, listener(port, ip=OUR_IP_INT, mss=1460, wscale=7,
+                                         window=65535))
     settings = TcpSettings(receive_buffer=1 << 18, time_wait=0.2)
     with linux_peer.LinuxPeer() as peer:
-        result = {}
-        client = peer.start(linux_client, total, 18, port, result)
+        side = OurSide(peer, settings, rng, loss)
+
+        def handshake_phase(frame, now):
+            handshake.ts_clock = settings.ts_clock()
+            _, reply, event = handshake.process(parse_frame(frame))
+            if reply is not None:
+                side.write([frame_from_header(reply)])
+            if event is not None:
+                side.conn = TcpConnection(event, settings)
+                if event["payload_length"]:
+                    side.conn.receive(frame, now)
+
+        client = peer.start(linux_client, total, 18, port)
         started, cpu = time.monotonic(), time.process_time()
-        conn = serve_echo(peer, port, settings, handshake, time.monotonic() + 120)
+        conn = side.run(handshake_phase, echo_application, time.monotonic() + 120)
         wall, cpu = time.monotonic() - started, time.process_time() - cpu
-        client.join(30)
+        client.join(60)
         assert client.error is None, client.error
-    assert result == {"echo_ok": True, "received": total}
+    assert client.result == (True, total)
     assert conn.state == State.CLOSED and conn.error is None
     assert conn.ts_ok and conn.wscale_ok and conn.mss == 1448
-    print(f"\nLinux echo: {2 * total / 1e6:.1f} MB moved in {wall:.2f} s wall, {cpu:.2f} s CPU "
-          f"({2 * total / 1e6 / wall:.2f} MB/s); counters {conn.counters}")
+    if loss:
+        assert side.dropped and conn.counters.get("retransmits", 0) > 0
+    print(f"\nLinux client echo, loss {loss}: {2 * total / 1e6:.1f} MB in {wall:.2f} s wall, "
+          f"{cpu:.2f} s CPU ({2 * total / 1e6 / wall:.2f} MB/s); {conn.counters}")
+
+
+def nic_active_open(side, peer_port, rng, clock, mss=1460, wscale=7, window=64240):
+    """What the NIC's active open (CONNECT) does, as ``tb/test_handshake`` checks it:
+    our SYN (MSS, SACK-permitted, timestamps, window scale, in Linux's order); then
+    ``on_frame`` takes the SYN-ACK, sends the ACK and returns the established event."""
+    iss = rng.getrandbits(32)
+    local_port = rng.randrange(32768, 61000)
+    ends = dict(eth_dst=side.peer.linux_mac, eth_src=linux_peer.OUR_MAC, ip_src=OUR_IP_INT,
+                ip_dst=LINUX_IP_INT, sport=local_port, dport=peer_port)
+    syn = build_segment(**ends, seq=iss, ack=0, flags=TcpFlags.SYN, window=window, mss=mss,
+                        sack_perm=True, timestamp=(clock(), 0), wscale=wscale)
+
+    def on_frame(frame):
+        seg = parse_segment(frame)
+        if (isinstance(seg, str) or seg.sport != peer_port or seg.dport != local_port
+                or seg.flags & (TcpFlags.SYN | TcpFlags.ACK) != TcpFlags.SYN | TcpFlags.ACK
+                or seg.ack != (iss + 1) & MASK32):
+            return None
+        wscale_ok = seg.wscale is not None
+        ts = (clock(), seg.tsval) if seg.ts_valid else None
+        side.write([build_segment(**ends, seq=iss + 1, ack=seg.seq + 1, flags=TcpFlags.ACK,
+                                  window=window >> (wscale if wscale_ok else 0), timestamp=ts)])
+        event = make_event((linux_peer.OUR_MAC, OUR_IP_INT, local_port),
+                           (side.peer.linux_mac, LINUX_IP_INT, peer_port), iss, seg.seq,
+                           mss=seg.mss or 536, wscale=(wscale, min(seg.wscale, 14))
+                           if wscale_ok else None, ts=seg.ts_valid, ts_recent=seg.tsval,
+                           ts_echo=seg.tsecr, window=seg.window)
+        event["active"] = 1
+        return event
+
+    return syn, on_frame
+
+
+@needs_linux
+def test_linux_server_echo():
+    """A Linux echo server; our side opens the connection as the NIC's active open does,
+    then a TcpConnection sends random data, reads the echo and closes first."""
+    total, port = 150_000, 7
+    rng = random.Random(19)
+    settings = TcpSettings(receive_buffer=1 << 17, time_wait=0.2)
+    data = rng.randbytes(total)
+    with linux_peer.LinuxPeer() as peer:
+        listening = peer.call(lambda: socket.create_server((linux_peer.LINUX_IP, port)))
+        server = peer.start(linux_echo_server, listening)
+        side = OurSide(peer, settings, rng)
+        syn, on_frame = nic_active_open(side, port, rng, settings.ts_clock)
+        side.write([syn])
+
+        def handshake_phase(frame, now):
+            event = on_frame(frame)
+            if event is not None:
+                side.conn = TcpConnection(event, settings)
+
+        writes = list(random_writes(rng, data))
+        received = bytearray()
+
+        def application(conn):
+            received.extend(conn.read())
+            if writes and conn.unsent < 65536:
+                conn.send(writes.pop(0))
+            elif not writes and not conn.fin_queued:
+                conn.close()
+
+        conn = side.run(handshake_phase, application, time.monotonic() + 120)
+        received += conn.read()
+        server.join(60)
+        assert server.error is None, server.error
+    assert server.result == total and bytes(received) == data
+    assert conn.state == State.CLOSED and conn.error is None and conn.at_eof
+    assert conn.active and conn.ts_ok and conn.wscale_ok
