@@ -95,9 +95,6 @@ class State(enum.Enum):
 
 #: States in which the peer may still send data.
 _RECEIVING = {State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2}
-#: States in which our FIN has been sent.
-_FIN_SENT = {State.FIN_WAIT_1, State.FIN_WAIT_2, State.CLOSING, State.TIME_WAIT,
-             State.LAST_ACK}
 
 
 def millisecond_clock():
@@ -173,7 +170,7 @@ class TcpConnection:
         self.retries = 0                        # RTO expirations since the last progress
         self.timed = None                       # (seq, send time) of the segment being timed
         self.state = State.ESTABLISHED
-        self.error = None                       # "reset" or "timeout" when aborted
+        self.error = None       # why it ended badly: "reset", "timeout" or "aborted" (abort())
         self.ack_now = False                    # an ACK must go out at the next poll
         self.unacked_segments = 0               # in-order segments since our last ACK
         self.rto_deadline = None
@@ -183,7 +180,6 @@ class TcpConnection:
         self.close_deadline = None              # TIME_WAIT or FIN_WAIT_2 end
         self.pending_rst = None                 # an RST frame to send at the next poll
         self.counters = {}
-        self._now = 0.0
 
     # ------------------------------------------------------------------ application side
     def send(self, data):
@@ -317,7 +313,6 @@ class TcpConnection:
         """Process one received frame. Returns True when it was a valid segment of this
         connection (processed, even if then dropped by TCP's rules), False when it was
         dropped before: malformed, bad checksum, another 4-tuple (``counters`` says)."""
-        self._now = now
         segment = frame if isinstance(frame, Segment) else parse_segment(frame)
         if isinstance(segment, str):
             self._count("rx_" + segment)
@@ -600,7 +595,6 @@ class TcpConnection:
     def poll(self, now):
         """Frames to send now (timers that expired first). Call after every other call
         and at ``next_deadline()``."""
-        self._now = now
         out = []
         if self.pending_rst is not None:
             out.append(self.pending_rst)

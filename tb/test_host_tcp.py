@@ -252,7 +252,14 @@ def test_back_to_back(seed, loss, dup, jitter):
             if rng.random() < 0.5:                  # the application reads when it likes
                 got[id(conn)] += conn.read(rng.choice([None, 2000]))
 
-    assert run_pair(a, b, clock, channel, app=app, until=lambda: a.closed and b.closed)
+    def every_frame_in_scapy(sender, frame):
+        check_with_scapy(frame, sender)
+        sent[0] += 1
+
+    sent = [0]
+    assert run_pair(a, b, clock, channel, app=app, until=lambda: a.closed and b.closed,
+                    tap=every_frame_in_scapy)
+    assert sent[0] > 100
     got[id(a)] += a.read()
     got[id(b)] += b.read()
     assert bytes(got[id(b)]) == to_b and bytes(got[id(a)]) == to_a
