@@ -244,11 +244,17 @@ class TcpConnection:
         return self.send_buffer.end
 
     @property
+    def max_held_data(self):
+        """The most unacknowledged bytes a CLOSE can hand over: the NIC sends them in
+        one segment with its FIN, so ``MAX_HELD_DATA`` and the peer's MSS bound them."""
+        return min(MAX_HELD_DATA, self.mss)
+
+    @property
     def can_hand_over_close(self):
-        """The NIC can take the close: our FIN not sent, at most ``MAX_HELD_DATA`` bytes
+        """The NIC can take the close: our FIN not sent, at most ``max_held_data`` bytes
         not acknowledged (sent or not)."""
         return (self.state in (State.ESTABLISHED, State.CLOSE_WAIT)
-                and len(self.send_buffer) <= MAX_HELD_DATA)
+                and len(self.send_buffer) <= self.max_held_data)
 
     def close_command(self):
         """Hand the close to the NIC. Returns ``(fields, held)``: the ``CLOSE_COMMAND``

@@ -23,7 +23,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from hw.headers import TcpFlags
-from hw.metadata import EventKind
+from hw.metadata import CloseReason, CloseStatus, EventKind
 from hw.splice import SPLICE_SIDE
 from hw.stream import pack_struct
 from hw.teardown import CLOSE_COMMAND, MAX_HELD_DATA
@@ -32,7 +32,7 @@ from host_driver.tcp import State, TcpConnection, TcpSettings
 from sim import linux_peer
 from sim.handshake_model import HandshakeModel, listener
 from sim.reference import parse_frame
-from sim.teardown_model import zero_event
+from sim.teardown_model import TeardownModel, zero_event
 from tb.test_splice_rewrite import scapy_checksums
 
 A_MAC, B_MAC = 0x02_00_00_00_00_0A, 0x02_00_00_00_00_0B
@@ -458,10 +458,99 @@ def test_close_command():
     assert fields["peer_fin"] == 1 and held == b""
     # Too much unacknowledged data: refused.
     a3, _ = make_pair(rng, clock)
-    a3.send(bytes(MAX_HELD_DATA + 1))
+    assert a3.max_held_data == min(MAX_HELD_DATA, 1448)
+    a3.send(bytes(a3.max_held_data + 1))
     assert not a3.can_hand_over_close
     with pytest.raises(ValueError):
         a3.close_command()
+
+
+class NicTeardown:
+    """The NIC's teardown engine (its golden model, ``sim.teardown_model``) as an endpoint
+    for ``run_pair``: it takes a CLOSE and then talks to the peer. Its timer clock and
+    its timestamp clock are the simulated clock in milliseconds, like the host's."""
+
+    def __init__(self, clock, command, held, **timers):
+        self.clock = clock
+        self.model = TeardownModel(**timers)
+        self.frames, self.events = [], []
+        self._take(self._at(clock.now).close(command, held, now=self._ticks(clock.now)))
+
+    @staticmethod
+    def _ticks(now):
+        return int(round(now * 1000)) & MASK32
+
+    def _at(self, now):
+        self.model.ts_clock = self.clock.ts()
+        return self.model
+
+    def _take(self, out):
+        self.frames += [frame_from_header(s, s["payload"]) for s in out.segments]
+        self.events += out.events
+
+    def receive(self, frame, now):
+        self._take(self._at(now).frame(frame, now=self._ticks(now)))
+
+    def poll(self, now):
+        self._take(self._at(now).advance(self._ticks(now)))
+        frames, self.frames = self.frames, []
+        return frames
+
+    def next_deadline(self):
+        deadline = self.model.next_deadline()
+        if deadline is None:
+            return None
+        return self.clock.now + ((deadline - self._ticks(self.clock.now)) & MASK32) / 1000
+
+    @property
+    def closed(self):
+        return self.model.closing == 0
+
+
+@pytest.mark.parametrize("passive,loss", [(False, 0.0), (False, 0.2), (True, 0.1)])
+def test_close_handed_to_the_nic_model(passive, loss):
+    """The host hands its close to the NIC (sim.teardown_model, the RTL's golden model)
+    with unacknowledged data; the peer, a TcpConnection, gets every byte and the FIN
+    from the NIC, sees one monotonic TSval clock (no PAWS drop), and closes too."""
+    rng = random.Random(20 + passive)
+    clock = Clock(ts_base=rng.getrandbits(32))
+    a, b = make_pair(rng, clock, time_wait=1.0)
+    request, answer = rng.randbytes(5000), rng.randbytes(30_000)
+    b.send(request)
+    if passive:
+        b.close()
+    assert run_pair(a, b, clock, Channel(rng, loss=loss, delay=0.01),
+                    until=lambda: a.readable == len(request) and a.peer_fin == passive)
+    assert a.read() == request
+    # The answer: most of it acknowledged; then 700 bytes sent (the frame reaches the
+    # peer: it will get them twice) and 300 queued when the host hands the close over.
+    a.send(answer[:-1000])
+    assert run_pair(a, b, clock, Channel(rng, loss=loss, delay=0.01), until=lambda: a.all_acked)
+    a.send(answer[-1000:-300])
+    in_flight = a.poll(clock.now)
+    a.send(answer[-300:])
+    command, held = a.close_command()
+    assert command["peer_fin"] == int(passive) and held == answer[-1000:]
+    assert command["snd_nxt"] == (command["snd_una"] + 700) & MASK32
+    for frame in in_flight:
+        b.receive(frame, clock.now)
+    got = bytearray(b.read())
+    nic = NicTeardown(clock, command, held, fin_rto=200, fin_retries=6, time_wait=500,
+                      fin2_timeout=5000)
+    assert [e["status"] for e in nic.events] == [CloseStatus.OK]
+
+    def peer_app(now):
+        got.extend(b.read())
+        if b.at_eof and not b.fin_queued:
+            b.close()
+
+    assert run_pair(nic, b, clock, Channel(rng, loss=loss, delay=0.01), app=peer_app,
+                    until=lambda: nic.closed and b.closed)
+    got.extend(b.read())
+    assert bytes(got) == answer and b.error is None and b.state == State.CLOSED
+    assert b.counters.get("rx_paws", 0) == 0
+    assert nic.events[-1]["kind"] == EventKind.CLOSED
+    assert nic.events[-1]["status"] == CloseReason.NORMAL
 
 
 def test_splice_side():
