@@ -32,6 +32,7 @@ from host_driver.tcp import State, TcpConnection, TcpSettings
 from sim import linux_peer
 from sim.handshake_model import HandshakeModel, listener
 from sim.reference import parse_frame
+from sim.splice_model import desc_for, rewrite_frame
 from sim.teardown_model import TeardownModel, zero_event
 from tb.test_splice_rewrite import scapy_checksums
 
@@ -67,11 +68,11 @@ def make_event(local, peer, iss, irs, *, mss=1460, wscale=(7, 9), ts=True, ts_re
 
 
 def make_pair(rng, clock, *, mss=1460, wscale=(7, 9), ts=True, buffers=(1 << 16, 1 << 16),
-              **settings):
-    """Two connections, A (192.0.2.2:80) and B (192.0.2.1:40000), established with each
-    other as the NIC would report it on both ends."""
+              ends=((A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT)), **settings):
+    """Two connections established with each other as the NIC would report it on both
+    ends: by default A (192.0.2.2:80) and B (192.0.2.1:40000); ``ends``: (mac, ip, port)."""
     a_iss, b_iss = rng.getrandbits(32), rng.getrandbits(32)
-    a_end, b_end = (A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT)
+    a_end, b_end = ends
     b_shifts = (wscale[1], wscale[0]) if wscale else None
     ts_a, ts_b = rng.getrandbits(32), rng.getrandbits(32)
     a = TcpConnection(make_event(a_end, b_end, a_iss, b_iss, mss=mss, wscale=wscale, ts=ts,
@@ -570,6 +571,76 @@ def test_splice_side():
     assert side["ts_now"] == a._tsval()
     pack_struct(SPLICE_SIDE, **side)
     assert a.state == State.HANDED_OVER
+
+
+def splice_rewrite(src, dst):
+    """The REWRITE fields for frames from ``src``'s peer, relayed to ``dst``'s peer, from
+    the two SPLICE_SIDE dicts (docs/splice.md's table, as ``hw.splice.splice_params``)."""
+    ts = src["ts_ok"] and dst["ts_ok"]
+    shift_in = src["peer_wscale"] if src["wscale_ok"] else 0
+    shift_out = dst["local_wscale"] if dst["wscale_ok"] else 0
+    return {"eth": {"dst": dst["peer_mac"], "src": dst["local_mac"]},
+            "ip": {"src": dst["local_ip"], "dst": dst["peer_ip"], "ttl": dst["ttl"]},
+            "tcp": {"sport": dst["local_port"], "dport": dst["peer_port"]},
+            "seq_delta": (dst["snd_nxt"] - src["rcv_nxt"]) & MASK32,
+            "ack_delta": (dst["rcv_nxt"] - src["snd_nxt"]) & MASK32,
+            "tsval_delta": (dst["ts_now"] - src["ts_recent"]) & MASK32 if ts else 0,
+            "tsecr_delta": (dst["ts_recent"] - src["ts_now"]) & MASK32 if ts else 0,
+            "window_left": max(0, shift_in - shift_out),
+            "window_right": max(0, shift_out - shift_in)}
+
+
+class SplicedChannel(Channel):
+    """A channel through a splicing NIC: every frame is rewritten (``sim.splice_model``,
+    the rewriter's model) for the direction of its destination."""
+
+    def __init__(self, rng, rewrites, **kw):
+        super().__init__(rng, **kw)
+        self.rewrites = rewrites            # id(destination) -> REWRITE fields
+
+    def send(self, now, destination, frame):
+        desc = desc_for(parse_frame(frame), **self.rewrites[id(destination)])
+        super().send(now, destination, rewrite_frame(frame, desc))
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.1])
+def test_splice_hand_over(loss):
+    """A proxy holds connection pa with client A and pb with server B (other window
+    scales); it forwards A's request, waits until all it sent is acknowledged, and
+    splices: A and B then talk through the NIC's rewrite (model) and close, with every
+    byte intact, no PAWS drop and no error."""
+    rng = random.Random(30 + int(loss * 10))
+    clock = Clock(ts_base=rng.getrandbits(32))
+    proxy_a, proxy_b = (0x02_00_00_00_00_0A, A_IP, 80), (0x02_00_00_00_00_0A, A_IP, 51000)
+    client, server = (B_MAC, B_IP, 40000), (0x02_00_00_00_00_0C, 0xC6_33_64_07, 8080)
+    pa, a = make_pair(rng, clock, wscale=(7, 10), ends=(proxy_a, client))
+    pb, b = make_pair(rng, clock, wscale=(9, 2), ends=(proxy_b, server))
+    request = rng.randbytes(3000)
+    a.send(request)
+    assert run_pair(pa, a, clock, Channel(rng, loss=loss),
+                    until=lambda: pa.readable == len(request) and a.all_acked)
+    pb.send(pa.read())
+    assert run_pair(pb, b, clock, Channel(rng, loss=loss), until=lambda: pb.all_acked)
+    assert b.read() == request
+    side_a, side_b = pa.splice_side(ttl=64), pb.splice_side(ttl=64)
+    channel = SplicedChannel(rng, {id(b): splice_rewrite(side_a, side_b),
+                                   id(a): splice_rewrite(side_b, side_a)}, loss=loss)
+    response, more = rng.randbytes(200_000), rng.randbytes(20_000)
+    b.send(response)
+    a.send(more)
+    a.close()
+    got_a, got_b = bytearray(), bytearray()
+
+    def apps(now):
+        got_a.extend(a.read())
+        got_b.extend(b.read())
+        if b.at_eof and not b.fin_queued:
+            b.close()
+
+    assert run_pair(a, b, clock, channel, app=apps, until=lambda: a.closed and b.closed)
+    assert bytes(got_a) == response and bytes(got_b) == more
+    assert a.error is None and b.error is None
+    assert a.counters.get("rx_paws", 0) == b.counters.get("rx_paws", 0) == 0
 
 
 # ---------------------------------------------------------------------------- against Linux
