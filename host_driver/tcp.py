@@ -502,12 +502,17 @@ class TcpConnection:
         rb = self.receive_buffer
         if seg.payload:
             if self.state in _RECEIVING:
+                filling_a_hole = bool(rb.held)
                 delivered, out_of_order = rb.accept(seg.seq, seg.payload, self._receive_window())
-                if out_of_order or not delivered:
-                    self._count("rx_out_of_order" if out_of_order else "rx_duplicate")
-                    self.ack_now = True
-                else:
+                if delivered:
                     self._count("rx_bytes", delivered)
+                elif not out_of_order:
+                    self._count("rx_duplicate")
+                if out_of_order:
+                    self._count("rx_out_of_order")
+                if out_of_order or not delivered or filling_a_hole:
+                    self.ack_now = True     # RFC 5681 4.2: at once for these
+                else:
                     self.unacked_segments += 1
                     if self.unacked_segments >= 2 or not self.settings.delayed_ack:
                         self.ack_now = True
