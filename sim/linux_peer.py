@@ -95,6 +95,10 @@ class LinuxPeer(contextlib.AbstractContextManager):
             _ip("link", "set", self.device, "netns", self.namespace)
             ns = self.namespace
             _ip("link", "set", "lo", "up", namespace=ns)
+            # No IPv6 on the device: no router solicitations or MLD reports to skip.
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                            f"net.ipv6.conf.{self.device}.disable_ipv6=1"],
+                           capture_output=True)
             _ip("link", "set", self.device, "mtu", str(self.mtu), namespace=ns)
             _ip("addr", "add", f"{self.linux_ip}/{self.prefix}", "dev", self.device, namespace=ns)
             _ip("link", "set", self.device, "up", namespace=ns)
