@@ -13,6 +13,7 @@ the namespace: its only interfaces are ``lo`` and the TAP device.
 * ``start(target, *args)``: a thread that runs ``target`` inside the namespace (sockets
   it creates belong there); ``call(target, *args)`` runs it and returns its result.
 * ``linux_mac``: the TAP device's MAC (what Linux sends from).
+* ``linux_counters()``: the namespace's TCP counters (``TcpExt.PAWSEstab``, ...).
 
 ``unavailable()`` says why this machine cannot run it (None when it can): root, the
 ``ip`` tool and ``/dev/net/tun`` are needed. Only one thread may read frames.
@@ -148,6 +149,20 @@ class LinuxPeer(contextlib.AbstractContextManager):
         if thread.error is not None:
             raise thread.error
         return thread.result
+
+    def linux_counters(self):
+        """The namespace's TCP/IP counters (``/proc/net/snmp`` and ``/proc/net/netstat``
+        as read inside it), e.g. ``TcpExt.PAWSEstab``, ``Tcp.RetransSegs``."""
+        out = {}
+        for table in ("snmp", "netstat"):
+            text = subprocess.run(["ip", "netns", "exec", self.namespace, "cat",
+                                   f"/proc/net/{table}"], check=True, capture_output=True,
+                                  text=True).stdout.splitlines()
+            for names, values in zip(text[::2], text[1::2]):
+                prefix, names = names.split(":", 1)
+                for name, value in zip(names.split(), values.split(":", 1)[1].split()):
+                    out[f"{prefix}.{name}"] = int(value)
+        return out
 
     # ------------------------------------------------------------------ frames
     def write_frame(self, frame):

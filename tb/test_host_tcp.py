@@ -840,7 +840,10 @@ def test_linux_client_echo(total, loss):
         wall, cpu = time.monotonic() - started, time.process_time() - cpu
         client.join(60)
         assert client.error is None, client.error
+        linux = peer.linux_counters()
     assert client.result == (True, total)
+    # Linux saw one monotonic TSval clock (SYN-ACK from the model, then the host's).
+    assert linux["TcpExt.PAWSEstab"] == 0 and linux["Tcp.InErrs"] == 0
     assert conn.state == State.CLOSED and conn.error is None
     assert conn.ts_ok and conn.wscale_ok and conn.mss == 1448
     if loss:        # lost frames were recovered, by our retransmissions or by Linux's
@@ -884,7 +887,8 @@ def nic_active_open(side, peer_port, rng, clock, mss=1460, wscale=7, window=6424
 
 
 @needs_linux
-def test_linux_server_echo():
+@pytest.mark.parametrize("loss", [0.0, 0.03])
+def test_linux_server_echo(loss):
     """A Linux echo server; our side opens the connection as the NIC's active open does,
     then a TcpConnection sends random data, reads the echo and closes first."""
     total, port = 150_000, 7
@@ -894,9 +898,9 @@ def test_linux_server_echo():
     with linux_peer.LinuxPeer() as peer:
         listening = peer.call(lambda: socket.create_server((linux_peer.LINUX_IP, port)))
         server = peer.start(linux_echo_server, listening)
-        side = OurSide(peer, settings, rng)
+        side = OurSide(peer, settings, rng, loss)
         syn, on_frame = nic_active_open(side, port, rng, settings.ts_clock)
-        side.write([syn])
+        peer.write_frame(syn)           # (the NIC would retransmit a lost SYN)
 
         def handshake_phase(frame, now):
             event = on_frame(frame)
@@ -917,6 +921,8 @@ def test_linux_server_echo():
         received += conn.read()
         server.join(60)
         assert server.error is None, server.error
+        linux = peer.linux_counters()
+    assert linux["TcpExt.PAWSEstab"] == 0 and linux["Tcp.InErrs"] == 0
     assert server.result == total and bytes(received) == data
     assert conn.state == State.CLOSED and conn.error is None and conn.at_eof
     assert conn.active and conn.ts_ok and conn.wscale_ok
