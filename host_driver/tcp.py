@@ -183,7 +183,8 @@ class TcpConnection:
 
     # ------------------------------------------------------------------ application side
     def send(self, data):
-        """Queue ``data``; returns the bytes queued (all of them, the buffer is unbounded)."""
+        """Queue ``data``; returns the bytes queued (all of them: the buffer is unbounded,
+        watch ``unsent``). ConnectionError after ``close()`` or once the connection ended."""
         if self.fin_queued or self.state not in (State.ESTABLISHED, State.CLOSE_WAIT):
             raise ConnectionError(f"cannot send in {self.state.value}")
         self.send_buffer.append(data)
@@ -316,9 +317,10 @@ class TcpConnection:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def receive(self, frame, now):
-        """Process one received frame. Returns True when it was a valid segment of this
-        connection (processed, even if then dropped by TCP's rules), False when it was
-        dropped before: malformed, bad checksum, another 4-tuple (``counters`` says)."""
+        """Process one received frame (bytes, or a ``Segment`` a demultiplexer already
+        parsed). Returns True when it was a valid segment of this connection (processed,
+        even if then dropped by TCP's rules), False when it was dropped before:
+        malformed, bad checksum, another 4-tuple (``counters`` says which)."""
         segment = frame if isinstance(frame, Segment) else parse_segment(frame)
         if isinstance(segment, str):
             self._count("rx_" + segment)

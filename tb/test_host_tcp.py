@@ -330,6 +330,39 @@ def bench_back_to_back(total=20_000_000, seed=1):
     return cpu, frames
 
 
+def test_close_states():
+    """Simultaneous close: FIN_WAIT_1 -> CLOSING -> TIME_WAIT on both sides; a FIN that
+    comes again in TIME_WAIT is ACKed and restarts it; then CLOSED. A passive close:
+    CLOSE_WAIT -> LAST_ACK -> CLOSED."""
+    rng = random.Random(21)
+    clock = Clock()
+    a, b = make_pair(rng, clock, time_wait=5.0)
+    a.close(), b.close()
+    fin_a, fin_b = a.poll(0.0), b.poll(0.0)
+    assert a.state == b.state == State.FIN_WAIT_1
+    assert a.receive(fin_b[0], 0.01) and b.receive(fin_a[0], 0.01)
+    assert a.state == b.state == State.CLOSING
+    acks_a, acks_b = a.poll(0.01), b.poll(0.01)
+    assert a.receive(acks_b[0], 0.02) and b.receive(acks_a[0], 0.02)
+    assert a.state == b.state == State.TIME_WAIT
+    assert a.receive(fin_b[0], 3.0)                 # b's FIN again: ACKed, TIME_WAIT again
+    check_with_scapy(a.poll(3.0)[0], a, ack=b.snd_max, flags="A")
+    assert a.next_deadline() == pytest.approx(8.0) and b.next_deadline() == pytest.approx(5.02)
+    assert a.poll(7.9) == [] and a.state == State.TIME_WAIT
+    a.poll(8.0), b.poll(5.02)
+    assert a.state == b.state == State.CLOSED and a.error is None and b.error is None
+    # Passive close.
+    a, b = make_pair(rng, clock)
+    b.close()
+    assert a.receive(b.poll(0.0)[0], 0.0) and a.state == State.CLOSE_WAIT and a.at_eof
+    a.close()
+    fin, = a.poll(0.0)
+    check_with_scapy(fin, a, flags="FA")
+    assert a.state == State.LAST_ACK
+    assert b.receive(fin, 0.0) and b.state == State.TIME_WAIT
+    assert a.receive(b.poll(0.0)[0], 0.0) and a.state == State.CLOSED and a.error is None
+
+
 def test_retransmission_backoff_and_abort():
     """A silent peer: RTO doubles each time, then the connection aborts with an RST."""
     rng = random.Random(7)
@@ -436,6 +469,10 @@ def test_out_of_window_and_old_segments():
     # An ACK of data we never sent: answered with an ACK, segment dropped.
     assert a.receive(_from_b(b, seq=a.rcv_nxt, ack=a.snd_nxt + 1000, payload=b"zzz"), 0.0)
     assert a.counters["rx_ack_too_new"] == 1 and a.readable == 0
+    # An ACK older than SND.UNA - MAX.SND.WND (RFC 5961 5.2): dropped with an ACK.
+    assert a.receive(_from_b(b, seq=a.rcv_nxt, ack=a.snd_una - a.max_snd_wnd - 10,
+                             payload=b"old-ack"), 0.0)
+    assert a.counters["rx_ack_too_old"] == 1 and a.readable == 0
 
 
 def test_rst_rfc5961():
