@@ -512,7 +512,6 @@ def test_paws_and_ts_recent():
 def test_ts_offset_continues_the_synack_clock():
     """The SYN-ACK's TSval (ts_echo) may be ahead of the NIC clock (cookie bits in its low
     6 bits): our first TSval is not below it, and the offset is what CLOSE carries."""
-    rng = random.Random(14)
     clock = Clock(ts_base=1024)
     e = make_event((A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT), 1, 2, ts_echo=1024 | 63)
     conn = TcpConnection(e, TcpSettings(ts_clock=clock.ts))
@@ -521,7 +520,6 @@ def test_ts_offset_continues_the_synack_clock():
     assert conn._tsval() == 2087
     e = make_event((A_MAC, A_IP, A_PORT), (B_MAC, B_IP, B_PORT), 1, 2, ts_echo=900)
     assert TcpConnection(e, TcpSettings(ts_clock=clock.ts)).ts_offset == 0
-    _ = rng
 
 
 # ---------------------------------------------------------------------------- hand-overs
