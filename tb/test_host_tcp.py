@@ -309,6 +309,57 @@ def test_back_to_back(seed, loss, dup, jitter):
             + a.counters.get("rx_out_of_order", 0) + b.counters.get("rx_out_of_order", 0) > 0
 
 
+def random_config_run(seed):
+    """One back-to-back run with a random configuration: loss 0..25 %, duplicates,
+    jitter, timestamps on/off, window scales 0..14, MSS 536..1460, delayed ACK on/off,
+    small and large buffers, random data both ways, closes at random moments. Returns
+    None when both ends got everything and closed cleanly, else what went wrong."""
+    config = random.Random(seed * 7919)
+    loss = config.choice([0, 0.02, 0.1, 0.25])
+    dup, jitter = config.choice([0, 0.05, 0.2]), config.choice([0, 0.003, 0.03])
+    ts, wscale = config.random() < 0.7, config.choice([(7, 9), None, (14, 0), (3, 2)])
+    shifts = wscale or (0, 0)
+    rng = random.Random(seed)
+    clock = Clock(ts_base=rng.getrandbits(32))
+    a, b = make_pair(rng, clock, ts=ts, wscale=wscale, mss=config.choice([536, 1300, 1460]),
+                     buffers=(max(4 << shifts[0], rng.choice([3000, 8000, 65536, 300_000])),
+                              max(4 << shifts[1], rng.choice([2000, 5000, 65536, 200_000]))),
+                     time_wait=30.0, delayed_ack=config.choice([0, 0.04, 0.2]))
+    channel = Channel(rng, loss=loss, dup=dup, delay=0.005, jitter=jitter)
+    to_send = {id(a): rng.randbytes(rng.randrange(200_000)),
+               id(b): rng.randbytes(rng.randrange(100_000))}
+    offsets = {id(a): 0, id(b): 0}
+    got = {id(a): bytearray(), id(b): bytearray()}
+
+    def app(now):
+        for conn in (a, b):
+            data, offset = to_send[id(conn)], offsets[id(conn)]
+            if offset < len(data) and rng.random() < 0.3:
+                size = rng.choice([1, 100, 1000, 5000, 30000])
+                conn.send(data[offset:offset + size])
+                offsets[id(conn)] = offset + size
+            elif offset >= len(data) and not conn.fin_queued and rng.random() < 0.1:
+                conn.close()
+            if rng.random() < 0.5:
+                got[id(conn)] += conn.read(rng.choice([None, 2000]))
+
+    if not run_pair(a, b, clock, channel, app=app, until=lambda: a.closed and b.closed):
+        return f"seed {seed}: not closed ({a.state}, {b.state})"
+    got[id(a)] += a.read()
+    got[id(b)] += b.read()
+    if bytes(got[id(b)]) != to_send[id(a)] or bytes(got[id(a)]) != to_send[id(b)]:
+        return f"seed {seed}: data differ"
+    if a.error or b.error:
+        return f"seed {seed}: errors {a.error}, {b.error} (loss {loss})"
+    return None
+
+
+def test_back_to_back_random_configs():
+    """30 random configurations (``random_config_run``); a longer sweep:
+    ``[random_config_run(s) for s in range(1000)]``."""
+    assert [r for r in map(random_config_run, range(30)) if r] == []
+
+
 def bench_back_to_back(total=20_000_000, seed=1):
     """Throughput of the Python stack itself: ``total`` bytes one way between two
     connections in one process, no loss. Returns (CPU seconds, frames)."""
