@@ -102,6 +102,7 @@ class CommandDecoder(wiring.Component):
             self.table_cmd.payload.key.eq(body.table.key),
             self.table_cmd.payload.value.eq(body.table.value),
             self.table_cmd.payload.slot.eq(body.table.slot),
+            self.table_cmd.payload.hash_key.eq(body.table.hash_key),
         ]
 
         # The CLOSE's held data, read whole before the command goes on.

@@ -115,9 +115,11 @@ class CommandStatus(enum.IntEnum):
                         # address is not aligned to the datapath width
 
 
-#: A connection-table command from the host (``hw.conn_table.Op``: DELETE a flow the
-#: host closed in software, READ a slot to list flows, ...).
-TABLE_COMMAND = data.StructLayout({"op": 3, "key": FLOW_KEY, "value": 16, "slot": 16})
+#: A connection-table command from the host (``hw.conn_table.Op``: SET_KEY, the table's
+#: hash key, once at bring-up; DELETE a flow the host closed in software; READ a slot to
+#: list flows, ...).
+TABLE_COMMAND = data.StructLayout({"op": 3, "key": FLOW_KEY, "value": 16, "slot": 16,
+                                   "hash_key": 128})
 
 #: The body of a command: one of these, by ``op``.
 COMMAND_BODY = data.UnionLayout({

@@ -8,7 +8,8 @@ an RX event (``ring_index`` = the buffer's index, ``length``, ``reason``) follow
 ``done``. The DMA engine writes requests in the order it takes them, so the host never
 sees an event before its frame.
 
-The frame side never stalls for the host: a frame that starts while the store has no
+A frame's verdict must come no later than its first beat (as ``hw.rx_dispatch`` sends
+it). The frame side never stalls for the host: a frame that starts while the store has no
 room for a maximum-size frame (no buffers posted, or the host is slow) is dropped whole
 and counted in ``dropped``. Every buffer comes back in exactly one RX event
 (``RxStatus``): OK; TOO_LONG (the frame is longer than the buffer: the frame is dropped,
@@ -28,7 +29,7 @@ Ports:
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from hw.dma import DMA_WRITE
@@ -79,15 +80,21 @@ class RxDeliver(wiring.Component):
         # Decided at the first beat (the frame's verdict must be there too).
         room = (level <= depth - max_beats) & stored.w_rdy
         keep_this = Mux(first, room, keeping)
-        # The verdicts wait in a FIFO: no path from one input's valid to the other's ready
-        # (the dispatcher's host and host_meta streams depend on each other).
-        m.submodules.verdicts = verdicts = SyncFIFOBuffered(width=VERDICT.size, depth=4)
-        verdict = VERDICT(verdicts.r_data)
+        # The frame side is always ready (a frame is stored or dropped), so that no ready
+        # depends on the other stream's valid: the dispatcher offers a frame's verdict
+        # only with its first beat, when `frame` is ready. A verdict that comes early
+        # waits in a FIFO (readable the cycle after it is written: not a buffered one); one
+        # that comes with its first beat is used at once.
+        m.submodules.verdicts = verdicts = SyncFIFO(width=VERDICT.size, depth=4)
+        bypass = first & self.frame.valid & ~verdicts.r_rdy
+        verdict = VERDICT(Mux(verdicts.r_rdy, verdicts.r_data, self.meta.payload.as_value()))
         m.d.comb += [
-            verdicts.w_en.eq(self.meta.valid),
+            verdicts.w_en.eq(self.meta.valid & ~bypass),
             verdicts.w_data.eq(self.meta.payload),
+            # Not `| bypass`: the dispatcher's host_meta.valid depends on frame.ready and
+            # its host.valid on meta.ready. When bypassing, the FIFO is empty: w_rdy is 1.
             self.meta.ready.eq(verdicts.w_rdy),
-            self.frame.ready.eq(~first | verdicts.r_rdy),
+            self.frame.ready.eq(1),
             verdicts.r_en.eq(self.frame.valid & first),
         ]
         took = self.frame.valid & self.frame.ready

@@ -76,6 +76,7 @@ async def decoder_job(bus, width, seed=1, stall=0.3, count=60):
     expected = {name: [] for name in ("control", "close", "close_data", "splice")}
     done = []                                     # (index, tag, status, table answer or None)
     tables = 0
+    table_commands = []
     entry_layout = fetched_entry_layout(128)
 
     for index in range(count):
@@ -141,10 +142,13 @@ async def decoder_job(bus, width, seed=1, stall=0.3, count=60):
             if not error:
                 expected["splice"].append(splice)
         elif op == CommandOp.TABLE:
-            fields["body"] = {"table": {"op": rng.randrange(6), "key": _random(FLOW_KEY, rng),
-                                        "value": rng.getrandbits(16),
-                                        "slot": rng.randrange(GEO.slots)}}
+            command = {"op": rng.randrange(6), "key": _random(FLOW_KEY, rng),
+                       "value": rng.getrandbits(16), "slot": rng.randrange(GEO.slots),
+                       "hash_key": rng.getrandbits(128)}
+            fields["body"] = {"table": command}
             if not error:
+                table_commands.append(pack_struct(command_layout(GEO, FLOW_VALUE.size),
+                                                  **command))
                 tables += 1
                 done.append((index, tag, CommandStatus.OK, tables))
         else:
@@ -169,6 +173,7 @@ async def decoder_job(bus, width, seed=1, stall=0.3, count=60):
             assert got["key"] == want["key"]
         else:
             assert got["connect"] == want["connect"]
+    assert table.commands.received == table_commands
     assert sinks["close"].received == expected["close"]
     assert sinks["splice"].received == expected["splice"]
     got_data = [unpack_beat(width, p)[0] for p in sinks["close_data"].received]

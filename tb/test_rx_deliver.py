@@ -39,7 +39,8 @@ async def rx_job(bus, width, seed=1, stall=0.3, count=40):
     memory.register(BUFFERS, 4 * count * SLOT, "rx buffers")
     dma = DmaWriteResponder(bus, memory, width, stall=stall, rng=random.Random(rng.random()))
     frames = StreamSource(bus, "frame", stall=stall, rng=random.Random(rng.random()))
-    metas = StreamSource(bus, "meta", stall=stall, rng=random.Random(rng.random()))
+    # A verdict comes no later than its frame's first beat (the dispatcher's order).
+    metas = StreamSource(bus, "meta", stall=0, rng=random.Random(rng.random()))
     bufs = StreamSource(bus, "buf", stall=stall, rng=random.Random(rng.random()))
     done = StreamSink(bus, "done", stall=stall, rng=random.Random(rng.random()))
     agents = [dma, frames, metas, bufs, done]
