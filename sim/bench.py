@@ -115,16 +115,20 @@ def _bench_job(block):
     if block == "dma":
         from tb.test_dma import bench_dma_figures
         return bench_dma_figures
+    if block == "host":
+        from tb.bench_host import bench_host_interface
+        return bench_host_interface
     raise KeyError(block)
 
 
 BENCHES = ("parser", "builder", "checksum_insert", "conn_table", "handshake", "teardown",
-           "splice", "dma")
+           "splice", "dma", "host")
 
 #: Benches that measure a block inside the NIC: the component they run on.
 IN_NIC = {"handshake": ("hw.datapath:Datapath", {"width": 64, "entries": 4096}),
           "teardown": ("hw.datapath:Datapath", {"width": 64, "entries": 4096}),
-          "splice": ("hw.datapath:Datapath", {"width": 64, "entries": 4096})}
+          "splice": ("hw.datapath:Datapath", {"width": 64, "entries": 4096}),
+          "host": ("hw.host_interface:HostInterface", {"width": 64})}
 
 
 def run(block, width=64, sim="amaranth", waves=None, entries=None):

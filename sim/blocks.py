@@ -51,6 +51,9 @@ BLOCKS = {
                  "reorder buffer, timeout) and posted writes"),
     "splice_rewrite": Block("hw.splice_rewrite:SpliceRewriter", {"width": 64},
                             "splice rewriter: MACs, IPs, ports, seq/ack, TS, SACK, window, checksums"),
+    "host_interface": Block("hw.host_interface:HostInterface", {"width": 64},
+                            "host interface: registers, rings (RingFetcher, EventRing, TxFetch, "
+                            "RxDeliver, CommandDecoder), DMA engine, interrupt"),
 }
 
 

@@ -23,7 +23,10 @@ from hw.dma import (DMA_READ, DMA_WRITE, PCIE_READ, DmaCounter, dma_read_data_la
 from hw.headers import HEADERS, TCP_OPTIONS
 from hw.metadata import (ERROR_FLAGS, EVENT, PARSER_META, TX_HEADER, CloseReason, CloseStatus,
                          EventKind, FrameClass, SpliceEnd, SpliceStatus)
-from hw.registers import REGISTERS, Access
+from hw.host_formats import (COMMAND_ENTRY, EVENT_ENTRY, RING_ENTRY_BYTES, RX_DESCRIPTOR,
+                             TX_DESCRIPTOR, CommandOp, CommandStatus, HostCounter,
+                             HostEventKind, Ring, RxStatus, TxFlag, TxStatus)
+from hw.registers import REGISTERS, RING_REGISTERS, Access, RingStatus
 from hw.splice import SPLICE_COMMAND, SPLICE_SIDE, SpCounter
 from hw.splice_rewrite import REWRITE
 from hw.teardown import CLOSE_COMMAND, TdCounter, TdState
@@ -113,8 +116,52 @@ def registers_table():
     return "\n".join(rows) + f"\n\n(`const` values come from the NIC's parameters: {params}.)\n"
 
 
+def rings_table():
+    direction = {Ring.EVENT: "NIC -> host"}
+    rows = ["| ring | registers at | direction | entry bytes | entry layout |",
+            "|---|---|---|---:|---|"]
+    layouts = {Ring.TX: "TX_DESCRIPTOR", Ring.RX: "RX_DESCRIPTOR", Ring.COMMAND: "COMMAND_ENTRY",
+               Ring.EVENT: "EVENT_ENTRY"}
+    for ring in Ring:
+        rows.append(f"| {ring.name} | 0x{0x400 + 0x20 * ring:03X} | "
+                    f"{direction.get(ring, 'host -> NIC')} | {RING_ENTRY_BYTES[ring]} | "
+                    f"`{layouts[ring]}` |")
+    rows += ["", "Each ring's registers, at its base offset plus:", "",
+             "| offset | register | access | meaning |", "|---:|---|---|---|"]
+    rows += [f"| +0x{offset:02X} | `<RING>_{name}` | {access.value} | {doc} |"
+             for name, offset, access, doc in RING_REGISTERS]
+    return "\n".join(rows) + "\n"
+
+
+def command_bodies():
+    """COMMAND_ENTRY, then the body of each op (the union's members)."""
+    out = [layout_doc(COMMAND_ENTRY),
+           "\nThe members of `body` (their offsets count from bit 96 of the entry):\n"]
+    members = {"listen": "LISTEN", "key": "SET_KEY", "connect": "CONNECT", "close": "CLOSE",
+               "splice": "SPLICE", "table": "TABLE"}
+    for name, field in COMMAND_ENTRY["body"].shape:
+        if isinstance(field.shape, data.StructLayout):
+            out.append(f"\n`body.{name}` ({members[name]}):\n\n" + layout_doc(field.shape))
+        else:
+            out.append(f"\n`body.{name}` ({members[name]}): {field.width} bits at offset 96.\n")
+    return "".join(out)
+
+
 GENERATORS = {
     "registers": registers_table,
+    "rings": rings_table,
+    "ring_status": lambda: enum_table(RingStatus),
+    "tx_descriptor": lambda: layout_doc(TX_DESCRIPTOR),
+    "tx_flags": lambda: enum_table(TxFlag),
+    "rx_descriptor": lambda: layout_doc(RX_DESCRIPTOR),
+    "command_entry": command_bodies,
+    "command_ops": lambda: enum_table(CommandOp),
+    "command_status": lambda: enum_table(CommandStatus),
+    "event_entry": lambda: layout_doc(EVENT_ENTRY),
+    "host_event_kinds": lambda: enum_table(HostEventKind),
+    "tx_status": lambda: enum_table(TxStatus),
+    "rx_status": lambda: enum_table(RxStatus),
+    "host_counters": lambda: enum_table(HostCounter),
     "close_command": lambda: layout_doc(CLOSE_COMMAND),
     "event": lambda: layout_doc(EVENT),
     "event_kinds": lambda: enum_table(EventKind),
