@@ -144,7 +144,6 @@ def cmd_synth(args):
 
 def cmd_bench(args):
     check_width(args.width)
-    lookup_block(args.block)
     from sim.jobs import JobError, check_simulator
     try:
         check_simulator(args.sim)
@@ -152,6 +151,8 @@ def cmd_bench(args):
         raise UsageError(str(error)) from None
     bench = _import_lead_module("sim.bench", "bench")
     benches = getattr(bench, "BENCHES", None)
+    if benches is None or args.block not in benches:
+        lookup_block(args.block)          # an unknown name: the error lists the blocks
     if benches is not None and args.block not in benches:
         raise UsageError(f"no bench for block {args.block!r}; benches exist for: "
                          f"{', '.join(sorted(benches))}")
