@@ -163,11 +163,31 @@ class DmaEngine(wiring.Component):
             (request.length > self.max_length)
 
     @staticmethod
-    def _piece(addr, left, limit):
-        """Bytes of the next PCIe request: min(limit, left, bytes to the next 4 KB)."""
-        to_page = PAGE - addr[:12]
-        bound = Mux(to_page < limit, to_page, limit)
-        return Mux(left < bound, left, bound)
+    def _next_piece(left, to_page, limit):
+        """(bytes, last) of the next PCIe request: min(limit, left, to_page), and whether
+        it is the request's last; compares in parallel, then one multiplexer."""
+        last = (left <= limit) & (left <= to_page)
+        return Mux(last, left, Mux(to_page < limit, to_page, limit)), last
+
+    def _intake(self, m, ports, name, load):
+        """Round-robin between ``ports`` into a register (``load``: the register empties
+        this cycle); returns (valid, addr, length, client, bad, bad_taken)."""
+        valid, bad = Signal(name=f"{name}_valid"), Signal(name=f"{name}_bad")
+        addr, length = Signal(64, name=f"{name}_addr"), Signal(16, name=f"{name}_length")
+        client = Signal(range(len(ports)), name=f"{name}_client")
+        rr_last = Signal(range(len(ports)), name=f"{name}_rr_last")
+        grant = round_robin_grant(m, [p.valid for p in ports], rr_last)
+        request = Array(p.payload for p in ports)[grant]
+        taking = Signal(name=f"{name}_taking")
+        m.d.comb += taking.eq(Cat(p.valid for p in ports).any() & (~valid | load))
+        for k, port in enumerate(ports):
+            m.d.comb += port.ready.eq(taking & (grant == k))
+        with m.If(load):
+            m.d.sync += valid.eq(0)
+        with m.If(taking):
+            m.d.sync += [valid.eq(1), addr.eq(request.addr), length.eq(request.length),
+                         client.eq(grant), bad.eq(self._bad(request)), rr_last.eq(grant)]
+        return valid, addr, length, client, bad
 
     def _tail_keep(self, nbytes):
         """``keep`` of a final beat holding ``nbytes % B`` bytes (all ones for 0)."""
@@ -182,14 +202,18 @@ class DmaEngine(wiring.Component):
         m = Module()
         counters = {c: Signal(32, name=f"count_{c.name.lower()}") for c in DmaCounter}
         m.d.comb += self.counters.eq(Cat(*(counters[c] for c in DmaCounter)))
+        # Events are registered first, then added: no adder behind the control logic.
+        events = {c: Signal(2, name=f"event_{c.name.lower()}") for c in DmaCounter}
+        for c in DmaCounter:
+            m.d.sync += counters[c].eq(counters[c] + events[c])
         now = Signal(32)
         m.d.sync += now.eq(now + 1)
-        bad_reads, bad_writes = self._read_path(m, now, counters), self._write_path(m, counters)
-        m.d.sync += counters[DmaCounter.BAD_REQUESTS].eq(
-            counters[DmaCounter.BAD_REQUESTS] + bad_reads + bad_writes)
+        bad_read = self._read_path(m, now, events)
+        bad_write = self._write_path(m, events)
+        m.d.sync += events[DmaCounter.BAD_REQUESTS].eq(bad_read + bad_write)
         return m
 
-    def _read_path(self, m, now, counters):
+    def _read_path(self, m, now, events):
         width, tags, beat = self.width, self.tags, self.width // 8
         slot_beats = self.mrrs // beat                      # reorder buffer beats per tag
         tag_bits, slot_bits, beat_bits = _log2(tags), _log2(slot_beats), _log2(beat)
@@ -216,24 +240,19 @@ class DmaEngine(wiring.Component):
         alloc, out, free = (Signal(tag_bits + 1, name=n) for n in ("alloc", "out", "free"))
         ring_full = (alloc[:tag_bits] == free[:tag_bits]) & (alloc[tag_bits] != free[tag_bits])
 
-        # 1. Accept a client request (round-robin) into `cur`.
-        cur_valid = Signal()
+        # 1. Take a client request (round-robin) into the intake register, then into
+        #    `cur`, where the next PCIe read's length is always ready in `cur_piece`.
+        cur_valid, cur_bad, cur_last = Signal(), Signal(), Signal()
         cur_addr, cur_left = Signal(64), Signal(16)
-        cur_client, cur_bad = Signal(range(self.read_clients)), Signal()
-        piece = Signal(13)
-        m.d.comb += piece.eq(self._piece(cur_addr, cur_left, self.mrrs))
-        last_piece = cur_bad | (piece == cur_left)
+        cur_to_page, cur_piece = Signal(13), Signal(13)
+        cur_client = Signal(range(self.read_clients))
         step = cur_valid & ~ring_full & (cur_bad | ~self.pcie_rd.valid | self.pcie_rd.ready)
-        taking = Signal()
-        rr_last = Signal(range(self.read_clients))
-        grant = round_robin_grant(m, [p.valid for p in self.rd_req], rr_last)
-        request = Array(p.payload for p in self.rd_req)[grant]
-        any_valid = Cat(p.valid for p in self.rd_req).any()
-        m.d.comb += taking.eq(any_valid & (~cur_valid | (step & last_piece)))
-        for k, port in enumerate(self.rd_req):
-            m.d.comb += port.ready.eq(taking & (grant == k))
-        bad_read = Signal()
-        m.d.comb += bad_read.eq(taking & self._bad(request))
+        load = Signal()
+        in_valid, in_addr, in_length, in_client, in_bad = self._intake(
+            m, self.rd_req, "rd_in", load)
+        m.d.comb += load.eq(in_valid & (~cur_valid | (step & cur_last)))
+        m.d.sync += events[DmaCounter.READ_REQUESTS].eq(load & ~in_bad)
+        bad_read = load & in_bad
 
         # 2. Issue PCIe reads, one per cycle, each on the next tag of the ring.
         with m.If(self.pcie_rd.ready):
@@ -242,26 +261,31 @@ class DmaEngine(wiring.Component):
             tag = alloc[:tag_bits]
             m.d.sync += [
                 alloc.eq(alloc + 1),
-                cur_addr.eq(cur_addr + piece), cur_left.eq(cur_left - piece),
                 outstanding[tag].eq(~cur_bad), done[tag].eq(cur_bad), failed[tag].eq(cur_bad),
-                filled[tag].eq(0), beats[tag].eq(Mux(cur_bad, 1, (piece + beat - 1) >> beat_bits)),
-                client[tag].eq(cur_client), ends_request[tag].eq(last_piece),
-                refused[tag].eq(cur_bad), tail[tag].eq(piece[:beat_bits]),
+                filled[tag].eq(0),
+                beats[tag].eq(Mux(cur_bad, 1, (cur_piece + beat - 1) >> beat_bits)),
+                client[tag].eq(cur_client), ends_request[tag].eq(cur_last),
+                refused[tag].eq(cur_bad), tail[tag].eq(cur_piece[:beat_bits]),
                 stamp[tag].eq(now), quarantined[tag].eq(0),
             ]
             with m.If(~cur_bad):
                 m.d.sync += [self.pcie_rd.valid.eq(1), self.pcie_rd.payload.tag.eq(tag),
                              self.pcie_rd.payload.addr.eq(cur_addr),
-                             self.pcie_rd.payload.length.eq(piece)]
-            with m.If(last_piece):
+                             self.pcie_rd.payload.length.eq(cur_piece)]
+            left = cur_left - cur_piece
+            to_page = Mux(cur_to_page == cur_piece, PAGE, cur_to_page - cur_piece)
+            piece, last = self._next_piece(left, to_page, self.mrrs)
+            m.d.sync += [cur_addr.eq(cur_addr + cur_piece), cur_left.eq(left),
+                         cur_to_page.eq(to_page), cur_piece.eq(piece), cur_last.eq(last)]
+            with m.If(cur_last):
                 m.d.sync += cur_valid.eq(0)
-        with m.If(taking):
-            m.d.sync += [cur_valid.eq(1), cur_addr.eq(request.addr),
-                         cur_left.eq(request.length), cur_client.eq(grant),
-                         cur_bad.eq(bad_read), rr_last.eq(grant)]
-            with m.If(~bad_read):
-                m.d.sync += counters[DmaCounter.READ_REQUESTS].eq(
-                    counters[DmaCounter.READ_REQUESTS] + 1)
+        with m.If(load):
+            to_page = PAGE - in_addr[:12]
+            piece, last = self._next_piece(in_length, to_page, self.mrrs)
+            m.d.sync += [cur_valid.eq(1), cur_addr.eq(in_addr), cur_left.eq(in_length),
+                         cur_client.eq(in_client), cur_bad.eq(in_bad),
+                         cur_to_page.eq(to_page), cur_piece.eq(piece),
+                         cur_last.eq(last | in_bad)]
 
         # 3. Completions: into the tag's slot, at once.
         cpl = self.pcie_cpl.payload
@@ -282,9 +306,7 @@ class DmaEngine(wiring.Component):
             short = (cbeat + 1) != beats[ctag]
             m.d.sync += [outstanding[ctag].eq(0), done[ctag].eq(1),
                          failed[ctag].eq(cpl.error | short)]
-        with m.If(self.pcie_cpl.valid & ~expected):
-            m.d.sync += counters[DmaCounter.UNEXPECTED_COMPLETIONS].eq(
-                counters[DmaCounter.UNEXPECTED_COMPLETIONS] + 1)
+        m.d.sync += events[DmaCounter.UNEXPECTED_COMPLETIONS].eq(self.pcie_cpl.valid & ~expected)
 
         # 4. Completion timeout: one tag per cycle.
         scan = Signal(tag_bits)
@@ -293,11 +315,10 @@ class DmaEngine(wiring.Component):
         m.d.comb += expired.eq((self.cpl_timeout != 0) & outstanding[scan]
                                & ((now - stamp[scan])[:32] >= self.cpl_timeout)
                                & ~(ending & (ctag == scan)))
+        m.d.sync += events[DmaCounter.COMPLETION_TIMEOUTS].eq(expired)
         with m.If(expired):
             m.d.sync += [outstanding[scan].eq(0), done[scan].eq(1), failed[scan].eq(1),
-                         quarantined[scan].eq(1), stamp[scan].eq(now),
-                         counters[DmaCounter.COMPLETION_TIMEOUTS].eq(
-                             counters[DmaCounter.COMPLETION_TIMEOUTS] + 1)]
+                         quarantined[scan].eq(1), stamp[scan].eq(now)]
 
         # 5. Release drained tags, unless quarantined.
         oldest = free[:tag_bits]
@@ -342,18 +363,15 @@ class DmaEngine(wiring.Component):
             m.d.comb += [port.valid.eq(b_valid & (b_client == k)), port.payload.eq(payload)]
         return bad_read
 
-    def _write_path(self, m, counters):
+    def _write_path(self, m, events):
         beat = self.width // 8
-        beat_bits = _log2(beat)
-        active, bad = Signal(), Signal()
+        active, bad, last_tlp = Signal(), Signal(), Signal()
         addr, left = Signal(64), Signal(16)
+        to_page, piece = Signal(13), Signal(13)       # piece: bytes of the current TLP
+        tlp_left = Signal(13)                          # bytes of the TLP still to send
         owner = Signal(range(self.write_clients))
-        index = Signal(range(self.mps // beat + 1))       # beat within the current TLP
-        piece = Signal(13)
-        m.d.comb += piece.eq(self._piece(addr, left, self.mps))
-        tlp_beats = (piece + beat - 1) >> beat_bits
-        tlp_last = index == tlp_beats - 1
-        request_last = tlp_last & (piece == left)
+        tlp_last = tlp_left <= beat
+        request_last = tlp_last & last_tlp
         source = Array(self.wr_data)[owner]
         moves = Signal()
         m.d.comb += moves.eq(active & source.valid & (bad | self.pcie_wr.ready))
@@ -371,26 +389,26 @@ class DmaEngine(wiring.Component):
             with m.If(bad):
                 m.d.sync += left.eq(left - beat)
             with m.Elif(tlp_last):
-                m.d.sync += [addr.eq(addr + piece), left.eq(left - piece), index.eq(0)]
+                next_left = left - piece
+                next_to_page = Mux(to_page == piece, PAGE, to_page - piece)
+                next_piece, last = self._next_piece(next_left, next_to_page, self.mps)
+                m.d.sync += [addr.eq(addr + piece), left.eq(next_left),
+                             to_page.eq(next_to_page), piece.eq(next_piece),
+                             tlp_left.eq(next_piece), last_tlp.eq(last)]
             with m.Else():
-                m.d.sync += index.eq(index + 1)
+                m.d.sync += tlp_left.eq(tlp_left - beat)
             with m.If(finishing):
                 m.d.sync += active.eq(0)
 
-        rr_last = Signal(range(self.write_clients))
-        grant = round_robin_grant(m, [p.valid for p in self.wr_req], rr_last)
-        request = Array(p.payload for p in self.wr_req)[grant]
-        any_valid = Cat(p.valid for p in self.wr_req).any()
-        taking = any_valid & (~active | finishing)
-        for k, port in enumerate(self.wr_req):
-            m.d.comb += port.ready.eq(taking & (grant == k))
-        bad_write = Signal()
-        m.d.comb += bad_write.eq(taking & self._bad(request))
-        with m.If(taking):
-            m.d.sync += [active.eq(request.length != 0), bad.eq(bad_write),
-                         addr.eq(request.addr), left.eq(request.length), owner.eq(grant),
-                         index.eq(0), rr_last.eq(grant)]
-            with m.If(~bad_write):
-                m.d.sync += counters[DmaCounter.WRITE_REQUESTS].eq(
-                    counters[DmaCounter.WRITE_REQUESTS] + 1)
-        return bad_write
+        load = Signal()
+        in_valid, in_addr, in_length, in_client, in_bad = self._intake(
+            m, self.wr_req, "wr_in", load)
+        m.d.comb += load.eq(in_valid & (~active | finishing))
+        with m.If(load):
+            first_to_page = PAGE - in_addr[:12]
+            first_piece, last = self._next_piece(in_length, first_to_page, self.mps)
+            m.d.sync += [active.eq(in_length != 0), bad.eq(in_bad), addr.eq(in_addr),
+                         left.eq(in_length), owner.eq(in_client), to_page.eq(first_to_page),
+                         piece.eq(first_piece), tlp_left.eq(first_piece), last_tlp.eq(last)]
+        m.d.sync += [events[DmaCounter.WRITE_REQUESTS].eq(load & ~in_bad)]
+        return load & in_bad
