@@ -49,11 +49,13 @@ cut at ``mps`` and 4 KB (``sim.pcie.tlps_for_write``); each client beat is one T
 ``wr_data`` passes to ``pcie_wr`` through logic only (no register): valid, payload and
 ready are combinational between the two.
 
-Latency (cycles, host answering at once): ``rd_req`` accepted at cycle 0 -> ``pcie_rd``
-valid at 2; a completion beat at cycle c -> on ``rd_data`` at c + 2. ``wr_req`` accepted
-at 0 -> its first beat may go at 1. Throughput: one read-data beat and one write beat
-per cycle (at most one PCIe read issued per cycle; one bubble per tag when the data is
-already there: none). ``docs/dma.md`` has the measured figures.
+Latency (cycles, host answering at once): ``rd_req`` taken at cycle 0 -> ``pcie_rd``
+valid at 3 (an intake register, then the request register); a completion beat at cycle
+c -> on ``rd_data`` at c + 2; first data beat 6 cycles after the request with a host
+answering in the next cycle. ``wr_req`` taken at 0 -> its first beat may go at 2.
+Throughput: one read-data beat and one write beat per cycle, also for one-beat
+requests (a PCIe read issues per cycle, the next request is loaded as the last piece
+of the current one goes). ``docs/dma.md`` has the measured figures.
 
 Ports
   rd_req[i]     In(stream of DMA_READ)                 i < read_clients
@@ -308,22 +310,28 @@ class DmaEngine(wiring.Component):
                          failed[ctag].eq(cpl.error | short)]
         m.d.sync += events[DmaCounter.UNEXPECTED_COMPLETIONS].eq(self.pcie_cpl.valid & ~expected)
 
-        # 4. Completion timeout: one tag per cycle.
-        scan = Signal(tag_bits)
-        m.d.sync += scan.eq(scan + 1)
+        # 4. Completion timeout: one tag per cycle, in two steps (compare, then act on
+        #    the tag if it is still outstanding: it cannot be re-issued in between).
+        scan, scanned = Signal(tag_bits), Signal(tag_bits)
+        overdue = Signal()
+        m.d.sync += [scan.eq(scan + 1), scanned.eq(scan),
+                     overdue.eq((self.cpl_timeout != 0) & outstanding[scan]
+                                & ((now - stamp[scan])[:32] >= self.cpl_timeout))]
         expired = Signal()
-        m.d.comb += expired.eq((self.cpl_timeout != 0) & outstanding[scan]
-                               & ((now - stamp[scan])[:32] >= self.cpl_timeout)
-                               & ~(ending & (ctag == scan)))
+        m.d.comb += expired.eq(overdue & outstanding[scanned] & ~(ending & (ctag == scanned)))
         m.d.sync += events[DmaCounter.COMPLETION_TIMEOUTS].eq(expired)
         with m.If(expired):
-            m.d.sync += [outstanding[scan].eq(0), done[scan].eq(1), failed[scan].eq(1),
-                         quarantined[scan].eq(1), stamp[scan].eq(now)]
+            m.d.sync += [outstanding[scanned].eq(0), done[scanned].eq(1),
+                         failed[scanned].eq(1), quarantined[scanned].eq(1),
+                         stamp[scanned].eq(now)]
 
-        # 5. Release drained tags, unless quarantined.
+        # 5. Release drained tags, unless quarantined (the age of the oldest tag is
+        #    compared a cycle ahead: a quarantined tag goes a cycle late).
         oldest = free[:tag_bits]
-        with m.If((free != out) & (~quarantined[oldest]
-                                   | ((now - stamp[oldest])[:32] >= self.cpl_timeout))):
+        aged, aged_tag = Signal(), Signal(tag_bits)
+        m.d.sync += [aged.eq((now - stamp[oldest])[:32] >= self.cpl_timeout),
+                     aged_tag.eq(oldest)]
+        with m.If((free != out) & (~quarantined[oldest] | (aged & (aged_tag == oldest)))):
             m.d.sync += free.eq(free + 1)
 
         # 6. Drain the ring in order: stage A picks a beat, stage B (the memory's read
