@@ -76,7 +76,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from hw.stream import packet_signature, round_robin_grant, struct_value
+from hw.stream import one_hot_select, packet_signature, round_robin_grant, struct_value
 
 __all__ = ["DmaEngine", "DmaCounter", "DMA_READ", "DMA_WRITE", "PCIE_READ",
            "DMA_READ_DATA", "PCIE_COMPLETION", "PCIE_WRITE",
@@ -230,7 +230,7 @@ class DmaEngine(wiring.Component):
         done = per_tag("done", 1)                 # all data in, failed or timed out
         failed = per_tag("failed", 1)
         filled = per_tag("filled", range(slot_beats + 1))   # beats arrived (in order)
-        beats = per_tag("beats", range(slot_beats + 1))     # beats of the PCIe read
+        last_beat = per_tag("last_beat", range(slot_beats))  # index of the read's last beat
         client = per_tag("client", range(self.read_clients))
         ends_request = per_tag("ends_request", 1)
         refused = per_tag("refused", 1)                     # a bad request's entry
@@ -265,7 +265,7 @@ class DmaEngine(wiring.Component):
                 alloc.eq(alloc + 1),
                 outstanding[tag].eq(~cur_bad), done[tag].eq(cur_bad), failed[tag].eq(cur_bad),
                 filled[tag].eq(0),
-                beats[tag].eq(Mux(cur_bad, 1, (cur_piece + beat - 1) >> beat_bits)),
+                last_beat[tag].eq(Mux(cur_bad, 0, (cur_piece - 1) >> beat_bits)),
                 client[tag].eq(cur_client), ends_request[tag].eq(cur_last),
                 refused[tag].eq(cur_bad), tail[tag].eq(cur_piece[:beat_bits]),
                 stamp[tag].eq(now), quarantined[tag].eq(0),
@@ -294,7 +294,7 @@ class DmaEngine(wiring.Component):
         m.d.comb += self.pcie_cpl.ready.eq(1)
         ctag = cpl.tag[:tag_bits]
         cbeat = cpl.offset >> beat_bits                     # beat within the PCIe read
-        in_range = cbeat < beats[ctag]
+        in_range = cbeat <= last_beat[ctag]
         tag_ok = (cpl.tag < tags) if tags < 256 else Const(1)
         expected = Signal()
         m.d.comb += expected.eq(self.pcie_cpl.valid & tag_ok & outstanding[ctag]
@@ -305,7 +305,7 @@ class DmaEngine(wiring.Component):
         with m.If(expected & ~cpl.error):
             m.d.sync += filled[ctag].eq(cbeat + 1)
         with m.If(ending):
-            short = (cbeat + 1) != beats[ctag]
+            short = cbeat != last_beat[ctag]
             m.d.sync += [outstanding[ctag].eq(0), done[ctag].eq(1),
                          failed[ctag].eq(cpl.error | short)]
         m.d.sync += events[DmaCounter.UNEXPECTED_COMPLETIONS].eq(self.pcie_cpl.valid & ~expected)
@@ -337,33 +337,41 @@ class DmaEngine(wiring.Component):
         # 6. Drain the ring in order: stage A picks a beat, stage B (the memory's read
         #    register and its side-band registers) offers it to the client.
         head = out[:tag_bits]
-        index = Signal(range(slot_beats + 1))          # beat within the head tag
+        head_one_hot = Signal(tags, init=1)            # the head tag, one-hot: fast selects
+        index = Signal(range(slot_beats))              # beat within the head tag
+
+        def at_head(values):
+            return one_hot_select(head_one_hot, list(values))
         b_valid, b_zero, b_last, b_error = Signal(), Signal(), Signal(), Signal()
         b_client = Signal(range(self.read_clients))
         b_keep = Signal(beat)
         sticky_error = Signal()                         # an earlier piece failed
         b_ready = Array(p.ready for p in self.rd_data)[b_client]
-        available = (out != alloc) & (done[head] | (index < filled[head]))
+        head_filled = Signal(range(slot_beats + 1))
+        m.d.comb += head_filled.eq(at_head(filled))
+        available = (out != alloc) & (at_head(done) | (index < head_filled))
         advance = Signal()
         m.d.comb += advance.eq(available & (~b_valid | b_ready))
-        final = index == beats[head] - 1
-        request_end = final & ends_request[head]
+        final = index == at_head(last_beat)
+        head_ends, head_failed = at_head(ends_request), at_head(failed)
+        request_end = final & head_ends
         m.d.comb += [read.addr.eq(Cat(index[:slot_bits], head)),
                      read.en.eq(advance)]
         with m.If(b_ready):
             m.d.sync += b_valid.eq(0)
         with m.If(advance):
             m.d.sync += [
-                b_valid.eq(1), b_client.eq(client[head]), b_zero.eq(index >= filled[head]),
+                b_valid.eq(1), b_client.eq(at_head(client)), b_zero.eq(index >= head_filled),
                 b_last.eq(request_end),
-                b_error.eq(request_end & (sticky_error | failed[head])),
-                b_keep.eq(Mux(refused[head], 0,
-                              Mux(request_end, self._tail_keep(tail[head]), (1 << beat) - 1))),
+                b_error.eq(request_end & (sticky_error | head_failed)),
+                b_keep.eq(Mux(at_head(refused), 0,
+                              Mux(request_end, self._tail_keep(at_head(tail)),
+                                  (1 << beat) - 1))),
                 index.eq(Mux(final, 0, index + 1)),
             ]
             with m.If(final):
-                m.d.sync += [out.eq(out + 1),
-                             sticky_error.eq(~ends_request[head] & (sticky_error | failed[head]))]
+                m.d.sync += [out.eq(out + 1), head_one_hot.eq(head_one_hot.rotate_left(1)),
+                             sticky_error.eq(~head_ends & (sticky_error | head_failed))]
         layout = dma_read_data_layout(width)
         payload = struct_value(layout, {"data": Mux(b_zero, 0, read.data), "keep": b_keep,
                                         "last": b_last, "error": b_error})
