@@ -347,12 +347,33 @@ class DmaEngine(wiring.Component):
         b_keep = Signal(beat)
         sticky_error = Signal()                         # an earlier piece failed
         b_ready = Array(p.ready for p in self.rd_data)[b_client]
+        # Whether the beat after this cycle's (same tag, next beat, or the next tag's
+        # first) is there, and whether it ends its tag, are registered a cycle ahead,
+        # from the per-tag state of this cycle: that state only grows while a tag is in
+        # use, so a flag is at worst a cycle late, never wrong. `advance` is then a
+        # register and a ready, not a select, a compare and a ready.
+        next_one_hot = head_one_hot.rotate_left(1)
         head_filled = Signal(range(slot_beats + 1))
-        m.d.comb += head_filled.eq(at_head(filled))
-        available = (out != alloc) & (at_head(done) | (index < head_filled))
+        head_last = Signal(range(slot_beats))
+        m.d.comb += [head_filled.eq(at_head(filled)), head_last.eq(at_head(last_beat))]
+        head_done = at_head(done)
+        next_filled = one_hot_select(next_one_hot, list(filled))
+        next_done = one_hot_select(next_one_hot, list(done))
+        next_last = one_hot_select(next_one_hot, list(last_beat))
+        live, next_live = out != alloc, (out + 1)[:tag_bits + 1] != alloc
+        ready_now, final_now = Signal(), Signal()       # for (head, index)
         advance = Signal()
-        m.d.comb += advance.eq(available & (~b_valid | b_ready))
-        final = index == at_head(last_beat)
+        m.d.comb += advance.eq(ready_now & (~b_valid | b_ready))
+        with m.If(advance & final_now):
+            m.d.sync += [ready_now.eq(next_live & (next_done | (next_filled != 0))),
+                         final_now.eq(next_last == 0)]
+        with m.Elif(advance):
+            m.d.sync += [ready_now.eq(live & (head_done | (index + 1 < head_filled))),
+                         final_now.eq(index + 1 == head_last)]
+        with m.Else():
+            m.d.sync += [ready_now.eq(live & (head_done | (index < head_filled))),
+                         final_now.eq(index == head_last)]
+        final = final_now
         head_ends, head_failed = at_head(ends_request), at_head(failed)
         request_end = final & head_ends
         m.d.comb += [read.addr.eq(Cat(index[:slot_bits], head)),
