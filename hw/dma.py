@@ -24,7 +24,8 @@ Clients (``R = read_clients``, ``C = write_clients``; ``B = W/8`` bytes per beat
 Reads. Clients are served round-robin, one request at a time; the request is cut into
 PCIe reads (``PCIE_READ``) of at most ``mrrs`` bytes that never cross a 4 KB boundary
 (the rule of ``sim.pcie.tlps_for_read``: pieces of min(mrrs, left, bytes to the next
-4 KB boundary) from the start address), one per cycle, each with a tag. Tags are handed
+4 KB boundary) from the start address), one per cycle, each with a tag (at most
+``tags - 1`` in use: one is kept free so that the check is a register). Tags are handed
 out in ring order and recycled in the same order, so the reorder buffer (``Memory`` of
 ``tags x mrrs`` bytes, one ``mrrs`` slot per tag) is drained in the order the requests
 were accepted: a client sees its answers in order, and **all clients share that order**
@@ -36,7 +37,7 @@ every beat before it are there (cut-through), one beat per cycle.
 
 Completion timeout: a scanner visits one tag per cycle; a tag outstanding for
 ``cpl_timeout`` cycles or more (``0``: never) is ended with an error (found within
-``tags`` cycles of its deadline; counted). **Quarantine rule:** a tag that timed out is
+``tags + 1`` cycles of its deadline; counted). **Quarantine rule:** a tag that timed out is
 not handed out again until ``cpl_timeout`` more cycles have passed since it timed out,
 so a completion up to ``2 x cpl_timeout`` after the request is dropped, not taken for a
 later request's data; tags behind it in the ring wait meanwhile. A completion beat for a
@@ -51,9 +52,9 @@ ready are combinational between the two.
 
 Latency (cycles, host answering at once): ``rd_req`` taken at cycle 0 -> ``pcie_rd``
 valid at 3 (an intake register, then the request register); a completion beat at cycle
-c -> on ``rd_data`` at c + 2; first data beat 6 cycles after the request with a host
-answering in the next cycle. ``wr_req`` taken at 0 -> its first beat may go at 2.
-Throughput: one read-data beat and one write beat per cycle, also for one-beat
+c -> on ``rd_data`` at c + 3 (written at c, seen at c + 1, read at c + 2); first data
+beat 7 cycles after the request with a host answering in the next cycle. ``wr_req``
+taken at 0 -> its first beat may go at 2. Throughput: one read-data beat and one write beat per cycle, also for one-beat
 requests (a PCIe read issues per cycle, the next request is loaded as the last piece
 of the current one goes). ``docs/dma.md`` has the measured figures.
 
@@ -130,6 +131,8 @@ class DmaEngine(wiring.Component):
     def __init__(self, width=64, tags=16, mrrs=512, mps=256, read_clients=2, write_clients=2,
                  max_length=16384):
         beat = width // 8
+        if tags < 2:
+            raise ValueError("at least two tags (one is always kept free)")
         if width not in (64, 128, 256, 512):
             raise ValueError(f"width must be 64, 128, 256 or 512, not {width}")
         if not _is_pow2(tags) or tags > 256:
@@ -240,7 +243,12 @@ class DmaEngine(wiring.Component):
 
         # Tag ring: [free, out) drained but held (quarantine), [out, alloc) in use.
         alloc, out, free = (Signal(tag_bits + 1, name=n) for n in ("alloc", "out", "free"))
-        ring_full = (alloc[:tag_bits] == free[:tag_bits]) & (alloc[tag_bits] != free[tag_bits])
+        # A tag may be handed out when two were free a cycle ago (a register, not a
+        # compare, in front of the issue logic): at most tags - 1 in use at once.
+        in_use = Signal(tag_bits + 1)
+        m.d.comb += in_use.eq(alloc - free)
+        room = Signal()
+        m.d.sync += room.eq(in_use <= tags - 2)
 
         # 1. Take a client request (round-robin) into the intake register, then into
         #    `cur`, where the next PCIe read's length is always ready in `cur_piece`.
@@ -248,7 +256,7 @@ class DmaEngine(wiring.Component):
         cur_addr, cur_left = Signal(64), Signal(16)
         cur_to_page, cur_piece = Signal(13), Signal(13)
         cur_client = Signal(range(self.read_clients))
-        step = cur_valid & ~ring_full & (cur_bad | ~self.pcie_rd.valid | self.pcie_rd.ready)
+        step = cur_valid & room & (cur_bad | ~self.pcie_rd.valid | self.pcie_rd.ready)
         load = Signal()
         in_valid, in_addr, in_length, in_client, in_bad = self._intake(
             m, self.rd_req, "rd_in", load)
