@@ -37,7 +37,7 @@ every beat before it are there (cut-through), one beat per cycle.
 
 Completion timeout: a scanner visits one tag per cycle; a tag outstanding for
 ``cpl_timeout`` cycles or more (``0``: never) is ended with an error (found within
-``tags + 1`` cycles of its deadline; counted). **Quarantine rule:** a tag that timed out is
+``tags + 2`` cycles of its deadline; counted). **Quarantine rule:** a tag that timed out is
 not handed out again until ``cpl_timeout`` more cycles have passed since it timed out,
 so a completion up to ``2 x cpl_timeout`` after the request is dropped, not taken for a
 later request's data; tags behind it in the ring wait meanwhile. A completion beat for a
@@ -318,13 +318,15 @@ class DmaEngine(wiring.Component):
                          failed[ctag].eq(cpl.error | short)]
         m.d.sync += events[DmaCounter.UNEXPECTED_COMPLETIONS].eq(self.pcie_cpl.valid & ~expected)
 
-        # 4. Completion timeout: one tag per cycle, in two steps (compare, then act on
-        #    the tag if it is still outstanding: it cannot be re-issued in between).
-        scan, scanned = Signal(tag_bits), Signal(tag_bits)
-        overdue = Signal()
-        m.d.sync += [scan.eq(scan + 1), scanned.eq(scan),
-                     overdue.eq((self.cpl_timeout != 0) & outstanding[scan]
-                                & ((now - stamp[scan])[:32] >= self.cpl_timeout))]
+        # 4. Completion timeout: one tag per cycle, in three steps (the tag's age, the
+        #    comparison, then the timeout if the tag is still outstanding: it cannot be
+        #    re-issued in between).
+        scan, scan_1, scanned = Signal(tag_bits), Signal(tag_bits), Signal(tag_bits)
+        age, was_outstanding, overdue = Signal(32), Signal(), Signal()
+        m.d.sync += [scan.eq(scan + 1), scan_1.eq(scan), scanned.eq(scan_1),
+                     age.eq(now - stamp[scan]), was_outstanding.eq(outstanding[scan]),
+                     overdue.eq((self.cpl_timeout != 0) & was_outstanding
+                                & (age >= self.cpl_timeout))]
         expired = Signal()
         m.d.comb += expired.eq(overdue & outstanding[scanned] & ~(ending & (ctag == scanned)))
         m.d.sync += events[DmaCounter.COMPLETION_TIMEOUTS].eq(expired)
@@ -334,11 +336,12 @@ class DmaEngine(wiring.Component):
                          stamp[scanned].eq(now)]
 
         # 5. Release drained tags, unless quarantined (the age of the oldest tag is
-        #    compared a cycle ahead: a quarantined tag goes a cycle late).
+        #    compared in two steps: a quarantined tag goes two cycles late).
         oldest = free[:tag_bits]
+        oldest_age, oldest_1 = Signal(32), Signal(tag_bits)
         aged, aged_tag = Signal(), Signal(tag_bits)
-        m.d.sync += [aged.eq((now - stamp[oldest])[:32] >= self.cpl_timeout),
-                     aged_tag.eq(oldest)]
+        m.d.sync += [oldest_age.eq(now - stamp[oldest]), oldest_1.eq(oldest),
+                     aged.eq(oldest_age >= self.cpl_timeout), aged_tag.eq(oldest_1)]
         with m.If((free != out) & (~quarantined[oldest] | (aged & (aged_tag == oldest)))):
             m.d.sync += free.eq(free + 1)
 
