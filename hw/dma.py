@@ -327,8 +327,10 @@ class DmaEngine(wiring.Component):
                      age.eq(now - stamp[scan]), was_outstanding.eq(outstanding[scan]),
                      overdue.eq((self.cpl_timeout != 0) & was_outstanding
                                 & (age >= self.cpl_timeout))]
+        # A completion that ends the tag in the very cycle it times out comes too late:
+        # the timeout's assignments below win (its data beat is still written).
         expired = Signal()
-        m.d.comb += expired.eq(overdue & outstanding[scanned] & ~(ending & (ctag == scanned)))
+        m.d.comb += expired.eq(overdue & outstanding[scanned])
         m.d.sync += events[DmaCounter.COMPLETION_TIMEOUTS].eq(expired)
         with m.If(expired):
             m.d.sync += [outstanding[scanned].eq(0), done[scanned].eq(1),
