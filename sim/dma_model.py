@@ -42,7 +42,8 @@ def read_beats(addr, length, width, read, mrrs=512, max_length=16384):
     """The ``rd_data`` beats answering a read of ``length`` bytes at ``addr``.
 
     ``read(addr, n)`` gives the bytes of one PCIe read, or None when that read fails
-    (UR, timeout): its data is then zero and the request ends with ``error``.
+    (UR, timeout): its data is then zero and the request ends with ``error``; or
+    ``(bytes, True)`` when it fails after some data (the bytes that never came as zeros).
     """
     step = width // 8
     if is_bad(addr, length, width, max_length):
@@ -52,6 +53,9 @@ def read_beats(addr, length, width, read, mrrs=512, max_length=16384):
         got = read(piece_addr, n)
         if got is None:
             failed, got = True, bytes(n)
+        elif isinstance(got, tuple):
+            got, partial = got
+            failed |= partial
         assert len(got) == n
         data += got
     beats = []

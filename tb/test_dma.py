@@ -10,14 +10,16 @@ Jobs (``sim.bus`` adapters: run under cocotb or the Amaranth simulator):
   dma_job     random reads and writes from every client, random lengths 1..max_length
               (4 KB crossings), random stalls on every stream, completions interleaved
               between tags, UR (reads outside host memory), bad requests, unexpected
-              completions, writes outside host memory (host faults); optionally a host
+              completions, short completions, stray beats past an outstanding read's
+              end, writes outside host memory (host faults); optionally a host
               that never answers some reads or answers after the completion timeout,
               and the timed link (sim.pcie.PcieLink) instead of at-once answers
   bench_dma   beats per cycle (read data, write TLP beats) with an always-ready host,
               and read latency (engine alone, and with the Gen3 x8 link model)
 
-cocotb tests: random_traffic, timeouts, timed_link, throughput. pytest: ``test_dma``
-runs them at W=64 and W=512 on each simulator in $SIM (one build per width), and
+cocotb tests: random_traffic, no_stalls, timeouts, timed_link, throughput. pytest:
+``test_dma`` runs them at W=64 and W=512 on each simulator in $SIM (one build per width),
+``test_dma_small`` on a small configuration (``SMALL``), and
 ``test_dma_amaranth`` a short ``dma_job`` and the host's MMIO master on the Amaranth
 simulator.
 """
@@ -46,6 +48,8 @@ WRITE_BASE, WRITE_SIZE = 0x2_0000_0000, 96 * 1024
 SILENT_BASE = 0x3_0000_0000                        # registered, never answered
 LATE_BASE = 0x4_0000_0000                          # registered, answered after the timeout
 HOLE = 0x5_0000_0000                               # not registered: UR / write faults
+SHORT_BASE = 0x6_0000_0000     # answered without the last beat (a short completion)
+BOGUS_BASE = 0x7_0000_0000     # answered after a beat with an offset past the request
 REGION = 32 * 1024
 CLIENTS = 2
 
@@ -69,8 +73,9 @@ def _read_request(rng, width, max_length, kinds, longest):
             return READ_BASE + rng.randrange(1, step), length
         return READ_BASE, 0 if choice == 1 else rng.randint(max_length + 1, 0xFFFF)
     base, size = {"ok": (READ_BASE, READ_SIZE), "silent": (SILENT_BASE, REGION),
-                  "late": (LATE_BASE, REGION), "ur": (HOLE, REGION)}[kind]
-    if kind in ("silent", "late"):
+                  "late": (LATE_BASE, REGION), "ur": (HOLE, REGION),
+                  "short": (SHORT_BASE, REGION), "bogus": (BOGUS_BASE, REGION)}[kind]
+    if kind in ("silent", "late", "short", "bogus"):
         length = min(length, 2048)
     if kind == "ur" and rng.random() < 0.6:          # straddles an end of host memory
         if rng.random() < 0.5:
@@ -129,13 +134,18 @@ def _memory(rng):
     memory.register(WRITE_BASE, WRITE_SIZE, "write")
     memory.register(SILENT_BASE, REGION, "silent")
     memory.register(LATE_BASE, REGION, "late")
+    memory.register(SHORT_BASE, REGION, "short")
+    memory.register(BOGUS_BASE, REGION, "bogus")
     memory.write(READ_BASE, rng.randbytes(READ_SIZE))
+    memory.write(SHORT_BASE, rng.randbytes(REGION))
+    memory.write(BOGUS_BASE, rng.randbytes(REGION))
     memory.write(WRITE_BASE, rng.randbytes(WRITE_SIZE))
     return memory
 
 
 async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder=True,
                   timeout=0, silent=0.0, late=0.0, ur=0.06, bad=0.08, inject=6, link=False,
+                  short=0.0, bogus=0.0,
                   tags=16, mrrs=512, mps=256, max_length=16384, longest=16384,
                   read_clients=CLIENTS, write_clients=CLIENTS):
     """Random traffic on every client; everything checked against sim.dma_model."""
@@ -155,6 +165,18 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
             return late_cycles
         return rng.randrange(0, 20) if reorder else 0
     host.answer_delay = delay
+    plain_answer = host._answer
+
+    def answer(tag, addr, length):
+        """Malformed answers (without a link): a short one, or a stray beat first."""
+        if SHORT_BASE <= addr < SHORT_BASE + REGION and length > step:
+            data = memory.read(addr, length)
+            host._completion(tag, 0, data[:(length - 1) // step * step], True, False)
+            return
+        if BOGUS_BASE <= addr < BOGUS_BASE + REGION:
+            host.inject(tag, 4095 // step * step, b"\xee" * step, last=False)
+        plain_answer(tag, addr, length)
+    host._answer = answer
     bus.set("cpl_timeout", timeout)
 
     def rnd():
@@ -170,8 +192,8 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
     if inject:
         host.inject(3, 0, b"\x55" * step)
         await run_until(bus, agents, lambda: host.idle, 1000)
-    kinds = {"ok": 1.0 - ur - bad - silent - late, "ur": ur, "bad": bad, "silent": silent,
-             "late": late}
+    kinds = {"ok": 1.0 - ur - bad - silent - late - short - bogus, "ur": ur, "bad": bad,
+             "silent": silent, "late": late, "short": short, "bogus": bogus}
     read_reqs = [[] for _ in range(read_clients)]
     for _ in range(reads):
         client = rng.randrange(read_clients)
@@ -195,9 +217,13 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
         if addr >= SILENT_BASE and addr < LATE_BASE + REGION:
             return None
         try:
-            return memory.read(addr, n)
+            data = memory.read(addr, n)
         except HostMemoryError:
             return None
+        if SHORT_BASE <= addr < SHORT_BASE + REGION and n > step:
+            kept = (n - 1) // step * step
+            return data[:kept] + bytes(n - kept), True
+        return data
     expected_answers = [[read_beats(a, n, width, model_read, mrrs, max_length) for a, n in reqs]
                         for reqs in read_reqs]
     answers_due = [sum(len(beats) for beats in ex) for ex in expected_answers]
@@ -266,10 +292,11 @@ async def dma_job(bus, width=64, seed=1, reads=30, writes=24, stall=0.3, reorder
                                                       for a, n in all_writes)
     assert counter(DmaCounter.BAD_REQUESTS) == bad_count
     assert counter(DmaCounter.COMPLETION_TIMEOUTS) == len(silent_pieces)
-    assert counter(DmaCounter.UNEXPECTED_COMPLETIONS) == inject + late_beats
+    bogus_beats = sum(BOGUS_BASE <= a < BOGUS_BASE + REGION for a, n in pieces)
+    assert counter(DmaCounter.UNEXPECTED_COMPLETIONS) == inject + late_beats + bogus_beats
     return {"cycles": cycles, "reads": reads, "writes": writes, "mrd": len(host.reads),
             "mwr": len(host.writes), "bad": bad_count, "timeouts": len(silent_pieces),
-            "unexpected": inject + late_beats, "read_beats": sum(answers_due),
+            "unexpected": inject + late_beats + bogus_beats, "read_beats": sum(answers_due),
             "write_beats": beats_due}
 
 
@@ -388,7 +415,8 @@ if cocotb is not None:
     async def random_traffic(dut):
         from tb.cocotb_util import start
         cfg = _config()
-        result = await dma_job(await start(dut), seed=11, reads=150, writes=110, **cfg)
+        result = await dma_job(await start(dut), seed=11, reads=150, writes=110, short=0.05,
+                               bogus=0.05, **cfg)
         dut._log.info(f"random_traffic {cfg}: {result}")
 
     @cocotb.test()
@@ -396,7 +424,7 @@ if cocotb is not None:
         from tb.cocotb_util import start
         cfg = _config()
         result = await dma_job(await start(dut), seed=14, reads=120, writes=80, stall=0.0,
-                               **cfg)
+                               short=0.05, bogus=0.05, **cfg)
         dut._log.info(f"no_stalls {cfg}: {result}")
 
     @cocotb.test()
@@ -457,9 +485,9 @@ def test_model_split_matches_link_rules():
 def test_dma_amaranth():
     from sim.jobs import run_job
     result = run_job(DmaEngine, {"width": 64}, dma_job, sim="amaranth",
-                     job_args={"reads": 8, "writes": 6, "timeout": 3000, "silent": 0.1,
-                               "late": 0.1, "longest": 3000})
-    assert result.value["reads"] == 8
+                     job_args={"reads": 12, "writes": 6, "timeout": 3000, "silent": 0.1,
+                               "late": 0.1, "short": 0.1, "bogus": 0.1, "longest": 3000})
+    assert result.value["reads"] == 12
 
 
 # --- the host's MMIO master and interrupt input (Amaranth simulator) ----------------------
