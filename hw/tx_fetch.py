@@ -10,8 +10,9 @@ not a multiple of the datapath width in bytes, is not read: BAD_DESCRIPTOR. A re
 fails drops its frame: DMA_ERROR. Each descriptor then gets a TX_DONE event on ``done``
 (in order) if it asked for one (``TxFlag.COMPLETION``) or failed.
 
-Buffer: two maximum-size frames; a read is issued only when the buffer has room for all
-of its frame, so the DMA engine's data never waits on ``o``. Throughput: one beat per
+Buffer: ``buffer_frames`` maximum-size frames (2 at W <= 128, 8 above: what covers the
+DMA read latency at the link's rate); a read is issued only when the buffer has room
+for all of its frame, so the DMA engine's data never waits on ``o``. Throughput: one beat per
 cycle on ``o``, as long as the reads in flight (up to 8) cover the DMA read latency.
 Latency: the DMA read of the whole frame, plus 2 cycles.
 
@@ -47,10 +48,13 @@ _FINISHED = data.StructLayout({"index": 16, "report": 1, "status": 2})
 
 
 class TxFetch(wiring.Component):
-    def __init__(self, width, max_frame_bytes=MAX_FRAME_BYTES, in_flight=8):
+    def __init__(self, width, max_frame_bytes=MAX_FRAME_BYTES, in_flight=8, buffer_frames=None):
         self.width = width
         self.max_frame_bytes = max_frame_bytes
         self.in_flight = in_flight
+        # Enough frames in flight to cover the DMA read latency at the link's rate: a
+        # 10G datapath needs two, a 100G one (W=512, limited by PCIe Gen3 x8) eight.
+        self.buffer_frames = buffer_frames or (2 if width <= 128 else 8)
         super().__init__({
             "desc": In(stream.Signature(fetched_entry_layout(RING_ENTRY_BYTES[Ring.TX]))),
             "dma_req": Out(stream.Signature(DMA_READ)),
@@ -64,7 +68,7 @@ class TxFetch(wiring.Component):
         m = Module()
         beat_bytes = self.width // 8
         max_beats = -(-self.max_frame_bytes // beat_bytes)
-        depth = 1 << (2 * max_beats - 1).bit_length()
+        depth = 1 << (self.buffer_frames * max_beats - 1).bit_length()
 
         # ---- descriptors: check, reserve room, read.
         desc = TX_DESCRIPTOR(self.desc.payload.data)
