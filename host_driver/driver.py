@@ -65,9 +65,9 @@ DEFAULT_CONFIG = {
     "FIN_RTO": 300,               # ticks (19 200 cycles)
     "FIN_RETRIES": 3,
     "FIN2_TIMEOUT": 2000,         # ticks
-    "TIME_WAIT": 40,              # ticks (2 560 cycles): 2*MSL, scaled down
+    "TIME_WAIT": 16,              # ticks (1 024 cycles): 2*MSL, scaled down
     "IDLE_TIMEOUT": 100_000,      # splice: ticks without a relayed segment
-    "LINGER": 40,                 # splice: ticks after both FINs
+    "LINGER": 16,                 # splice: ticks after both FINs
 }
 
 _ARP_REQUEST, _ARP_REPLY = 1, 2
@@ -78,12 +78,12 @@ class DriverError(RuntimeError):
 
 
 def sim_tcp_settings(clock_mhz, ts_clock):
-    """``TcpSettings`` for simulated time: ACK at once, TIME_WAIT of 4 000 cycles, RTOs
+    """``TcpSettings`` for simulated time: ACK at once, TIME_WAIT of 1 000 cycles, RTOs
     of 100 000 cycles and up (the wire of a simulation loses nothing)."""
     cycle = 1e-6 / clock_mhz
     return TcpSettings(receive_buffer=1 << 16, ts_clock=ts_clock, initial_rto=100_000 * cycle,
                        min_rto=100_000 * cycle, max_rto=10_000_000 * cycle, delayed_ack=0,
-                       time_wait=4_000 * cycle)
+                       time_wait=1_000 * cycle)
 
 
 def _ip_text(value):

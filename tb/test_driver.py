@@ -59,6 +59,8 @@ class WireClient:
         self.rst = None
         self.errors = []
         self.frames = []                  # every segment received (scapy TCP layers)
+        self.echo = False                 # send back what arrives (the passive side)
+        self.syn = None                   # the SYN received (passive side)
 
     def _send(self, flags, payload=b"", seq=None):
         self.tsval += 1
@@ -70,6 +72,12 @@ class WireClient:
                           ack=(self.rcv_nxt or 0) & 0xFFFFFFFF, window=65535, options=options)
                     / Raw(payload))
         self.wire.send(frame)
+
+    def listen(self, port):
+        """Be the passive side on ``port`` (the driver connects to it); it echoes."""
+        self.wire.clients.pop(self.c.sport, None)
+        self.c.sport, self.state, self.echo = port, "LISTEN", True
+        self.wire.clients[port] = self
 
     def connect(self):
         self.state = "SYN_SENT"
@@ -95,6 +103,23 @@ class WireClient:
             return
         if dict(tcp.options).get("Timestamp"):
             self.ts_echo = dict(tcp.options)["Timestamp"][0]
+        if self.state == "LISTEN" and flags & 0x12 == 0x02:
+            self.syn, self.c.dport = tcp, tcp.sport
+            self.rcv_nxt = (tcp.seq + 1) & 0xFFFFFFFF
+            self.tsval += 1
+            self.wire.send(pad(
+                Ether(src=self.c.mac, dst=NIC_MAC)
+                / IP(src=self.c.src, dst=self.c.dst, flags="DF", ttl=64)
+                / TCP(sport=self.c.sport, dport=self.c.dport, flags="SA", seq=self.seq,
+                      ack=self.rcv_nxt, window=65535,
+                      options=[("MSS", 1460), ("SAckOK", b""),
+                               ("Timestamp", (self.tsval, self.ts_echo)), ("NOP", None),
+                               ("WScale", 7)])))
+            self.seq += 1
+            self.state = "SYN_RCVD"
+            return
+        if self.state == "SYN_RCVD" and flags & 0x10 and tcp.ack == self.seq:
+            self.state = "ESTABLISHED"
         if flags & 0x12 == 0x12:
             if tcp.ack != (self.c.isn + 1) & 0xFFFFFFFF:
                 self.errors.append(f"SYN-ACK acknowledges {tcp.ack}")
@@ -127,7 +152,9 @@ class WireClient:
                 new_fin = True
             elif self.peer_fin is None:
                 self.errors.append(f"FIN at {tcp.seq + len(payload)}, expected {self.rcv_nxt}")
-        if payload or flags & 0x01:
+        if payload and self.echo and self.fin_sent_seq is None:
+            self.send(payload[offset:] if offset < len(payload) else b"")
+        elif payload or flags & 0x01:
             self._send("A")
         if self.state == "ESTABLISHED" and (
                 (self.close_after is not None and len(self.received) >= self.close_after)
@@ -287,7 +314,37 @@ async def faults(driver, wire, rng):
     return {}
 
 
+async def connect_and_close(driver, wire, rng, offload=True, teardown=True):
+    """Active open to a scapy echo peer (CONNECT, or the driver's own SYN), a request, its
+    echo, our close first (teardown offload or not)."""
+    peer = wire.client(rng, 0)
+    peer.listen(5000 + rng.randrange(1000))
+    before = driver.stats()
+    sock = await driver.connect(peer.c.src, peer.c.sport, offload=offload, peer_mac=peer.c.mac)
+    assert peer.syn is not None
+    if offload:   # the NIC's SYN: the options of the CONNECT
+        assert dict(peer.syn.options)["MSS"] == 1460 and dict(peer.syn.options)["WScale"] == 7
+    assert sock.conn.active
+    request = b"ping %d\n" % rng.randrange(1000)
+    sock.send(request)
+    reply = b""
+    while len(reply) < len(request):
+        reply += await sock.recv()
+    assert reply == request
+    assert await sock.close(offload=teardown) == ("nic" if teardown else "host")
+    await sock.wait_closed()
+    await driver.run_until(lambda: peer.finished or peer.rst, 20_000, "the peer's end")
+    assert peer.rst is None and not peer.errors and peer.finished
+    assert bytes(peer.received) == request
+    if teardown:
+        assert sock.event(EventKind.CLOSED)["event"]["status"] == CloseReason.NORMAL
+    return host_work(before, driver.stats())
+
+
 SCENARIOS = {
+    "connect": connect_and_close,
+    "connect_software": lambda d, w, r: connect_and_close(d, w, r, offload=False,
+                                                          teardown=False),
     "echo": echo_client_closes,
     "kv": kv_server_closes,
     "echo_no_offload": lambda d, w, r: echo_client_closes(d, w, r, setup=False, teardown=False),
