@@ -560,7 +560,11 @@ class Driver:
                 found[2 if kind == EventKind.SPLICE_STATUS else 3] = entry
                 for sock in found[:2]:
                     sock.events.append(entry)
-                    sock.done = sock.done or kind == EventKind.SPLICE_DONE
+                    if kind == EventKind.SPLICE_DONE:
+                        sock.done = True
+                        self.handed.pop(sock.key, None)
+                if kind == EventKind.SPLICE_DONE:
+                    del self.splices[e["tag"]]
 
     def _established(self, sock, active):
         key = sock.key
@@ -595,6 +599,8 @@ class Driver:
             self._flush(sock)
         elif key in self.closing:
             self.closing[key][1].append(seg)
+        elif key in self.handed:        # a flow the NIC owns: what it passes up is not ours
+            self.counts["rx_dropped"] += 1
         elif key in self.half_open:
             self._handshake_ack(key, seg)
         elif key in self.connecting and seg.has(_SYN) and seg.has(_ACK):

@@ -21,7 +21,7 @@ from scapy.packet import Raw
 
 from hw.conn_table import Status as TableStatus
 from hw.host_formats import CommandStatus
-from hw.metadata import CloseReason, CloseStatus, EventKind
+from hw.metadata import CloseReason, CloseStatus, EventKind, SpliceEnd
 from hw.nic import Nic
 from hw.stream import frame_to_beats
 from hw.teardown import MAX_HELD_DATA
@@ -341,7 +341,39 @@ async def connect_and_close(driver, wire, rng, offload=True, teardown=True):
     return host_work(before, driver.stats())
 
 
+async def splice_proxy(driver, wire, rng):
+    """A proxy: a client's request forwarded to a server and the answer back by the host,
+    then SPLICE: the next request and answer, and both closes, relayed by the NIC."""
+    port = 9000
+    if port not in driver.listeners:
+        await driver.listen(port)
+    server = wire.client(rng, 0)
+    server.listen(6000 + rng.randrange(1000))
+    first, second = b"first through the host\n", b"second through the NIC\n"
+    client = wire.client(rng, port, request=first, close_after=len(first + second))
+    client.connect()
+    a = await driver.accept(port)
+    b = await driver.connect(server.c.src, server.c.sport, peer_mac=server.c.mac)
+    await b.sendall(await a.recv())
+    reply = b""
+    while len(reply) < len(first):
+        reply += await b.recv()
+    await a.sendall(reply)
+    assert await driver.splice(a, b), a.event(EventKind.SPLICE_STATUS)
+    client.send(second)
+    await a.wait_closed()
+    assert b.done
+    await driver.run_until(lambda: client.finished and server.finished, 20_000, "both ends")
+    assert bytes(client.received) == first + second == bytes(server.received)
+    assert not client.errors and not server.errors and not client.rst and not server.rst
+    done = a.event(EventKind.SPLICE_DONE)["event"]
+    assert done["status"] == SpliceEnd.NORMAL, done
+    assert done["bytes_a"] == len(second) and done["bytes_b"] == len(second), done
+    return {}
+
+
 SCENARIOS = {
+    "splice": splice_proxy,
     "connect": connect_and_close,
     "connect_software": lambda d, w, r: connect_and_close(d, w, r, offload=False,
                                                           teardown=False),
