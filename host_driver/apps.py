@@ -64,9 +64,12 @@ def host_work(before, after, transactions=1):
 
 
 def format_host_work(rows):
-    """A table of ``{label: host_work(...)}``: events, DMA bytes, MMIO, host packets."""
-    names = ["events", "dma_bytes", "mmio", "host_packets", "commands"]
-    lines = [f"{'per transaction':<34}" + "".join(f"{n:>13}" for n in names)]
+    """A table of ``{label: host_work(...)}``: events, DMA bytes, MMIO, host packets (RX
+    and TX), commands, and the simulated cycles of the transaction."""
+    names = ["events", "dma_bytes", "mmio", "host_packets", "host_rx", "host_tx", "commands",
+             "cycles"]
+    width = max(len(label) for label in rows) + 2
+    lines = [f"{'per transaction':<{width}}" + "".join(f"{n:>13}" for n in names)]
     for label, work in rows.items():
-        lines.append(f"{label:<34}" + "".join(f"{work[n]:>13.1f}" for n in names))
+        lines.append(f"{label:<{width}}" + "".join(f"{work[n]:>13.1f}" for n in names))
     return "\n".join(lines)

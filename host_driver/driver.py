@@ -489,12 +489,13 @@ class Driver:
     # ------------------------------------------------------------------ statistics
     def stats(self):
         """Host work so far: events, DMA bytes (both directions), MMIO accesses, host
-        packets (RX + TX frames), commands."""
+        packets (RX + TX frames, and each), commands, and the bus cycle."""
         d, tlps = self.device.counts, self.device.host.tlps
         return {"events": d["events"], "dma_bytes": tlps["MWr_bytes"] + tlps["CplD_bytes"],
                 "mmio": d["mmio_reads"] + d["mmio_writes"],
                 "host_packets": self.counts["rx_frames"] + self.counts["tx_frames"],
-                "commands": d["commands"]}
+                "host_rx": self.counts["rx_frames"], "host_tx": self.counts["tx_frames"],
+                "commands": d["commands"], "cycles": self.bus.cycle}
 
     # ------------------------------------------------------------------ the pump
     def _pump(self):

@@ -26,7 +26,7 @@ from hw.nic import Nic
 from hw.stream import frame_to_beats
 from hw.teardown import MAX_HELD_DATA
 from host_driver.apps import echo_session, format_host_work, host_work, kv_session
-from host_driver.driver import Driver, DriverError, FlowKey
+from host_driver.driver import Driver, DriverError, FlowKey, Listener
 from sim.bus import StreamSource
 from sim.traffic import NIC_MAC, pad
 from tb.test_handshake import LISTEN_IP, Client
@@ -400,10 +400,11 @@ async def driver_session(bus, width, scenarios, seed=1):
     await driver.run_until(lambda: wire.other, 20_000, "the ARP reply")
     reply = wire.other.pop()
     assert reply[ARP].op == 2 and reply[ARP].psrc == LISTEN_IP and reply[Ether].src == NIC_MAC
-    results = {"start_cycle": bus.cycle}
+    results = {"start_cycle": bus.cycle, "work": [], "cycles": []}
     for name in scenarios:
-        results[name] = await SCENARIOS[name](driver, wire, rng)
-        results[name + "_cycle"] = bus.cycle
+        start = bus.cycle
+        results["work"].append([name, await SCENARIOS[name](driver, wire, rng)])
+        results["cycles"].append([name, bus.cycle - start])
     await driver.settle()       # the last TABLE DELETEs
     assert "table_delete_failed" not in driver.counts, driver.counts
     assert await driver.device.read("FLOWS") == 0, "flows left in the NIC's table"
@@ -434,22 +435,61 @@ def test_driver_servers_amaranth():
     _run("amaranth", ["echo"])
 
 
-def host_work_figures(sim="verilator", transactions=3):
-    """Per-transaction host work of the echo and key-value servers with and without
-    offloads (events, DMA bytes, MMIO accesses, host packets, commands), printed."""
+#: The transactions of the host-work figures: (label, scenario).
+FIGURE_ROWS = (("echo: setup + teardown offload", "echo"),
+               ("echo: setup offload only", "echo_setup_only"),
+               ("echo: no offload", "echo_no_offload"),
+               ("kv: setup + teardown offload", "kv"),
+               ("kv: teardown offload only", "kv_teardown_only"),
+               ("kv: no offload", "kv_no_offload"),
+               ("connect: CONNECT + teardown offload", "connect"),
+               ("connect: software", "connect_software"))
+
+
+class _NoBus:
+    """A bus that is never clocked: for the checks the driver makes before any command."""
+    cycle = 0
+
+    def set(self, port, value):
+        pass
+
+    def get(self, port):
+        return 0
+
+
+def test_driver_user_errors():
+    """Mistakes are refused with a clear DriverError before anything reaches the NIC."""
+    import asyncio
+    driver = Driver(_NoBus(), [], 64, LISTEN_IP, NIC_MAC)
+    driver.capabilities = {"listeners": 2}
+    driver.listeners = {1: Listener(1, 0, True, {}), 2: Listener(2, 1, True, {})}
+    for call, text in ((driver.listen(3), r"listen table is full \(2 entries\)"),
+                       (driver.listen(70000), "not a TCP port"),
+                       (driver.listen(2), "already listening"),
+                       (driver.accept(5), "not listening"),
+                       (driver.connect("192.0.2.1", 80), "no MAC address known"),
+                       (driver.connect("192.0.2", 80), "not an IPv4 address"),
+                       (driver.unlisten(9), "not listening")):
+        with pytest.raises(DriverError, match=text):
+            asyncio.run(call)
+    assert driver.device.counts["commands"] == 0 and driver.device.counts["mmio_writes"] == 0
+
+
+def host_work_figures(sim="verilator", transactions=2, seed=5):
+    """Per-transaction host work (events, DMA bytes, MMIO accesses, host packets,
+    commands) of the echo and key-value servers and of an active open, with and without
+    the offloads: one session, ``transactions`` of each kind, averaged. Prints the table
+    and returns ``{label: {figure: value}}``."""
+    names = [name for _, name in FIGURE_ROWS for _ in range(transactions)]
+    value = _run(sim, names, seed).value
     rows = {}
-    for label, name in (("echo, setup+teardown offload", "echo"),
-                        ("echo, setup offload only", "echo_setup_only"),
-                        ("echo, no offload", "echo_no_offload"),
-                        ("kv, setup+teardown offload", "kv"),
-                        ("kv, teardown offload only", "kv_teardown_only"),
-                        ("kv, no offload", "kv_no_offload")):
-        value = _run(sim, [name] * transactions).value
-        rows[label] = value[name]
-    text = format_host_work(rows)
-    print(text)
+    for label, name in FIGURE_ROWS:
+        works = [work for n, work in value["work"] if n == name]
+        rows[label] = {key: sum(w[key] for w in works) / len(works) for key in works[0]}
+    print(format_host_work(rows))
     return rows
 
 
 if __name__ == "__main__":
-    host_work_figures()
+    from tb.test_driver import host_work_figures as figures   # the job must be importable
+    figures()
