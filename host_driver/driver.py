@@ -413,7 +413,11 @@ class Driver:
             else:
                 return self._connect_result(key, state)
         self._send_syn(key, state)
-        await self.run_until(lambda: state["result"], max_cycles, f"SYN-ACK for {key}")
+        try:
+            await self.run_until(lambda: state["result"], max_cycles, f"SYN-ACK for {key}")
+        except DriverError:             # no SYN-ACK (the driver does not retransmit its SYN)
+            self.connecting.pop(key, None)
+            raise
         return self._connect_result(key, state)
 
     def _connect_result(self, key, state):

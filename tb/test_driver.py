@@ -409,6 +409,7 @@ async def driver_session(bus, width, scenarios, seed=1):
     assert "table_delete_failed" not in driver.counts, driver.counts
     assert await driver.device.read("FLOWS") == 0, "flows left in the NIC's table"
     assert await driver.device.read("CLOSING") == 0
+    assert await driver.device.read("INSERT_FAILURES") == 0
     assert not driver.device.host.faults, driver.device.host.faults
     assert not driver.sockets, driver.sockets
     results["stats"] = driver.stats()
