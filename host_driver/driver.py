@@ -385,6 +385,14 @@ class Driver:
     async def connect(self, ip, port, offload=True, local_port=None, peer_mac=None,
                       mss=1460, wscale=7, window=65535, ts=True, max_cycles=200_000):
         """Active open to ``ip``:``port``; a Socket. ConnectionError on RST or timeout."""
+        attempt = self.start_connect(ip, port, offload, local_port, peer_mac, mss, wscale,
+                                     window, ts)
+        return await self.finish_connect(attempt, max_cycles)
+
+    def start_connect(self, ip, port, offload=True, local_port=None, peer_mac=None,
+                      mss=1460, wscale=7, window=65535, ts=True):
+        """Start an active open (CONNECT, or our SYN); ``finish_connect`` waits for it.
+        Several may be in flight."""
         _check_port(port)
         peer_ip = _ip_int(ip)
         peer_mac = _mac_int(peer_mac) if peer_mac is not None else self.arp_cache.get(peer_ip)
@@ -398,27 +406,36 @@ class Driver:
                    "peer_ip": peer_ip, "local_port": local_port, "peer_port": port,
                    "iss": self.rng.getrandbits(32), "mss": mss, "wscale_ok": 1,
                    "wscale": wscale, "sack_ok": 0, "ts_ok": int(ts), "window": window}
-        state = self.connecting[key] = {"request": request, "result": None}
+        attempt = self.connecting[key] = {"key": key, "request": request, "result": None,
+                                          "tag": None, "software": not offload}
         if offload:
-            tag = self.post_command(CommandOp.CONNECT, {"connect": request})
-            await self.run_until(lambda: state["result"] or tag in self.completions,
+            attempt["tag"] = self.post_command(CommandOp.CONNECT, {"connect": request})
+        else:
+            self._send_syn(attempt)
+        return attempt
+
+    async def finish_connect(self, attempt, max_cycles=200_000):
+        """The Socket of an active open ``start_connect`` began. FAILED BUSY (every connect
+        slot of the NIC in use): the driver opens it in software."""
+        key, tag = attempt["key"], attempt["tag"]
+        if not attempt["software"]:
+            await self.run_until(lambda: attempt["result"] or tag in self.completions,
                                  max_cycles, f"answer to CONNECT {key}")
-            if tag in self.completions and state["result"] is None:
+            if tag in self.completions and attempt["result"] is None:
                 self.connecting.pop(key)
                 status = CommandStatus(self.completions.pop(tag)["event"]["status"])
                 raise DriverError(f"CONNECT {key} failed: {status.name}")
-            kind, value = state["result"]
-            if kind == "failed" and value == FailStatus.BUSY:
-                state["result"] = None      # every connect slot in use: open in software
-            else:
-                return self._connect_result(key, state)
-        self._send_syn(key, state)
+            kind, value = attempt["result"]
+            if kind != "failed" or value != FailStatus.BUSY:
+                return self._connect_result(key, attempt)
+            attempt["result"], attempt["software"] = None, True
+            self._send_syn(attempt)
         try:
-            await self.run_until(lambda: state["result"], max_cycles, f"SYN-ACK for {key}")
+            await self.run_until(lambda: attempt["result"], max_cycles, f"SYN-ACK for {key}")
         except DriverError:             # no SYN-ACK (the driver does not retransmit its SYN)
             self.connecting.pop(key, None)
             raise
-        return self._connect_result(key, state)
+        return self._connect_result(key, attempt)
 
     def _connect_result(self, key, state):
         self.connecting.pop(key, None)
@@ -428,7 +445,7 @@ class Driver:
             raise ConnectionError(f"connect {key}: {reason}")
         return value
 
-    def _send_syn(self, key, state):
+    def _send_syn(self, state):
         r = state["request"]
         state["tsval"] = self.ts_clock()
         self._transmit(build_segment(
@@ -548,7 +565,7 @@ class Driver:
             sock = Socket(self, TcpConnection(e, self.tcp_settings), in_nic_table=True)
             self._established(sock, active=bool(e["active"]))
         elif kind == EventKind.FAILED:
-            if key in self.connecting:
+            if key in self.connecting and not self.connecting[key]["software"]:
                 self.connecting[key]["result"] = ("failed", e["status"])
         elif kind == EventKind.CLOSE_STATUS:
             if key in self.closing:
@@ -608,8 +625,8 @@ class Driver:
             self.counts["rx_dropped"] += 1
         elif key in self.half_open:
             self._handshake_ack(key, seg)
-        elif key in self.connecting and seg.has(_SYN) and seg.has(_ACK):
-            self._software_synack(key, seg)
+        elif key in self.connecting and self.connecting[key]["software"]:
+            self._software_open_reply(key, seg)
         elif reason == Reason.COOKIE_OK:
             self.early.setdefault(key, []).append(seg)
         elif (seg.dport in self.listeners and seg.ip_dst == self.local_ip
@@ -661,9 +678,16 @@ class Driver:
             sock.conn.receive(seg, self.now())
             self._flush(sock)
 
-    def _software_synack(self, key, seg):
+    def _software_open_reply(self, key, seg):
+        """The answer to our own SYN: SYN-ACK (the connection), or RST (refused)."""
         state = self.connecting[key]
         r = state["request"]
+        if seg.has(_RST):
+            if seg.has(_ACK) and seg.ack == (r["iss"] + 1) & MASK32:
+                state["result"] = ("failed", FailStatus.RESET)
+            return
+        if not (seg.has(_SYN) and seg.has(_ACK)):
+            return
         if seg.ack != (r["iss"] + 1) & MASK32:
             self._reset(seg)
             return

@@ -20,8 +20,9 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from hw.conn_table import Status as TableStatus
+from hw.handshake import DEFAULT_CONNECTS
 from hw.host_formats import CommandStatus
-from hw.metadata import CloseReason, CloseStatus, EventKind, SpliceEnd
+from hw.metadata import CloseReason, CloseStatus, EventKind, FailStatus, SpliceEnd
 from hw.nic import Nic
 from hw.stream import frame_to_beats
 from hw.teardown import MAX_HELD_DATA
@@ -61,6 +62,7 @@ class WireClient:
         self.frames = []                  # every segment received (scapy TCP layers)
         self.echo = False                 # send back what arrives (the passive side)
         self.syn = None                   # the SYN received (passive side)
+        self.silent = False               # passive side: take the SYN, do not answer yet
 
     def _send(self, flags, payload=b"", seq=None):
         self.tsval += 1
@@ -78,6 +80,13 @@ class WireClient:
         self.wire.clients.pop(self.c.sport, None)
         self.c.sport, self.state, self.echo = port, "LISTEN", True
         self.wire.clients[port] = self
+
+    def refuse(self):
+        """Passive side: answer the SYN taken with an RST (connection refused)."""
+        self.wire.send(pad(Ether(src=self.c.mac, dst=NIC_MAC)
+                           / IP(src=self.c.src, dst=self.c.dst, flags="DF", ttl=64)
+                           / TCP(sport=self.c.sport, dport=self.c.dport, flags="RA", seq=0,
+                                 ack=self.syn.seq + 1, window=0)))
 
     def connect(self):
         self.state = "SYN_SENT"
@@ -105,6 +114,8 @@ class WireClient:
             self.ts_echo = dict(tcp.options)["Timestamp"][0]
         if self.state == "LISTEN" and flags & 0x12 == 0x02:
             self.syn, self.c.dport = tcp, tcp.sport
+            if self.silent:
+                return
             self.rcv_nxt = (tcp.seq + 1) & 0xFFFFFFFF
             self.tsval += 1
             self.wire.send(pad(
@@ -314,7 +325,8 @@ async def faults(driver, wire, rng):
     return {}
 
 
-async def connect_and_close(driver, wire, rng, offload=True, teardown=True):
+async def connect_and_close(driver, wire, rng, offload=True, teardown=True,
+                            expect_software=False):
     """Active open to a scapy echo peer (CONNECT, or the driver's own SYN), a request, its
     echo, our close first (teardown offload or not)."""
     peer = wire.client(rng, 0)
@@ -322,7 +334,7 @@ async def connect_and_close(driver, wire, rng, offload=True, teardown=True):
     before = driver.stats()
     sock = await driver.connect(peer.c.src, peer.c.sport, offload=offload, peer_mac=peer.c.mac)
     assert peer.syn is not None
-    if offload:   # the NIC's SYN: the options of the CONNECT
+    if offload and not expect_software:   # the NIC's SYN: the options of the CONNECT
         assert dict(peer.syn.options)["MSS"] == 1460 and dict(peer.syn.options)["WScale"] == 7
     assert sock.conn.active
     request = b"ping %d\n" % rng.randrange(1000)
@@ -372,7 +384,33 @@ async def splice_proxy(driver, wire, rng):
     return {}
 
 
+async def connect_busy(driver, wire, rng):
+    """Every connect slot taken by opens to peers that do not answer (yet): the next
+    CONNECT answers FAILED BUSY and the driver opens it in software; then the silent
+    peers refuse with RSTs (FAILED RESET: ConnectionError)."""
+    silent = []
+    for _ in range(DEFAULT_CONNECTS):
+        peer = wire.client(rng, 0)
+        peer.listen(7000 + rng.randrange(1000))
+        peer.silent = True
+        silent.append((peer, driver.start_connect(peer.c.src, peer.c.sport,
+                                                  peer_mac=peer.c.mac)))
+    await driver.run_until(lambda: all(p.syn is not None for p, _ in silent), 20_000,
+                           "the silent peers' SYNs")
+    work = await connect_and_close(driver, wire, rng, offload=True, teardown=True,
+                                   expect_software=True)
+    assert any(e["event"]["kind"] == EventKind.FAILED and e["event"]["status"] == FailStatus.BUSY
+               for e in driver.event_log)
+    for peer, attempt in silent:
+        peer.refuse()
+    for _, attempt in silent:
+        with pytest.raises(ConnectionError, match="RESET"):
+            await driver.finish_connect(attempt)
+    return work
+
+
 SCENARIOS = {
+    "connect_busy": connect_busy,
     "splice": splice_proxy,
     "connect": connect_and_close,
     "connect_software": lambda d, w, r: connect_and_close(d, w, r, offload=False,
