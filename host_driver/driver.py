@@ -14,7 +14,8 @@ connection. It is async and simulator-agnostic (``sim.bus`` adapters), like the 
   COMMAND_DONE completes the command with that tag; ESTABLISHED makes a connection (to the
   listener's accept queue or to ``connect``); FAILED, CLOSE_STATUS, CLOSED, SPLICE_STATUS,
   SPLICE_DONE go to the socket they name. Timers of the connections run there too; the
-  frames they emit go out through the TX ring (queued while no TX buffer is free).
+  frames emitted meanwhile go out through the TX ring at the end of each pump, with one
+  doorbell and one TX_DONE for the batch (queued while no TX buffer is free).
 * ``listen(port, offload=True, ...)``: a listen-table entry (LISTEN command). Without
   offload the NIC passes SYNs up and the driver answers them itself (SYN-ACK with a random
   ISS, the final ACK makes the connection), so the same server runs either way.
@@ -246,7 +247,8 @@ class Driver:
         self.completions = {}          # command tag -> COMMAND_DONE event
         self.deletes = set()           # tags of TABLE DELETEs posted without waiting
         self.arp_cache = {}            # IPv4 -> MAC, learnt from received frames
-        self.tx_queue = deque()
+        self.tx_queue = deque()         # frames waiting for the pump (or a TX buffer)
+        self.tx_pending = deque()       # TX indices posted, not known done, in order
         self.counts = {"rx_frames": 0, "tx_frames": 0, "rst_sent": 0, "arp_replies": 0,
                        "rx_dropped": 0}
         self.event_log = []            # every event, in order (dicts of EVENT_ENTRY)
@@ -535,7 +537,7 @@ class Driver:
                     self.device.repost_rx(entry["ring_index"], doorbell=False)
                     reposted += 1
             elif kind == HostEventKind.TX_DONE:
-                self.device.tx_done(entry["ring_index"])
+                self._tx_done(entry["ring_index"])
             elif kind == HostEventKind.COMMAND_DONE:
                 if entry["command_tag"] in self.deletes:
                     self.deletes.discard(entry["command_tag"])
@@ -755,14 +757,27 @@ class Driver:
             sock.done = True
 
     def _transmit(self, frame):
+        """Queue a frame; the pump posts the queue (one doorbell, one completion)."""
         self.tx_queue.append(frame)
-        self._drain_tx()
 
     def _drain_tx(self):
+        """Post the queued frames that fit: one doorbell, and a TX_DONE asked for the last
+        one only (the NIC reads the TX ring in order: that event frees the buffers of
+        every frame posted before it too)."""
         posted = 0
         while self.tx_queue and self.device.tx_room():
             frame = self.tx_queue.popleft()
-            self.device.post_tx(frame, doorbell=not self.tx_queue or self.device.tx_room() == 1)
+            last = not self.tx_queue or self.device.tx_room() == 1
+            index = self.device.post_tx(frame, completion=last, doorbell=last)
+            self.tx_pending.append(index)
             self.counts["tx_frames"] += 1
             posted += 1
         return posted
+
+    def _tx_done(self, index):
+        """TX_DONE for TX index ``index``: its buffer and those of the frames before it."""
+        while self.tx_pending:
+            done = self.tx_pending.popleft()
+            self.device.tx_done(done)
+            if done == index:
+                break
