@@ -184,7 +184,8 @@ class Socket:
         return line
 
     def send(self, data):
-        """Queue ``data`` (all of it); it goes out at once, as the windows allow."""
+        """Queue ``data`` (all of it); its segments leave, as the windows allow, when the
+        simulation next runs (any ``await`` of the driver)."""
         if self.conn.closed or self.conn.fin_queued:
             raise DriverError(f"send on {self} after close")
         count = self.conn.send(bytes(data))
