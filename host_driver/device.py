@@ -220,6 +220,10 @@ class NicDevice:
         slot = index % self.rings[Ring.RX].size
         return self.memory.read(self.rx_buffers + slot * BUFFER_BYTES, length) if length else b""
 
+    def ring_doorbell_rx(self):
+        """Tell the NIC about RX buffers reposted with ``doorbell=False``."""
+        self._doorbell(Ring.RX)
+
     def repost_rx(self, index, doorbell=True):
         """Give RX index ``index``'s buffer back to the NIC (as the next RX entry)."""
         self._post_rx(self.rings[Ring.RX].host_index)
@@ -246,9 +250,9 @@ class NicDevice:
         found = []
         while True:
             raw = self.memory.read(r.slot_addr(r.host_index), RING_ENTRY_BYTES[Ring.EVENT])
-            entry = entry_from_bytes(EVENT_ENTRY, raw)
-            if entry["phase"] != phase_of_pass(r.host_index, r.log2):
+            if raw[-1] >> 7 != phase_of_pass(r.host_index, r.log2):   # phase: the last bit
                 break
+            entry = entry_from_bytes(EVENT_ENTRY, raw)
             found.append(entry)
             r.host_index = (r.host_index + 1) & _INDEX_MASK
         if found:
