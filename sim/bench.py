@@ -155,4 +155,9 @@ def run(block, width=64, sim="amaranth", waves=None, entries=None):
     figures["sim"] = sim
     figures["sim_cycles_per_second"] = round(result.cycles_per_second, 1)
     figures["wall_seconds"] = round(result.total_seconds, 2)
+    if block == "host":
+        # Host work per short transaction, with and without the offloads: the driver's
+        # servers on the whole NIC (W=64; the host side does not change with the width).
+        from tb.test_driver import host_work_figures
+        figures["per_transaction"] = host_work_figures(sim=sim)
     return figures

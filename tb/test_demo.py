@@ -12,6 +12,7 @@ def test_demo_small_mix(capsys):
     assert "8 of 8 clients established" in out
     assert "forged final ACKs: 200, accepted: 0" in out
     assert "SPLICE OK, ended NORMAL" in out and "host DMA bytes 0" in out
+    assert "host work per transaction" in out and "kv: no offload" in out
 
 
 def test_demo_on_verilator(capsys):
