@@ -273,18 +273,19 @@ class SpliceEngine(wiring.Component):
         r1 = Signal(FLOW_RECORD)
         r1_claimed, r1_format_ok = Signal(), Signal()
         m.d.sync += s1_valid.eq(take)
-        with m.If(take):
-            flags = meta.tcp.flags
-            errors = meta.errors.as_value() & ~Cat(*[
-                Const(name in ("bad_ip_checksum", "bad_tcp_checksum"), 1)
-                for name, _ in PARSER_ERRORS])
-            m.d.sync += [
-                r1.eq(rec),
-                r1_claimed.eq(rec.hit & (rec.value.kind == FlowKind.SPLICED)),
-                r1_format_ok.eq((meta.frame_class == FrameClass.TCP) & ~meta.eth.vlan_valid
-                                & (meta.ip.ihl == 5) & (errors == 0)
-                                & ~(flags & TcpFlags.SYN).any() & ~meta.opt.unknown),
-            ]
+        # Loaded in every cycle (used only with s1_valid): `take`, which depends on the FIFO
+        # levels, then drives one flip-flop instead of the enable of the whole record.
+        flags = meta.tcp.flags
+        errors = meta.errors.as_value() & ~Cat(*[
+            Const(name in ("bad_ip_checksum", "bad_tcp_checksum"), 1)
+            for name, _ in PARSER_ERRORS])
+        m.d.sync += [
+            r1.eq(rec),
+            r1_claimed.eq(rec.hit & (rec.value.kind == FlowKind.SPLICED)),
+            r1_format_ok.eq((meta.frame_class == FrameClass.TCP) & ~meta.eth.vlan_valid
+                            & (meta.ip.ihl == 5) & (errors == 0)
+                            & ~(flags & TcpFlags.SYN).any() & ~meta.opt.unknown),
+        ]
 
         # Stage 1.
         p = struct_value(_PARAMS, {"key": _KEYS(keys_rd.data).key, "rewrite": rewrite_rd.data})
@@ -295,7 +296,8 @@ class SpliceEngine(wiring.Component):
         seq_out = (m1.tcp.seq + p.rewrite.seq_delta)[:32]
         m.d.comb += [state_rd.addr.eq(r1.value.slot[1:]), active_rd.addr.eq(r1.value.slot[1:])]
         r2 = Signal(data.StructLayout({
-            "claimed": 1, "format_ok": 1, "ttl_ok": 1, "key_ok": 1, "slot": range(slots),
+            "claimed": 1, "format_ok": 1, "ttl_ok": 1, "key_eq": FLOW_KEY.size // 2,
+            "slot": range(slots),
             "side": 1, "flags": 8, "ack": 32, "length": 16, "seq_out": 32, "fin_end": 32}))
         r2_desc = Signal(REWRITE)
         m.d.sync += [
@@ -303,7 +305,9 @@ class SpliceEngine(wiring.Component):
             r2.eq(struct_value(r2.shape(), {
                 "claimed": r1_claimed, "format_ok": r1_format_ok,
                 "ttl_ok": (p.rewrite.ip.ttl != 0) | (m1.ip.ttl > 1),
-                "key_ok": p.key.as_value() == key,
+                # In 2-bit parts (one LUT level after the block RAM), all true in stage 2.
+                "key_eq": Cat(*[p.key.as_value()[i:i + 2] == key[i:i + 2]
+                                for i in range(0, FLOW_KEY.size, 2)]),
                 "slot": r1.value.slot[1:], "side": r1.value.slot[0],
                 "flags": m1.tcp.flags, "ack": m1.tcp.ack, "length": m1.payload_length,
                 "seq_out": seq_out, "fin_end": seq_out + m1.payload_length + 1})),
@@ -315,7 +319,8 @@ class SpliceEngine(wiring.Component):
         ]
 
         # Stage 2: decide; the state, forwarded from stage 3's update for the same slot.
-        relay_2 = s2_valid & r2.claimed & r2.format_ok & r2.ttl_ok & r2.key_ok & active_rd.data
+        key_ok = r2.key_eq.all()
+        relay_2 = s2_valid & r2.claimed & r2.format_ok & r2.ttl_ok & key_ok & active_rd.data
         r3 = Signal(r2.shape())
         r3_desc = Signal(REWRITE)
         relay = Signal()                # registered: the record in stage 3 is relayed
@@ -323,12 +328,13 @@ class SpliceEngine(wiring.Component):
         new_state = Signal(SLOT_STATE)  # and after it (written when relayed)
         m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay.eq(relay_2),
                      st.eq(Mux(relay & (r3.slot == r2.slot), new_state, state_rd.data))]
-        with m.If(s2_valid & r2.claimed):
-            m.d.comb += [bump[SpCounter.RELAYED].eq(relay_2),
-                         bump[SpCounter.TO_HOST_FORMAT].eq(~r2.format_ok),
-                         bump[SpCounter.TO_HOST_TTL].eq(r2.format_ok & ~r2.ttl_ok),
-                         bump[SpCounter.TO_HOST_STALE].eq(r2.format_ok & r2.ttl_ok
-                                                          & ~(r2.key_ok & active_rd.data))]
+        # Counted in stage 3, from the registered decision (a cycle before the verdict
+        # leaves, as before).
+        with m.If(s3_valid & r3.claimed):
+            m.d.comb += [bump[SpCounter.RELAYED].eq(relay),
+                         bump[SpCounter.TO_HOST_FORMAT].eq(~r3.format_ok),
+                         bump[SpCounter.TO_HOST_TTL].eq(r3.format_ok & ~r3.ttl_ok),
+                         bump[SpCounter.TO_HOST_STALE].eq(r3.format_ok & r3.ttl_ok & ~relay)]
 
         # Stage 3: the update.
         fin, rst, ack = r3.flags[0], r3.flags[2], r3.flags[4]   # TcpFlags FIN, RST, ACK bits
@@ -424,6 +430,10 @@ class SpliceEngine(wiring.Component):
         key_a, key_b = Signal(FLOW_KEY), Signal(FLOW_KEY)
         tag = Signal(16)
         done_state = Signal(SLOT_STATE)
+        # The keys' control read port is addressed from registers only (not from the
+        # state decode): side a's entry in END_KEYS, side b's in END_KEY_A.
+        end_side = Signal()
+        m.d.comb += keys_ctl.addr.eq(Cat(end_side, slot))
         cmd_layout = command_layout(self.geo, FLOW_VALUE.size)
         resp = self.table_resp.payload
         resp_kind = FLOW_VALUE(resp.value).kind
@@ -442,12 +452,15 @@ class SpliceEngine(wiring.Component):
         spliced = Signal(range(slots + 1))
         m.d.comb += self.spliced.eq(spliced)
         step = Signal(_Step)
-        side_key_a = struct_value(FLOW_KEY, {"port": cmd.a.ingress, "src": cmd.a.peer_ip,
-                                             "dst": cmd.a.local_ip, "sport": cmd.a.peer_port,
-                                             "dport": cmd.a.local_port})
-        side_key_b = struct_value(FLOW_KEY, {"port": cmd.b.ingress, "src": cmd.b.peer_ip,
-                                             "dst": cmd.b.local_ip, "sport": cmd.b.peer_port,
-                                             "dport": cmd.b.local_port})
+
+        def side_key(side):
+            return struct_value(FLOW_KEY, {"port": side.ingress, "src": side.peer_ip,
+                                           "dst": side.local_ip, "sport": side.peer_port,
+                                           "dport": side.local_port})
+        side_key_a, side_key_b = side_key(cmd.a), side_key(cmd.b)
+        # CHECK's tests, registered with the command (the 104-bit compare is then not in
+        # front of the free list's read).
+        same_flow, ts_mismatch = Signal(), Signal()
         event = Signal(EVENT)
         m.d.comb += self.event.payload.eq(event)
         host_value = struct_value(FLOW_VALUE, {"kind": FlowKind.HOST})
@@ -471,19 +484,22 @@ class SpliceEngine(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += ctl_idle.eq(1)
                 with m.If(due):
-                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end)]
+                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end), end_side.eq(0)]
                     m.next = "END_KEYS"
                 with m.Elif(self.command.valid):
                     m.d.comb += self.command.ready.eq(1)
-                    m.d.sync += [cmd.eq(self.command.payload), a_was_host.eq(0)]
+                    new = self.command.payload
+                    m.d.sync += [cmd.eq(new), a_was_host.eq(0),
+                                 same_flow.eq(side_key(new.a) == side_key(new.b)),
+                                 ts_mismatch.eq(new.a.ts_ok != new.b.ts_ok)]
                     m.next = "CHECK"
 
             # ---------------------------------------------------- a SPLICE command
             with m.State("CHECK"):
-                with m.If(side_key_a == side_key_b):
+                with m.If(same_flow):
                     m.d.sync += status.eq(SpliceStatus.SAME_FLOW)
                     m.next = "ANSWER"
-                with m.Elif(cmd.a.ts_ok != cmd.b.ts_ok):
+                with m.Elif(ts_mismatch):
                     m.d.sync += status.eq(SpliceStatus.TS_MISMATCH)
                     m.next = "ANSWER"
                 with m.Elif(pool.free == 0):
@@ -587,11 +603,10 @@ class SpliceEngine(wiring.Component):
                     m.next = "IDLE"
 
             # ---------------------------------------------------- the end of a splice
-            with m.State("END_KEYS"):
-                m.d.comb += keys_ctl.addr.eq(Cat(0, slot))
+            with m.State("END_KEYS"):              # reads side a's key
+                m.d.sync += end_side.eq(1)
                 m.next = "END_KEY_A"
-            with m.State("END_KEY_A"):
-                m.d.comb += keys_ctl.addr.eq(Cat(1, slot))
+            with m.State("END_KEY_A"):             # reads side b's key
                 m.d.sync += [key_a.eq(_KEYS(keys_ctl.data).key), tag.eq(_KEYS(keys_ctl.data).tag)]
                 m.next = "END_KEY_B"
             with m.State("END_KEY_B"):
