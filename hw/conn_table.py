@@ -524,6 +524,12 @@ class ConnTable(wiring.Component):
         m.d.comb += pick.as_value().eq(
             Cat(*[rd[0, w] for w in range(WAYS)], *[rd[1, w] for w in range(WAYS)])
             .word_select(pick_sel, E.size))
+        # A READ's valid bit (``pick.valid`` in READ), registered from the block RAMs'
+        # outputs in DATA: it gates every data bit of the response, so it should be a
+        # register, not the end of the 8-to-1 ``pick`` multiplexer.
+        read_valid = Signal(name="read_valid")
+        m.d.sync += read_valid.eq(Cat(*[ctl_data[t, w].valid for t in range(TABLES)
+                                        for w in range(WAYS)]).bit_select(Cat(read_w, read_t), 1))
 
         # The write register and the next carried entry, every cycle (they are used only
         # when written, resp. loaded).
@@ -651,7 +657,7 @@ class ConnTable(wiring.Component):
 
         with m.If(st["READ"]):
             sel = pick                          # way read_w of table read_t
-            with m.If(sel.valid):
+            with m.If(read_valid):              # sel.valid
                 m.d.sync += resp.status.eq(Status.OK)
             with m.Else():
                 m.d.sync += resp.status.eq(Status.NOT_FOUND)
@@ -659,8 +665,8 @@ class ConnTable(wiring.Component):
             m.d.sync += goto("READ", "RESPOND")
             # An empty slot answers key, value and index 0 (as DISPATCH set them): the
             # word's valid bit gates the data, not the registers' enable.
-            respond_when(st["READ"], key=Mux(sel.valid, sel.key.as_value(), 0),
-                         value=Mux(sel.valid, sel.value, 0), index=Mux(sel.valid, sel.index, 0))
+            respond_when(st["READ"], key=Mux(read_valid, sel.key.as_value(), 0),
+                         value=Mux(read_valid, sel.value, 0), index=Mux(read_valid, sel.index, 0))
 
         with m.If(st["CMP"]):
             m.d.sync += f_slot.eq(Cat(*[rd[t, w].valid & rd_keq[t, w].all()

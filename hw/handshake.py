@@ -197,6 +197,11 @@ _CARRY = data.StructLayout({
 })
 
 
+def _eq_parts(a, b, part):
+    """Equality of ``a`` and ``b`` per ``part``-bit slice (a bit each): all ones when a == b."""
+    return Cat(*[a[i:i + part] == b[i:i + part] for i in range(0, len(a), part)])
+
+
 def _mss_index(mss):
     return Mux(mss >= MSS_TABLE[3], 3, Mux(mss >= MSS_TABLE[2], 2, Mux(mss >= MSS_TABLE[1], 1, 0)))
 
@@ -628,24 +633,51 @@ class HandshakeEngine(wiring.Component):
         p.define("cookie", struct_value(COOKIE_ISS, {
             "mss_index": c_d.mss_index, "count_lsb": c_d.count_lsb, "key_gen": c_d.key_gen,
             "mac": mac}), D)
-        p.define("cookie_ok", c_d.key_ok & (COOKIE_ISS(c_d.iss).mac == mac), D)
-        # The tuples are compared a stage earlier (D - 1), with the entries as they are
-        # then; the entry written at the end of that cycle (`written_last`) is compared
-        # with the tuple written into it instead.
+        cookie_ok_d = c_d.key_ok & (COOKIE_ISS(c_d.iss).mac == mac)
+        p.define("cookie_ok", cookie_ok_d, D)
+        # The tuples are compared two stages earlier, in 8-bit parts at D - 2 and the
+        # parts combined at D - 1 (one wide compare per entry in one cycle spreads the
+        # tuple's fan-out over the die), with the entries as they are at D - 2. The two
+        # entries written since, at the ends of those two cycles (`written_prev`, then
+        # `written_last`), are compared with the tuples written into them instead.
+        assert self.recent >= 2, "consecutive writes must go to different entries"
+        ident_pre2 = p.get("ident", D - 2)
         ident_pre = p.get("ident", D - 1)
         ident_d, ident_f, ident_g = (p.get("ident", at) for at in (D, F, F + 1))
         written_last = Signal(self.recent)
-        m.d.sync += written_last.eq(Mux(pending, recent_pointer, 0))
-        p.define("recent_eq", Cat(*[r.tuple.as_value() == ident_pre for r in recent]), D - 1)
+        written_prev = Signal(self.recent)
+        m.d.sync += [written_last.eq(Mux(pending, recent_pointer, 0)),
+                     written_prev.eq(written_last)]
+        parts = -(-FLOW_KEY.size // 8)
+        p.define("recent_parts", Cat(*[_eq_parts(r.tuple.as_value(), ident_pre2, 8)
+                                       for r in recent]), D - 2)
+        parts_d1 = p.get("recent_parts", D - 1)
+        p.define("recent_eq", Cat(*[parts_d1[parts * k:parts * (k + 1)].all()
+                                    for k in range(self.recent)]), D - 1)
+        p.define("prev_eq", ident_pre2 == ident_g, D - 2)
         p.define("pending_eq", ident_pre == ident_g, D - 1)
         recent_eq_d, pending_eq_d = p.get("recent_eq", D), p.get("pending_eq", D)
+        prev_eq_d = p.get("prev_eq", D)
         p.define("recent_seen", Cat(*[
-            alive_now[k] & Mux(written_last[k], pending_eq_d, recent_eq_d[k])
+            alive_now[k] & Mux(written_last[k], pending_eq_d,
+                               Mux(written_prev[k], prev_eq_d, recent_eq_d[k]))
             for k in range(self.recent)]).any(), D)
         # A connect slot may have been freed (timeout) since stage 1: then do nothing.
         slot_oh_d = p.get("slot_oh", D)
-        p.define("slot_live", Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
-                                    for k, slot in enumerate(slots)]).any(), D)
+        slot_live_d = Cat(*[slot_oh_d[k] & slot.active & (slot.gen == c_d.slot_gen)
+                            for k, slot in enumerate(slots)]).any()
+        p.define("slot_live", slot_live_d, D)
+        # Stage F's decisions as they are without a recent-connection hit (which can only
+        # turn them off), pre-decoded here: F then has a single gate between the hit
+        # (`recent_seen`...) and the writes of a recent entry and of a slot's `active`.
+        est_live_d = (c_d.cls == _Class.ACTIVE_EST) & slot_live_d
+        rst_live_d = (c_d.cls == _Class.ACTIVE_RST) & slot_live_d
+        p.define("est_live", est_live_d, D)
+        p.define("rst_live", rst_live_d, D)
+        p.define("check_ok", (c_d.cls == _Class.CHECK_ACK) & cookie_ok_d, D)
+        p.define("may_establish", p.valid(D) & (((c_d.cls == _Class.CHECK_ACK) & cookie_ok_d)
+                                                | est_live_d), D)
+        p.define("may_free_slot", p.valid(D) & (est_live_d | rst_live_d), D)
 
         # The record ahead (at F in this cycle) may establish the same connection: its
         # entry is written only at the end of this cycle, so compare with it directly.
@@ -657,24 +689,27 @@ class HandshakeEngine(wiring.Component):
         # Stage F = D + 1: decide (small signals only).
         c = _CARRY(p.get("carry", F))
         cookie_ok, slot_live = p.get("cookie_ok", F), p.get("slot_live", F)
-        recent_hit = ((p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid)
-                       | p.get("same_as_pending", F))
-                      & (c.cls != _Class.PASS))
+        seen = (p.get("recent_seen", F) | (p.get("same_as_next", F) & last_write_valid)
+                | p.get("same_as_pending", F))
+        recent_hit = seen & (c.cls != _Class.PASS)
         cls_d = Mux(recent_hit, _Class.PASS, c.cls)
         active_cls = ((cls_d == _Class.ACTIVE_EST) | (cls_d == _Class.ACTIVE_RST)
                       | (cls_d == _Class.ACTIVE_BAD) | (cls_d == _Class.ACTIVE_DISCARD))
-        active_est = (cls_d == _Class.ACTIVE_EST) & slot_live
-        active_rst = (cls_d == _Class.ACTIVE_RST) & slot_live
+        # (The pre-decoded classes are not PASS, so for them a hit is `seen`.)
+        active_est = p.get("est_live", F) & ~seen
+        active_rst = p.get("rst_live", F) & ~seen
         slot_oh_f = p.get("slot_oh", F)
+        free_slot = p.get("may_free_slot", F) & ~seen      # valid, ACTIVE_EST/RST, slot live
         for k, slot in enumerate(slots):
-            with m.If(p.valid(F) & slot_oh_f[k] & (active_est | active_rst)):
+            with m.If(free_slot & slot_oh_f[k]):
                 m.d.sync += slot.active.eq(0)
         # The timers leave alone a slot whose segment is in the decision stages (D and
         # F): the mask of the next cycle, from the stages before.
         m.d.comb += busy_next.eq(Mux(p.valid(D - 1), p.get("timer_busy", D - 1), 0)
                                  | Mux(p.valid(D), p.get("timer_busy", D), 0))
-        established = ((cls_d == _Class.CHECK_ACK) & cookie_ok) | active_est
-        m.d.sync += last_write_valid.eq(p.valid(F) & established)
+        check_ok = p.get("check_ok", F) & ~seen                 # CHECK_ACK, cookie ok
+        established = check_ok | active_est
+        m.d.sync += last_write_valid.eq(p.get("may_establish", F) & ~seen)
         # The entry is written a cycle later (stage G) with one cycle less to live: it
         # expires when it would have, written at the end of this cycle.
         m.d.comb += pending.eq(last_write_valid)
@@ -686,11 +721,10 @@ class HandshakeEngine(wiring.Component):
                     m.d.sync += r.eq(struct_value(_RECENT, {
                         "tuple": tuple_g, "left": self.RECENT_CYCLES - 1}))
         final_reason = Mux(recent_hit, Reason.FLOW,
-                           Mux((cls_d == _Class.CHECK_ACK) & cookie_ok, Reason.COOKIE_OK,
+                           Mux(check_ok, Reason.COOKIE_OK,
                                Mux(active_cls & ~slot_live, Reason.ACTIVE_DISCARD, c.reason)))
         to_host = ((cls_d == _Class.PASS)
-                   | ((cls_d == _Class.CHECK_ACK) & cookie_ok
-                      & ((c.payload_length != 0) | c.fin)))
+                   | (check_ok & ((c.payload_length != 0) | c.fin)))
         send_synack = cls_d == _Class.SYN
         send_rst = ((cls_d == _Class.CLOSED_SYN) | (cls_d == _Class.SYNACK)
                     | ((cls_d == _Class.ACTIVE_BAD) & slot_live)

@@ -61,7 +61,7 @@ A sweeper reads one slot per cycle and finds ended splices (``now`` past the dea
 the engine then deletes both flows from the table, stops relaying, and reports
 SPLICE_DONE (``SpliceEnd``; segments and bytes per direction; side a's 4-tuple; tag).
 
-Latency: record in -> verdict and descriptor out: 4 cycles. Throughput: one record per
+Latency: record in -> verdict and descriptor out: 5 cycles. Throughput: one record per
 cycle. Commands: a few cycles plus two table commands each (four to finish a splice).
 
 Ports
@@ -237,9 +237,15 @@ class SpliceEngine(wiring.Component):
         # Stage 0: the record is taken; its slot entry's parameters are addressed.
         # Stage 1: the parameters are here: key check, TTL check, seq_out, the descriptor;
         #          the slot's state and active bit are addressed.
-        # Stage 2: the state is here: decide, update it (written at the end of the cycle;
-        #          the record behind, in stage 1, reads it through: transparent port).
-        # Stage 3: the verdict and the descriptor are registered into their FIFOs.
+        # Stage 2: the state and the active bit are here: the relay decision, registered,
+        #          and the state, registered too (or the update being written, below, when
+        #          the record ahead is of the same slot).
+        # Stage 3: update the state (written at the end of the cycle; the record two
+        #          behind, in stage 1, reads it through: transparent port).
+        # Stage 4: the verdict and the descriptor are registered into their FIFOs.
+        # (A read-modify-write over two cycles: the block RAM's output and the update's
+        # logic are in different cycles, and one record per cycle still sees every update
+        # before it.)
         # In the NIC the verdicts wait for the handshake engine's (about 30 cycles more),
         # and the descriptors for their frames: the FIFOs hold that many at one per cycle.
         OUT_DEPTH = 64
@@ -250,8 +256,8 @@ class SpliceEngine(wiring.Component):
             m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data),
                          fifo.r_en.eq(port.ready)]
 
-        s1_valid, s2_valid, s3_valid = Signal(), Signal(), Signal()
-        in_flight = s1_valid + s2_valid + s3_valid
+        s1_valid, s2_valid, s3_valid, s4_valid = Signal(), Signal(), Signal(), Signal()
+        in_flight = s1_valid + s2_valid + s3_valid + s4_valid
         room = Signal()
         m.d.comb += room.eq((verdicts.level + in_flight < OUT_DEPTH - 1)
                             & (descs.level + in_flight < OUT_DEPTH - 1))
@@ -267,18 +273,19 @@ class SpliceEngine(wiring.Component):
         r1 = Signal(FLOW_RECORD)
         r1_claimed, r1_format_ok = Signal(), Signal()
         m.d.sync += s1_valid.eq(take)
-        with m.If(take):
-            flags = meta.tcp.flags
-            errors = meta.errors.as_value() & ~Cat(*[
-                Const(name in ("bad_ip_checksum", "bad_tcp_checksum"), 1)
-                for name, _ in PARSER_ERRORS])
-            m.d.sync += [
-                r1.eq(rec),
-                r1_claimed.eq(rec.hit & (rec.value.kind == FlowKind.SPLICED)),
-                r1_format_ok.eq((meta.frame_class == FrameClass.TCP) & ~meta.eth.vlan_valid
-                                & (meta.ip.ihl == 5) & (errors == 0)
-                                & ~(flags & TcpFlags.SYN).any() & ~meta.opt.unknown),
-            ]
+        # Loaded in every cycle (used only with s1_valid): `take`, which depends on the FIFO
+        # levels, then drives one flip-flop instead of the enable of the whole record.
+        flags = meta.tcp.flags
+        errors = meta.errors.as_value() & ~Cat(*[
+            Const(name in ("bad_ip_checksum", "bad_tcp_checksum"), 1)
+            for name, _ in PARSER_ERRORS])
+        m.d.sync += [
+            r1.eq(rec),
+            r1_claimed.eq(rec.hit & (rec.value.kind == FlowKind.SPLICED)),
+            r1_format_ok.eq((meta.frame_class == FrameClass.TCP) & ~meta.eth.vlan_valid
+                            & (meta.ip.ihl == 5) & (errors == 0)
+                            & ~(flags & TcpFlags.SYN).any() & ~meta.opt.unknown),
+        ]
 
         # Stage 1.
         p = struct_value(_PARAMS, {"key": _KEYS(keys_rd.data).key, "rewrite": rewrite_rd.data})
@@ -289,7 +296,8 @@ class SpliceEngine(wiring.Component):
         seq_out = (m1.tcp.seq + p.rewrite.seq_delta)[:32]
         m.d.comb += [state_rd.addr.eq(r1.value.slot[1:]), active_rd.addr.eq(r1.value.slot[1:])]
         r2 = Signal(data.StructLayout({
-            "claimed": 1, "format_ok": 1, "ttl_ok": 1, "key_ok": 1, "slot": range(slots),
+            "claimed": 1, "format_ok": 1, "ttl_ok": 1, "key_eq": FLOW_KEY.size // 2,
+            "slot": range(slots),
             "side": 1, "flags": 8, "ack": 32, "length": 16, "seq_out": 32, "fin_end": 32}))
         r2_desc = Signal(REWRITE)
         m.d.sync += [
@@ -297,7 +305,9 @@ class SpliceEngine(wiring.Component):
             r2.eq(struct_value(r2.shape(), {
                 "claimed": r1_claimed, "format_ok": r1_format_ok,
                 "ttl_ok": (p.rewrite.ip.ttl != 0) | (m1.ip.ttl > 1),
-                "key_ok": p.key.as_value() == key,
+                # In 2-bit parts (one LUT level after the block RAM), all true in stage 2.
+                "key_eq": Cat(*[p.key.as_value()[i:i + 2] == key[i:i + 2]
+                                for i in range(0, FLOW_KEY.size, 2)]),
                 "slot": r1.value.slot[1:], "side": r1.value.slot[0],
                 "flags": m1.tcp.flags, "ack": m1.tcp.ack, "length": m1.payload_length,
                 "seq_out": seq_out, "fin_end": seq_out + m1.payload_length + 1})),
@@ -308,35 +318,48 @@ class SpliceEngine(wiring.Component):
                 "sack_blocks": m1.opt.sack_blocks})),
         ]
 
-        # Stage 2.
-        st = SLOT_STATE(state_rd.data)
-        relay = Signal()
-        m.d.comb += relay.eq(s2_valid & r2.claimed & r2.format_ok & r2.ttl_ok & r2.key_ok
-                             & active_rd.data)
-        fin, rst, ack = r2.flags[0], r2.flags[2], r2.flags[4]   # TcpFlags FIN, RST, ACK bits
+        # Stage 2: decide; the state, forwarded from stage 3's update for the same slot.
+        key_ok = r2.key_eq.all()
+        relay_2 = s2_valid & r2.claimed & r2.format_ok & r2.ttl_ok & key_ok & active_rd.data
+        r3 = Signal(r2.shape())
+        r3_desc = Signal(REWRITE)
+        relay = Signal()                # registered: the record in stage 3 is relayed
+        st = Signal(SLOT_STATE)         # its slot's state before it
+        new_state = Signal(SLOT_STATE)  # and after it (written when relayed)
+        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay.eq(relay_2),
+                     st.eq(Mux(relay & (r3.slot == r2.slot), new_state, state_rd.data))]
+        # Counted in stage 3, from the registered decision (a cycle before the verdict
+        # leaves, as before).
+        with m.If(s3_valid & r3.claimed):
+            m.d.comb += [bump[SpCounter.RELAYED].eq(relay),
+                         bump[SpCounter.TO_HOST_FORMAT].eq(~r3.format_ok),
+                         bump[SpCounter.TO_HOST_TTL].eq(r3.format_ok & ~r3.ttl_ok),
+                         bump[SpCounter.TO_HOST_STALE].eq(r3.format_ok & r3.ttl_ok & ~relay)]
+
+        # Stage 3: the update.
+        fin, rst, ack = r3.flags[0], r3.flags[2], r3.flags[4]   # TcpFlags FIN, RST, ACK bits
         assert (TcpFlags.FIN, TcpFlags.RST, TcpFlags.ACK) == (1, 4, 16)
-        side = r2.side
+        side = r3.side
         mine = DIRECTION_STATE(Mux(side, st.dir[1].as_value(), st.dir[0].as_value()))
         other = DIRECTION_STATE(Mux(side, st.dir[0].as_value(), st.dir[1].as_value()))
-        newer_ack = ack & (~mine.acked_ok | _after_or_at(r2.ack, mine.acked))
+        newer_ack = ack & (~mine.acked_ok | _after_or_at(r3.ack, mine.acked))
         mine_new = struct_value(DIRECTION_STATE, {
-            "packets": mine.packets + 1, "bytes": mine.bytes + r2.length,
+            "packets": mine.packets + 1, "bytes": mine.bytes + r3.length,
             "fin_seen": mine.fin_seen | fin,
-            "fin_end": Mux(fin & ~mine.fin_seen, r2.fin_end, mine.fin_end),
+            "fin_end": Mux(fin & ~mine.fin_seen, r3.fin_end, mine.fin_end),
             "fin_acked": mine.fin_acked,
             "acked_ok": mine.acked_ok | ack,
-            "acked": Mux(newer_ack, r2.ack, mine.acked)})
+            "acked": Mux(newer_ack, r3.ack, mine.acked)})
         other_fin_acked = other.fin_acked | (ack & other.fin_seen
-                                             & _after_or_at(r2.ack, other.fin_end))
+                                             & _after_or_at(r3.ack, other.fin_end))
         other_new = struct_value(DIRECTION_STATE, {
             **{name: other[name] for name, _ in DIRECTION_STATE if name != "fin_acked"},
             "fin_acked": other_fin_acked})
-        exact_rst = rst & other.acked_ok & (r2.seq_out == other.acked)
+        exact_rst = rst & other.acked_ok & (r3.seq_out == other.acked)
         both_done = mine.fin_acked & other_fin_acked
         # The deadlines a segment may set, a cycle old (a tick lasts many cycles).
         at_idle, at_linger = Signal(32), Signal(32)
         m.d.sync += [at_idle.eq(self.now + self.idle_timeout), at_linger.eq(self.now + self.linger)]
-        new_state = Signal(SLOT_STATE)
         m.d.comb += new_state.eq(struct_value(SLOT_STATE, {
             "dir": Mux(side, Cat(other_new, mine_new), Cat(mine_new, other_new)),
             "deadline": Mux(st.end != 0, st.deadline,
@@ -346,32 +369,26 @@ class SpliceEngine(wiring.Component):
                            Mux(both_done, SpliceEnd.NORMAL, 0)))}))
 
         # The control machine's state writes (new splices) use the same port, in cycles
-        # with no record in stage 2 (it holds the input first).
+        # with no record in stages 2 and 3 (it holds the input first).
         ctl_state_addr = Signal(range(slots))
         ctl_state_data = Signal(SLOT_STATE)
         with m.If(relay):
-            m.d.comb += [state_w.addr.eq(r2.slot), state_w.data.eq(new_state),
+            m.d.comb += [state_w.addr.eq(r3.slot), state_w.data.eq(new_state),
                          state_w.en.eq(1)]
-        with m.Elif(ctl_state_write & ~s2_valid):
+        with m.Elif(ctl_state_write & ~s2_valid & ~s3_valid):
             m.d.comb += [state_w.addr.eq(ctl_state_addr), state_w.data.eq(ctl_state_data),
                          state_w.en.eq(1)]
-        with m.If(s2_valid & r2.claimed):
-            m.d.comb += [bump[SpCounter.RELAYED].eq(relay),
-                         bump[SpCounter.TO_HOST_FORMAT].eq(~r2.format_ok),
-                         bump[SpCounter.TO_HOST_TTL].eq(r2.format_ok & ~r2.ttl_ok),
-                         bump[SpCounter.TO_HOST_STALE].eq(r2.format_ok & r2.ttl_ok
-                                                          & ~(r2.key_ok & active_rd.data))]
 
-        # Stage 3.
-        s3_verdict = Signal(SPLICE_VERDICT)
-        s3_relay = Signal()
-        s3_desc = Signal(REWRITE)
-        m.d.sync += [s3_valid.eq(s2_valid), s3_relay.eq(relay), s3_desc.eq(r2_desc),
-                     s3_verdict.eq(struct_value(SPLICE_VERDICT, {
-                         "claimed": r2.claimed, "to_host": r2.claimed & ~relay,
+        # Stage 4.
+        s4_verdict = Signal(SPLICE_VERDICT)
+        s4_relay = Signal()
+        s4_desc = Signal(REWRITE)
+        m.d.sync += [s4_valid.eq(s3_valid), s4_relay.eq(relay), s4_desc.eq(r3_desc),
+                     s4_verdict.eq(struct_value(SPLICE_VERDICT, {
+                         "claimed": r3.claimed, "to_host": r3.claimed & ~relay,
                          "to_splice": relay}))]
-        m.d.comb += [verdicts.w_en.eq(s3_valid), verdicts.w_data.eq(s3_verdict),
-                     descs.w_en.eq(s3_valid & s3_relay), descs.w_data.eq(s3_desc)]
+        m.d.comb += [verdicts.w_en.eq(s4_valid), verdicts.w_data.eq(s4_verdict),
+                     descs.w_en.eq(s4_valid & s4_relay), descs.w_data.eq(s4_desc)]
 
         # ============================================================ sweeper
         # Three steps, each from registers: address slot `sweep`; register its active bit,
@@ -413,6 +430,10 @@ class SpliceEngine(wiring.Component):
         key_a, key_b = Signal(FLOW_KEY), Signal(FLOW_KEY)
         tag = Signal(16)
         done_state = Signal(SLOT_STATE)
+        # The keys' control read port is addressed from registers only (not from the
+        # state decode): side a's entry in END_KEYS, side b's in END_KEY_A.
+        end_side = Signal()
+        m.d.comb += keys_ctl.addr.eq(Cat(end_side, slot))
         cmd_layout = command_layout(self.geo, FLOW_VALUE.size)
         resp = self.table_resp.payload
         resp_kind = FLOW_VALUE(resp.value).kind
@@ -431,12 +452,15 @@ class SpliceEngine(wiring.Component):
         spliced = Signal(range(slots + 1))
         m.d.comb += self.spliced.eq(spliced)
         step = Signal(_Step)
-        side_key_a = struct_value(FLOW_KEY, {"port": cmd.a.ingress, "src": cmd.a.peer_ip,
-                                             "dst": cmd.a.local_ip, "sport": cmd.a.peer_port,
-                                             "dport": cmd.a.local_port})
-        side_key_b = struct_value(FLOW_KEY, {"port": cmd.b.ingress, "src": cmd.b.peer_ip,
-                                             "dst": cmd.b.local_ip, "sport": cmd.b.peer_port,
-                                             "dport": cmd.b.local_port})
+
+        def side_key(side):
+            return struct_value(FLOW_KEY, {"port": side.ingress, "src": side.peer_ip,
+                                           "dst": side.local_ip, "sport": side.peer_port,
+                                           "dport": side.local_port})
+        side_key_a, side_key_b = side_key(cmd.a), side_key(cmd.b)
+        # CHECK's tests, registered with the command (the 104-bit compare is then not in
+        # front of the free list's read).
+        same_flow, ts_mismatch = Signal(), Signal()
         event = Signal(EVENT)
         m.d.comb += self.event.payload.eq(event)
         host_value = struct_value(FLOW_VALUE, {"kind": FlowKind.HOST})
@@ -460,19 +484,22 @@ class SpliceEngine(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += ctl_idle.eq(1)
                 with m.If(due):
-                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end)]
+                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end), end_side.eq(0)]
                     m.next = "END_KEYS"
                 with m.Elif(self.command.valid):
                     m.d.comb += self.command.ready.eq(1)
-                    m.d.sync += [cmd.eq(self.command.payload), a_was_host.eq(0)]
+                    new = self.command.payload
+                    m.d.sync += [cmd.eq(new), a_was_host.eq(0),
+                                 same_flow.eq(side_key(new.a) == side_key(new.b)),
+                                 ts_mismatch.eq(new.a.ts_ok != new.b.ts_ok)]
                     m.next = "CHECK"
 
             # ---------------------------------------------------- a SPLICE command
             with m.State("CHECK"):
-                with m.If(side_key_a == side_key_b):
+                with m.If(same_flow):
                     m.d.sync += status.eq(SpliceStatus.SAME_FLOW)
                     m.next = "ANSWER"
-                with m.Elif(cmd.a.ts_ok != cmd.b.ts_ok):
+                with m.Elif(ts_mismatch):
                     m.d.sync += status.eq(SpliceStatus.TS_MISMATCH)
                     m.next = "ANSWER"
                 with m.Elif(pool.free == 0):
@@ -498,7 +525,7 @@ class SpliceEngine(wiring.Component):
                 m.d.comb += [ctl_state_write.eq(1), ctl_state_addr.eq(slot),
                              ctl_state_data.eq(struct_value(SLOT_STATE, {
                                  "deadline": self.now + self.idle_timeout}))]
-                with m.If(~s2_valid):
+                with m.If(~s2_valid & ~s3_valid):
                     m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
                     m.d.sync += step.eq(_Step.PUT_A)
                     m.next = "TABLE"
@@ -576,20 +603,23 @@ class SpliceEngine(wiring.Component):
                     m.next = "IDLE"
 
             # ---------------------------------------------------- the end of a splice
-            with m.State("END_KEYS"):
-                m.d.comb += keys_ctl.addr.eq(Cat(0, slot))
+            with m.State("END_KEYS"):              # reads side a's key
+                m.d.sync += end_side.eq(1)
                 m.next = "END_KEY_A"
-            with m.State("END_KEY_A"):
-                m.d.comb += keys_ctl.addr.eq(Cat(1, slot))
+            with m.State("END_KEY_A"):             # reads side b's key
                 m.d.sync += [key_a.eq(_KEYS(keys_ctl.data).key), tag.eq(_KEYS(keys_ctl.data).tag)]
                 m.next = "END_KEY_B"
             with m.State("END_KEY_B"):
                 m.d.sync += [key_b.eq(_KEYS(keys_ctl.data).key), step.eq(_Step.DELETE_A)]
                 m.next = "TABLE"
             with m.State("STOP"):
-                # From here on the slot's frames go to the host; its counts are final.
+                # From here on the slot's frames go to the host; its counts are final once
+                # the frames past the active bit's read (stage 2 and 3) have updated them.
                 m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),
                              scan_addr.eq(slot)]
+                m.next = "DRAIN"
+            with m.State("DRAIN"):
+                m.d.comb += scan_addr.eq(slot)
                 m.next = "COUNTS"
             with m.State("COUNTS"):
                 m.d.comb += scan_addr.eq(slot)

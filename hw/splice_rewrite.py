@@ -170,6 +170,11 @@ class SpliceRewriter(wiring.Component):
 
         m.submodules.beats = beats = SyncFIFOBuffered(width=layout.size, depth=self.beat_depth)
         m.submodules.headers = headers = SyncFIFOBuffered(width=hdr_bits, depth=self.header_depth)
+        # The beats' `last` bits again, in a FIFO of their own that moves in step with
+        # `beats` (same writes and reads): a narrow memory in LUT RAM, whose output is a
+        # flip-flop, where `beats`' is a block RAM's output. The output's pops (the header
+        # FIFO's read, the beat slot) then start at a register.
+        m.submodules.lasts = lasts = SyncFIFOBuffered(width=1, depth=self.beat_depth)
 
         # ------------------------------------------------------------ input and capture
         beat = self.i.payload
@@ -185,6 +190,8 @@ class SpliceRewriter(wiring.Component):
             self.i.ready.eq(can_take),
             beats.w_en.eq(accept),
             beats.w_data.eq(beat.as_value()),
+            lasts.w_en.eq(accept),
+            lasts.w_data.eq(beat.last),
             self.desc.ready.eq(self.i.valid & beats.w_rdy & completes & credit),
         ]
         with m.If(accept):
@@ -364,18 +371,20 @@ class SpliceRewriter(wiring.Component):
             data_out = Mux(out_slot[b], Cat(*lanes), data_out)
         m.d.comb += patched.eq(data_out)
         go = beats.r_rdy & headers.r_rdy
+        head_last = lasts.r_data            # == head.last
         m.d.comb += [
             self.o.valid.eq(go),
             self.o.payload.data.eq(patched),
             self.o.payload.keep.eq(head.keep),
             self.o.payload.last.eq(head.last),
             beats.r_en.eq(self.o.ready & headers.r_rdy),
-            headers.r_en.eq(self.o.ready & beats.r_rdy & head.last),
+            lasts.r_en.eq(self.o.ready & headers.r_rdy),
+            headers.r_en.eq(self.o.ready & beats.r_rdy & head_last),
         ]
         sent = self.o.valid & self.o.ready
         with m.If(sent):
-            m.d.sync += out_slot.eq(Mux(head.last, 1, Mux(out_slot[cap_beats], out_slot,
+            m.d.sync += out_slot.eq(Mux(head_last, 1, Mux(out_slot[cap_beats], out_slot,
                                                           out_slot << 1)))
-        done = sent & head.last
+        done = sent & head_last
         m.d.sync += in_flight.eq(in_flight + start - done)
         return m

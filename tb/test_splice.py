@@ -644,3 +644,107 @@ def test_engine_slots():
     sim.add_testbench(testbench)
     sim.run_until(1e-8 * 4000)
     assert len(events) == 6
+
+
+def test_engine_back_to_back():
+    """The engine alone (built-in simulator): frames of one splice in consecutive cycles,
+    both directions mixed, must each see the state as the frame before left it (the
+    state's read-modify-write spans two cycles): data both ways, both FINs and their
+    ACKs back to back -> SPLICE_DONE NORMAL with every segment and byte counted."""
+    from amaranth.sim import Simulator
+    from hw.conn_table import Status
+    from hw.metadata import EVENT, FLOW_RECORD, FlowKind, FrameClass
+    from hw.splice import SpliceEngine
+    from hw.stream import unpack_struct
+    engine = SpliceEngine(slots=4)
+    rng = __import__("random").Random(7)
+    a, b = make_peers(rng)
+    sides = {0: (a, b), 1: (b, a)}          # side: (sender, receiver)
+    events, inserts = [], []
+
+    def record(side, slot, flags, length, seq, ack):
+        src, _ = sides[side]
+        meta = {"frame_class": FrameClass.TCP,
+                "ip": {"ihl": 5, "ttl": 64, "src": ip_int(src.ip), "dst": ip_int(PROXY_IP)},
+                "tcp": {"sport": src.port, "dport": src.proxy_port, "seq": seq & M32,
+                        "ack": ack & M32, "flags": flags},
+                "payload_length": length}
+        return pack_struct(FLOW_RECORD, meta=meta, ingress=0, hit=1,
+                           value={"kind": FlowKind.SPLICED, "slot": 2 * slot + side})
+
+    # Sequence spaces: what A sends at seq s reaches B as s + delta_ab; B acknowledges in
+    # its own space (the proxy's on connection b).
+    delta_ab = (b.rcv_nxt0 - a.snd_nxt0) & M32
+    delta_ba = (a.rcv_nxt0 - b.snd_nxt0) & M32
+    sa, sb = a.snd_nxt0, b.snd_nxt0
+    A_, F_ = 0x10, 0x11                     # ACK, FIN+ACK
+    frames = []                             # (side, flags, length, seq, ack)
+    lengths = {0: 0, 1: 0}
+    for length in (100, 200, 300):
+        frames.append((0, A_, length, sa, sb + delta_ba))
+        sa += length
+    for length in (50, 70):
+        frames.append((1, A_, length, sb, sa + delta_ab))
+        sb += length
+    frames.append((0, F_, 0, sa, sb + delta_ba))                 # A's FIN
+    frames.append((1, F_, 0, sb, sa + 1 + delta_ab))             # B's FIN, acks A's
+    frames.append((0, A_, 0, sa + 1, sb + 1 + delta_ba))         # A acks B's FIN
+    for side, _, length, _, _ in frames:
+        lengths[side] += length
+
+    async def testbench(ctx):
+        ctx.set(engine.idle_timeout, 10000)
+        ctx.set(engine.linger, 3)
+        ctx.set(engine.event.ready, 1)
+        ctx.set(engine.verdict.ready, 1)
+        ctx.set(engine.desc.ready, 1)
+        ctx.set(engine.table_resp.payload.status, Status.OK)
+        now, pending = 0, 0
+
+        async def cycle():
+            nonlocal now, pending
+            ctx.set(engine.now, now // 4)
+            ctx.set(engine.table_cmd.ready, 1)
+            ctx.set(engine.table_resp.valid, pending > 0)
+            _, _, cmd_v, cmd, resp_r, ev_v, ev, rx_ready = await ctx.tick().sample(
+                engine.table_cmd.valid, engine.table_cmd.payload, engine.table_resp.ready,
+                engine.event.valid, engine.event.payload, engine.rx.ready)
+            if cmd_v:
+                inserts.append(int(cmd.value) >> 4)       # FLOW_VALUE.slot
+                pending += 1
+            if pending and resp_r:
+                pending -= 1
+            if ev_v:
+                events.append(unpack_struct(EVENT, ev.as_value().value))
+            now += 1
+            return rx_ready
+
+        ctx.set(engine.command.payload.as_value(),
+                pack_struct(SPLICE_COMMAND, tag=9, a=a.side(), b=b.side()))
+        ctx.set(engine.command.valid, 1)
+        while not ctx.get(engine.command.ready):
+            await cycle()
+        await cycle()
+        ctx.set(engine.command.valid, 0)
+        while not events:
+            await cycle()
+        assert events[0]["status"] == SpliceStatus.OK, events[0]
+        slot = inserts[0] >> 1
+        for frame in frames:                # one per cycle while rx is ready
+            ctx.set(engine.rx.payload.as_value(), record(frame[0], slot, *frame[1:]))
+            ctx.set(engine.rx.valid, 1)
+            while not await cycle():
+                pass
+        ctx.set(engine.rx.valid, 0)
+        for _ in range(400):
+            await cycle()
+
+    sim = Simulator(engine)
+    sim.add_clock(1e-8)
+    sim.add_testbench(testbench)
+    sim.run()
+    done = [e for e in events if e["kind"] == EventKind.SPLICE_DONE]
+    assert len(done) == 1, events
+    assert done[0]["status"] == SpliceEnd.NORMAL, done[0]
+    assert (done[0]["packets_a"], done[0]["packets_b"]) == (5, 3), done[0]
+    assert (done[0]["bytes_a"], done[0]["bytes_b"]) == (lengths[0], lengths[1]), done[0]
