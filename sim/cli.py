@@ -226,6 +226,9 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
     demo.add_argument("--waves", default=None, metavar="FILE",
                       help="write waveforms to FILE (VCD on amaranth; see docs/toolchain.md)")
+    demo.add_argument("--no-host", action="store_true",
+                      help="skip the last phase (servers on the host driver through the whole "
+                           "NIC: several minutes on the Amaranth simulator)")
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser(

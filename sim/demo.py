@@ -297,11 +297,13 @@ def main(args):
     splice = splicing.value
     from host_driver.apps import format_host_work
     from tb.test_driver import host_work_figures
-    print("NIC + host driver: echo and key-value servers on the driver's socket API, scapy "
-          "clients, through the PCIe link model, with and without the offloads ...",
-          flush=True)
-    host_work = host_work_figures(sim=sim, transactions=1, show=False)
-    serving = host_work_figures.last_job
+    host_work = serving = None
+    if not getattr(args, "no_host", False):
+        print("NIC + host driver: echo and key-value servers on the driver's socket API, "
+              "scapy clients, through the PCIe link model, with and without the offloads "
+              "(the whole NIC: the slowest phase) ...", flush=True)
+        host_work = host_work_figures(sim=sim, transactions=1, show=False)
+        serving = host_work_figures.last_job
 
     # ---- report
     line = "-" * 64
@@ -381,13 +383,15 @@ def main(args):
           f"host DMA bytes {splice['host_bytes']}")
     print("   counters: " + ", ".join(f"{k} {v}" for k, v in splice["counters"].items()))
     print()
-    print(" NIC + host driver (hw/nic.py, host_driver/): host work per transaction, "
-          "averaged")
-    print("   " + format_host_work(host_work).replace("\n", "\n   "))
-    print("   (events, DMA bytes and MMIO accesses the host sees; host packets: frames "
-          "through its RX and TX rings)")
-    print()
-    jobs = [rx, ins, nic, closing, splicing, serving] + ([tx] if tx is not None else [])
+    if host_work is not None:
+        print(" NIC + host driver (hw/nic.py, host_driver/): host work per transaction, "
+              "averaged")
+        print("   " + format_host_work(host_work).replace("\n", "\n   "))
+        print("   (events, DMA bytes and MMIO accesses the host sees; host packets: frames "
+              "through its RX and TX rings)")
+        print()
+    jobs = [rx, ins, nic, closing, splicing] + ([tx] if tx is not None else [])
+    jobs += [serving] if serving is not None else []
     cycles = sum(j.cycles for j in jobs)
     seconds = sum(j.seconds for j in jobs)
     print(f" Simulation: {cycles} cycles in {seconds:.1f} s of simulation "
