@@ -34,8 +34,8 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.dma import DMA_WRITE
-from hw.host_formats import (EVENT_ENTRY, INDEX_BITS, MAX_RING_LOG2, RING_BASE_ALIGN,
-                             RING_ENTRY_BYTES, Ring)
+from hw.host_formats import EVENT_ENTRY, INDEX_BITS, RING_ENTRY_BYTES, Ring
+from hw.ring_fetch import ring_config
 from hw.stream import packet_signature
 
 __all__ = ["EventRing"]
@@ -63,18 +63,8 @@ class EventRing(wiring.Component):
         beats = ENTRY_BYTES // beat_bytes
 
         # ---- configuration and space, registered.
-        bad_config = Signal()
-        off = Signal()
-        mask = Signal(INDEX_BITS)
-        size = Signal(INDEX_BITS + 1)
+        bad_config, off, mask, size = ring_config(m, self.base, self.size_log2)
         used = Signal(INDEX_BITS)
-        m.d.sync += [
-            bad_config.eq((self.size_log2 > MAX_RING_LOG2)
-                          | (self.base[:RING_BASE_ALIGN.bit_length() - 1] != 0)),
-            off.eq(self.size_log2 == 0),
-            mask.eq((1 << self.size_log2[:4]) - 1),
-            size.eq(1 << self.size_log2[:4]),
-        ]
         m.d.comb += used.eq(self.nic_index - self.host_index)
         overflow = ~off & (used > size)
         m.d.comb += self.status.eq(Cat(bad_config, overflow))

@@ -35,7 +35,7 @@ from amaranth.lib.wiring import In, Out
 
 from hw.command_decoder import CommandDecoder
 from hw.conn_table import command_layout, response_layout
-from hw.dma import DMA_READ, DmaEngine, pcie_completion_layout, pcie_write_layout, PCIE_READ
+from hw.dma import PCIE_READ, DmaEngine, pcie_completion_layout, pcie_write_layout
 from hw.event_ring import EventRing
 from hw.handshake import VERDICT, control_layout
 from hw.headers import MAX_FRAME_BYTES
@@ -51,7 +51,7 @@ from hw.stream_merge import StreamMerge
 from hw.teardown import CLOSE_COMMAND
 from hw.tx_fetch import TxFetch
 
-__all__ = ["HostInterface", "DATAPATH_REGISTERS"]
+__all__ = ["HostInterface", "DATAPATH_REGISTERS", "host_side_ports"]
 
 #: Registers the host interface keeps for itself (rings, interrupt, DMA, its counters);
 #: every other RW/RO register is a port to the datapath.
@@ -69,6 +69,19 @@ _TX_RING, _TX_DATA, _RX_RING, _CMD_RING, _CLOSE_DATA = range(5)
 _RX_DATA, _EVENTS = range(2)
 
 
+def host_side_ports(width):
+    """The NIC's ports toward the host (BAR 0, the PCIe link, the interrupt): the same on
+    ``HostInterface`` and on ``hw.nic.Nic``."""
+    return {
+        "mmio": In(stream.Signature(MMIO_REQUEST)),
+        "mmio_rdata": Out(stream.Signature(32)),
+        "pcie_rd": Out(stream.Signature(PCIE_READ)),
+        "pcie_cpl": In(stream.Signature(pcie_completion_layout(width))),
+        "pcie_wr": Out(stream.Signature(pcie_write_layout(width))),
+        "irq": Out(stream.Signature(8)),
+    }
+
+
 class HostInterface(wiring.Component):
     def __init__(self, width=64, entries=4096, listeners=16, teardown_slots=1024,
                  teardown_buffers=16, splice_slots=512, max_frame_bytes=MAX_FRAME_BYTES):
@@ -80,12 +93,7 @@ class HostInterface(wiring.Component):
         self._commands = CommandDecoder(width, listeners, entries)
         geo = self._commands.geo
         ports = {
-            "mmio": In(stream.Signature(MMIO_REQUEST)),
-            "mmio_rdata": Out(stream.Signature(32)),
-            "pcie_rd": Out(stream.Signature(PCIE_READ)),
-            "pcie_cpl": In(stream.Signature(pcie_completion_layout(width))),
-            "pcie_wr": Out(stream.Signature(pcie_write_layout(width))),
-            "irq": Out(stream.Signature(8)),
+            **host_side_ports(width),
             "host_tx": Out(packet_signature(width)),
             "host_rx": In(packet_signature(width)),
             "host_rx_meta": In(stream.Signature(VERDICT)),
@@ -99,7 +107,7 @@ class HostInterface(wiring.Component):
         }
         for reg in DATAPATH_REGISTERS:
             ports[port_name(reg)] = (Out if reg.access is Access.RW else In)(32 * reg.count,
-                                                                             init=reg.reset)
+                                                                             init=reg.init)
         super().__init__(ports)
 
     def elaborate(self, platform):

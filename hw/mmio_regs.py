@@ -38,7 +38,7 @@ class MmioRegisters(wiring.Component):
         ports = {"mmio": In(stream.Signature(MMIO_REQUEST)), "rdata": Out(stream.Signature(32))}
         for reg in REGISTERS:
             if reg.access is Access.RW:
-                ports[port_name(reg)] = Out(32 * reg.count, init=reg.reset)
+                ports[port_name(reg)] = Out(32 * reg.count, init=reg.init)
             elif reg.access is Access.RO and reg.name != "BAD_ACCESSES":
                 ports[port_name(reg)] = In(32 * reg.count)
         super().__init__(ports)

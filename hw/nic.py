@@ -23,14 +23,13 @@ Ports: ``mac_rx`` (In) and ``mac_tx`` (Out): packet streams of ``width`` bits;
 """
 
 from amaranth.hdl import Module
-from amaranth.lib import stream, wiring
+from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.datapath import Datapath
-from hw.dma import PCIE_READ, pcie_completion_layout, pcie_write_layout
 from hw.headers import MAX_FRAME_BYTES
-from hw.host_interface import DATAPATH_REGISTERS, HostInterface
-from hw.mmio_regs import MMIO_REQUEST, port_name
+from hw.host_interface import DATAPATH_REGISTERS, HostInterface, host_side_ports
+from hw.mmio_regs import port_name
 from hw.registers import Access
 from hw.stream import packet_signature
 
@@ -52,12 +51,7 @@ class Nic(wiring.Component):
         super().__init__({
             "mac_rx": In(packet_signature(width)),
             "mac_tx": Out(packet_signature(width)),
-            "mmio": In(stream.Signature(MMIO_REQUEST)),
-            "mmio_rdata": Out(stream.Signature(32)),
-            "pcie_rd": Out(stream.Signature(PCIE_READ)),
-            "pcie_cpl": In(stream.Signature(pcie_completion_layout(width))),
-            "pcie_wr": Out(stream.Signature(pcie_write_layout(width))),
-            "irq": Out(stream.Signature(8)),
+            **host_side_ports(width),
         })
 
     def elaborate(self, platform):

@@ -49,7 +49,7 @@ class Register:
     access: Access
     doc: str
     count: int = 1                  # registers in the array
-    reset: int = 0                  # RW: value after reset
+    init: int = 0                   # RW: value after reset
     value: object = None            # CONST: function of the NIC parameters (a dict)
 
     @property
@@ -163,7 +163,7 @@ REGISTERS = _regs(
              "... or once the oldest unannounced event is this many cycles old (0: at once)"),
     # ---- DMA and the host interface's statistics
     Register("DMA_TIMEOUT", 0x48C, Access.RW,
-             "DMA read completion timeout (cycles; 0: never)", reset=1 << 20),
+             "DMA read completion timeout (cycles; 0: never)", init=1 << 20),
     Register("HOST_COUNTERS", 0x4C0, Access.RO,
              "one register per hw.host_formats.HostCounter", count=len(HostCounter)),
     Register("DMA_COUNTERS", 0x4E0, Access.RO,

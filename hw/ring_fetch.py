@@ -40,7 +40,23 @@ from hw.host_formats import INDEX_BITS, MAX_RING_LOG2, RING_BASE_ALIGN
 from hw.registers import RingStatus
 from hw.stream import struct_value
 
-__all__ = ["RingFetcher", "fetched_entry_layout"]
+__all__ = ["RingFetcher", "fetched_entry_layout", "ring_config"]
+
+
+def ring_config(m, base, size_log2):
+    """A ring's configuration registers decoded, registered (they change rarely):
+    ``(bad_config, off, mask, size)`` as ``hw.registers.RingStatus`` and the ring's
+    docs define them. Shared by the fetcher and ``hw.event_ring``."""
+    bad_config, off = Signal(), Signal()
+    mask, size = Signal(INDEX_BITS), Signal(INDEX_BITS + 1)
+    m.d.sync += [
+        bad_config.eq((size_log2 > MAX_RING_LOG2)
+                      | (base[:RING_BASE_ALIGN.bit_length() - 1] != 0)),
+        off.eq(size_log2 == 0),
+        mask.eq((1 << size_log2[:4]) - 1),
+        size.eq(1 << size_log2[:4]),
+    ]
+    return bad_config, off, mask, size
 
 
 def fetched_entry_layout(entry_bytes):
@@ -69,18 +85,7 @@ class RingFetcher(wiring.Component):
         # Where in the beat the entry starts, when entries are narrower than a beat.
         picks = beat_bytes // self.entry_bytes if self.entry_bytes < beat_bytes else 1
 
-        # ---- the ring's configuration, registered (it changes rarely).
-        bad_config = Signal()
-        off = Signal()
-        mask = Signal(INDEX_BITS)
-        size = Signal(INDEX_BITS + 1)
-        m.d.sync += [
-            bad_config.eq((self.size_log2 > MAX_RING_LOG2)
-                          | (self.base[:RING_BASE_ALIGN.bit_length() - 1] != 0)),
-            off.eq(self.size_log2 == 0),
-            mask.eq((1 << self.size_log2[:4]) - 1),
-            size.eq(1 << self.size_log2[:4]),
-        ]
+        bad_config, off, mask, size = ring_config(m, self.base, self.size_log2)
         # Not registered: a request in the cycle the host's index jumps would fetch an
         # entry the host never posted.
         overflow = Signal()

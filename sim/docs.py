@@ -109,7 +109,7 @@ def registers_table():
         if reg.access is Access.CONST:
             fixed = "build time"
         elif reg.access is Access.RW:
-            fixed = f"{reg.reset}"
+            fixed = f"{reg.init}"
         else:
             fixed = "-"
         rows.append(f"| {where} | `{name}` | {reg.access.value} | {fixed} | {reg.doc} |")

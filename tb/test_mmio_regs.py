@@ -61,7 +61,7 @@ async def mmio_all(bus, params, seed=1, stall=0.3):
             elif reg.access is Access.RO and reg.name != "BAD_ACCESSES":
                 expected[offset] = status[reg.name] >> (32 * k) & 0xFFFFFFFF
             elif reg.access is Access.RW:
-                expected[offset] = reg.reset
+                expected[offset] = reg.init
     # 1. Everything after reset.
     got = await reads(sorted(expected))
     assert dict(zip(sorted(expected), got)) == expected
