@@ -220,9 +220,9 @@ class NicDevice:
         slot = index % self.rings[Ring.RX].size
         return self.memory.read(self.rx_buffers + slot * BUFFER_BYTES, length) if length else b""
 
-    def ring_doorbell_rx(self):
-        """Tell the NIC about RX buffers reposted with ``doorbell=False``."""
-        self._doorbell(Ring.RX)
+    def doorbell(self, ring):
+        """Tell the NIC of the entries posted with ``doorbell=False`` (one MMIO write)."""
+        self._doorbell(ring)
 
     def repost_rx(self, index, doorbell=True):
         """Give RX index ``index``'s buffer back to the NIC (as the next RX entry)."""

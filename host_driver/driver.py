@@ -44,7 +44,7 @@ from hw.conn_table import Op as TableOp
 from hw.conn_table import Status as TableStatus
 from hw.handshake import Reason
 from hw.headers import EtherType, TcpFlags
-from hw.host_formats import CommandOp, CommandStatus, HostEventKind, RxStatus
+from hw.host_formats import CommandOp, CommandStatus, HostEventKind, Ring, RxStatus
 from hw.metadata import CloseStatus, EventKind, FailStatus, SpliceStatus
 from host_driver.device import NicDevice
 from host_driver.segment import MASK32, build_segment, parse_segment
@@ -550,7 +550,7 @@ class Driver:
             else:
                 self._engine_event(entry)
         if reposted:
-            self.device.ring_doorbell_rx()
+            self.device.doorbell(Ring.RX)
         now = self.now()
         for sock in list(self.sockets.values()):
             deadline = sock.conn.next_deadline()

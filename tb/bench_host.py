@@ -66,7 +66,7 @@ async def bench_host_interface(bus, width, sizes=SIZES, count=32):
         indices = [nic.post_tx(rng.randbytes(size), completion=False, doorbell=False)
                    for _ in range(count - 1)]
         indices.append(nic.post_tx(rng.randbytes(size), completion=True, doorbell=False))
-        nic._doorbell(Ring.TX)
+        nic.doorbell(Ring.TX)
         start = bus.cycle
         beats = count * len(frame_to_beats(bytes(size), width))
         await nic.run_until(lambda: len(tx_out.received) - beats_before >= beats)
@@ -92,7 +92,7 @@ async def bench_host_interface(bus, width, sizes=SIZES, count=32):
             for e in new:
                 nic.repost_rx(e["ring_index"], doorbell=False)
             if new:
-                nic._doorbell(Ring.RX)
+                nic.doorbell(Ring.RX)
                 rx_events.extend(new)
                 last_event[0] = bus.cycle
             # Frames the host side had no room for are dropped (counted): wait for quiet.
