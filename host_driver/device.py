@@ -23,9 +23,9 @@ same code runs on the Amaranth simulator and under cocotb (``sim.bus`` adapters)
 
 from dataclasses import dataclass
 
-from hw.host_formats import (COMMAND_ENTRY, EVENT_ENTRY, INDEX_BITS, RING_BASE_ALIGN,
+from hw.host_formats import (COMMAND_ENTRY, INDEX_BITS, RING_BASE_ALIGN,
                              RING_ENTRY_BYTES, RX_DESCRIPTOR, TX_DESCRIPTOR, Ring, TxFlag,
-                             entry_bytes, entry_from_bytes, phase_of_pass)
+                             entry_bytes, event_from_bytes, phase_of_pass)
 from hw.registers import NIC_ID, NIC_VERSION, register, ring_register
 from sim.bus import run_cycles
 from sim.bus import run_until as _run_until
@@ -250,9 +250,9 @@ class NicDevice:
         found = []
         while True:
             raw = self.memory.read(r.slot_addr(r.host_index), RING_ENTRY_BYTES[Ring.EVENT])
-            if raw[-1] >> 7 != phase_of_pass(r.host_index, r.log2):   # phase: the last bit
+            entry = event_from_bytes(raw)
+            if entry["phase"] != phase_of_pass(r.host_index, r.log2):
                 break
-            entry = entry_from_bytes(EVENT_ENTRY, raw)
             found.append(entry)
             r.host_index = (r.host_index + 1) & _INDEX_MASK
         if found:

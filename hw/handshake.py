@@ -392,12 +392,18 @@ class HandshakeEngine(wiring.Component):
         any_free = active_bits != (1 << n_slots) - 1
         free_first = [free[k] & (active_bits[:k].all() if k else 1) for k in range(n_slots)]
         # The side registers load whenever they are empty (their contents matter only
-        # while valid): a CONNECT's segment or failure, else the timer's.
+        # while valid): a CONNECT's segment or failure, else the timer's. The choice is
+        # made on a CONNECT being offered, not taken: when it is offered and not taken
+        # (the other side register is full) neither becomes valid in this cycle, and
+        # `control.ready` (from the side registers' valid bits) stays off the select of
+        # the 600-odd multiplexed bits (the seed-1 critical path of 7cdbf32).
+        connect_offered = self.control.valid & (ctl.op == ControlOp.CONNECT)
         with m.If(~side_tx_valid):
-            m.d.sync += side_tx.eq(Mux(connect, syn_segment(ctl.connect),
+            m.d.sync += side_tx.eq(Mux(connect_offered, syn_segment(ctl.connect),
                                        syn_segment(scanned_req)))
         with m.If(~side_ev_valid):
-            m.d.sync += side_ev.eq(Mux(connect, failed_event(ctl.connect, FailStatus.BUSY),
+            m.d.sync += side_ev.eq(Mux(connect_offered,
+                                       failed_event(ctl.connect, FailStatus.BUSY),
                                        failed_event(scanned_req, FailStatus.TIMEOUT)))
         with m.If(connect):
             with m.If(any_free):

@@ -41,8 +41,9 @@ from hw.teardown import CLOSE_COMMAND
 __all__ = ["Ring", "RING_ENTRY_BYTES", "RING_BASE_ALIGN", "INDEX_BITS", "MAX_RING_LOG2",
            "TxFlag", "TX_DESCRIPTOR", "RX_DESCRIPTOR",
            "CommandOp", "CommandStatus", "COMMAND_BODY", "COMMAND_ENTRY",
-           "HostEventKind", "TxStatus", "RxStatus", "EVENT_ENTRY",
-           "HostCounter", "entry_bytes", "entry_from_bytes", "phase_of_pass"]
+           "HostEventKind", "TxStatus", "RxStatus", "EVENT_ENTRY", "EVENT_HEAD_BYTES",
+           "HostCounter", "entry_bytes", "entry_from_bytes", "event_from_bytes",
+           "phase_of_pass"]
 
 
 class Ring(enum.IntEnum):
@@ -167,25 +168,40 @@ class RxStatus(enum.IntEnum):
                         # buffer unused (the frame waits for the next buffer)
 
 
-#: One event: 128 bytes. ``event`` is the engines' record (its ``kind`` says which, an
-#: EventKind or a HostEventKind; fields a kind does not use are 0); the host-interface
-#: fields follow. ``phase`` is the entry's last bit, written with it.
+#: The first bytes of an event entry, its *head*: all that RX, TX_DONE and most
+#: COMMAND_DONE events carry, and the ``phase``.
+EVENT_HEAD_BYTES = 16
+
+#: One event: 128 bytes. The host-interface fields and ``phase`` come first, in the
+#: head; then ``event``, the engines' record (its ``kind`` says which, an EventKind or a
+#: HostEventKind; fields a kind does not use are 0), and a TABLE command's response.
+#:
+#: How the NIC writes an entry (``hw.event_ring``): an event whose bytes from
+#: ``EVENT_HEAD_BYTES`` on are all zero is written as its head alone, with ``short`` = 1
+#: (one small DMA write: RX, TX_DONE, COMMAND_DONE without a table response); the rest
+#: of the slot keeps what an earlier pass left there and is to be read as zero
+#: (``event_from_bytes``). Any other event is written whole with the slot's old phase,
+#: then its head again with the new one: posted writes land in order, so the host never
+#: sees the new phase before the rest of the entry.
 _EVENT_FIELDS = {
-    "event": EVENT,
     "ring_index": 16,                 # RX: the buffer's RX index; TX_DONE: the TX index;
                                       # COMMAND_DONE: the command's index
     "length": 16,                     # RX: the frame's bytes in the buffer
     "reason": 8,                      # RX: why the frame came to the host (hw.handshake.Reason)
     "command_tag": 16,                # COMMAND_DONE: the command's ``tag``
+    "short": 1,                       # only the head was written (the rest reads as 0)
+    "phase": 1,                       # the pass's phase (``phase_of_pass``): a new entry
+    "event": EVENT,
     "table": data.StructLayout({      # COMMAND_DONE of TABLE: the table's response
         "status": 3,                  # hw.conn_table.Status
         "index": 16, "slot": 16, "key": FLOW_KEY, "value": 16}),
 }
 EVENT_ENTRY = data.StructLayout({
     **_EVENT_FIELDS,
-    "pad": 1024 - 1 - data.StructLayout(_EVENT_FIELDS).size,
-    "phase": 1,
+    "pad": 1024 - data.StructLayout(_EVENT_FIELDS).size,
 })
+# The head holds every host-interface field and the event's kind and status.
+assert EVENT_ENTRY["event"].offset + 8 <= 8 * EVENT_HEAD_BYTES
 
 assert COMMAND_ENTRY.size == 8 * RING_ENTRY_BYTES[Ring.COMMAND]
 assert EVENT_ENTRY.size == 8 * RING_ENTRY_BYTES[Ring.EVENT]
@@ -212,6 +228,16 @@ def entry_bytes(layout, **fields):
 def entry_from_bytes(layout, raw):
     """The fields (nested dicts) of one ring entry of ``layout`` read from host memory."""
     return unpack_struct(layout, int.from_bytes(raw[:layout.size // 8], "little"))
+
+
+def event_from_bytes(raw):
+    """The fields of one event entry read from host memory: a ``short`` entry's bytes
+    after its head are read as zero (the NIC did not write them)."""
+    raw = bytes(raw[:RING_ENTRY_BYTES[Ring.EVENT]])
+    short = EVENT_ENTRY["short"].offset
+    if (raw[short // 8] >> (short % 8)) & 1:
+        raw = raw[:EVENT_HEAD_BYTES] + bytes(len(raw) - EVENT_HEAD_BYTES)
+    return entry_from_bytes(EVENT_ENTRY, raw)
 
 
 def phase_of_pass(index, ring_log2):

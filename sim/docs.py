@@ -52,13 +52,14 @@ def headers_table():
     return "\n".join(rows).lstrip("\n") + "\n"
 
 
-def layout_table(layout, prefix=""):
+def layout_table(layout, prefix="", base=0):
+    """One row per leaf field, with its offset from the start of the outermost layout."""
     rows = []
     for name, field in layout:
         if isinstance(field.shape, data.StructLayout):
-            rows += layout_table(field.shape, f"{prefix}{name}.")
+            rows += layout_table(field.shape, f"{prefix}{name}.", base + field.offset)
         else:
-            rows.append(f"| `{prefix}{name}` | {field.offset} | {field.width} |")
+            rows.append(f"| `{prefix}{name}` | {base + field.offset} | {field.width} |")
     return rows
 
 

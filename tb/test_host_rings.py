@@ -6,12 +6,15 @@ on the Amaranth simulator, Verilator and Icarus:
 
 * fetcher: the host posts entries in random batches over several passes of the ring;
   every entry comes out once, in order, with the bytes the host wrote, and the NIC's
-  index never passes the host's; a read that fails gives an entry marked ``error``;
+  index never passes the host's; entries come in blocks (fewer reads than entries),
+  every read inside its block and the ring, also for a ring smaller than a beat; a read that fails gives an entry marked ``error``;
   bad configuration and an overflowing host index stop the ring (status bits) until
   fixed; turning the ring off returns its index to 0;
 * event ring: random events over several passes; the host polls memory by phase bit,
   consumes late at times (the ring fills and the NIC waits, never overwriting an entry
-  not consumed); interrupts follow the count and time thresholds.
+  not consumed); short events (zero after their head) are one 16-byte write, the others
+  the whole entry then the head, and every entry reads back as it was sent (a short
+  one's stale tail read as zero); interrupts follow the count and time thresholds.
 """
 
 import random
@@ -19,9 +22,9 @@ import random
 import cocotb
 import pytest
 
-from hw.conn_table import FLOW_KEY
 from hw.event_ring import EventRing
-from hw.host_formats import EVENT_ENTRY, RING_ENTRY_BYTES, Ring, entry_from_bytes, phase_of_pass
+from hw.host_formats import (EVENT_ENTRY, EVENT_HEAD_BYTES, RING_ENTRY_BYTES, HostEventKind,
+                             Ring, event_from_bytes, phase_of_pass)
 from hw.registers import RingStatus
 from hw.ring_fetch import RingFetcher, fetched_entry_layout
 from hw.stream import pack_struct, unpack_struct
@@ -33,6 +36,18 @@ BASE = 0x40000
 
 
 # ------------------------------------------------------------------------------ fetcher
+
+def check_reads(log, width, entry_bytes, base, size):
+    """Every read: whole beats (or the whole ring, if smaller than a beat) inside the
+    ring, inside one block (``RingFetcher``: 64 bytes, an entry or a beat if larger)."""
+    beat = width // 8
+    block = max(64, entry_bytes, beat)
+    ring_end = base + size * entry_bytes
+    for addr, length in log:
+        assert addr % beat == 0 and base <= addr and addr + length <= ring_end, (addr, length)
+        assert length % beat == 0 or length == size * entry_bytes, (addr, length)
+        assert addr // block == (addr + length - 1) // block, (addr, length)
+
 
 async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     rng = random.Random(seed)
@@ -51,14 +66,17 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     bus.set("host_index", 0)
     posted = []                                   # bytes of each posted entry, by index
 
-    def post(count):
+    def post_at(base, size, count):
         nonlocal host_index
         for _ in range(count):
             raw = rng.randbytes(entry_bytes)
-            memory.write(BASE + (host_index % size) * entry_bytes, raw)
+            memory.write(base + (host_index % size) * entry_bytes, raw)
             posted.append(raw)
             host_index = (host_index + 1) & 0xFFFF
         bus.set("host_index", host_index)
+
+    def post(count):
+        post_at(BASE, size, count)
 
     def entries():
         return [unpack_struct(layout, p) for p in out.received]
@@ -76,9 +94,9 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
         assert entry["index"] == k & 0xFFFF and entry["error"] == 0
         assert entry["data"].to_bytes(entry_bytes, "little") == posted[k], k
     assert bus.get("nic_index") == host_index and bus.get("status") == 0
-    reads = len(dma.log)
-    step = max(entry_bytes, width // 8)
-    assert all(length == step and addr % (width // 8) == 0 for addr, length in dma.log)
+    check_reads(dma.log, width, entry_bytes, BASE, size)
+    if entry_bytes < 64:
+        assert len(dma.log) < len(posted)         # blocks of entries, not one read each
 
     # 2. A failed read: that entry is marked, the next is not.
     slot = host_index % size
@@ -126,7 +144,28 @@ async def fetch_job(bus, width, entry_bytes, seed=1, stall=0.3, passes=3):
     post(3)
     await run_until(bus, agents, lambda: len(out.received) == 3, 2000)
     assert [e["data"].to_bytes(entry_bytes, "little") for e in entries()] == posted
-    return {"entries": len(posted), "reads": reads}
+
+    # 6. A ring of two entries (smaller than a beat at W=512): reads stay inside it.
+    small = BASE + 0x10000
+    memory.register(small, 2 * entry_bytes, "small ring")
+    bus.set("size_log2", 0)
+    await run_until(bus, agents, lambda: bus.get("nic_index") == 0, 20)
+    dma.log.clear()
+    host_index, size = 0, 2
+    posted.clear()
+    out.received.clear()
+    bus.set("host_index", 0)
+    bus.set("base", small)
+    bus.set("size_log2", 1)
+    for _ in range(5):
+        room = size - ((host_index - bus.get("nic_index")) & 0xFFFF)
+        post_at(small, size, rng.randrange(1, room + 1) if room else 0)
+        await run_until(bus, agents, lambda: len(out.received) == len(posted), 2000)
+        await run_cycles(bus, agents, 2)
+    assert all(e["error"] == 0 for e in entries())
+    assert [e["data"].to_bytes(entry_bytes, "little") for e in entries()] == posted
+    check_reads(dma.log, width, entry_bytes, small, size)
+    return {"entries": len(posted), "reads": len(dma.log)}
 
 
 # ------------------------------------------------------------------------------ event ring
@@ -148,10 +187,19 @@ async def event_job(bus, width, seed=1, stall=0.3, passes=3):
     bus.set("irq_enable", 0)
     sent = []
     for _ in range(passes * size + 5):
-        fields = {"event": {"kind": rng.randrange(1, 11), "peer_ip": rng.getrandbits(32),
-                            "bytes_b": rng.getrandbits(48)},
-                  "ring_index": rng.getrandbits(16), "length": rng.getrandbits(16),
-                  "table": {"key": rng.getrandbits(104)}, "phase": rng.getrandbits(1)}
+        if rng.random() < 0.5:
+            # A short event: only head fields (the host interface's own kinds).
+            fields = {"event": {"kind": rng.choice(list(HostEventKind)),
+                                "status": rng.getrandbits(4)},
+                      "ring_index": rng.getrandbits(16), "length": rng.getrandbits(16),
+                      "reason": rng.getrandbits(8), "command_tag": rng.getrandbits(16)}
+        else:
+            fields = {"event": {"kind": rng.randrange(1, 11), "peer_ip": rng.getrandbits(32),
+                                "bytes_b": rng.getrandbits(48)},
+                      "ring_index": rng.getrandbits(16), "length": rng.getrandbits(16),
+                      "table": {"key": rng.getrandbits(104)}}
+        # What the sender puts in `short` and `phase` does not matter: the ring sets them.
+        fields.update(short=rng.getrandbits(1), phase=rng.getrandbits(1))
         sent.append(fields)
     events.send([pack_struct(EVENT_ENTRY, **f) for f in sent])
     got = []
@@ -162,7 +210,7 @@ async def event_job(bus, width, seed=1, stall=0.3, passes=3):
         nonlocal host_index
         while rng.random() < 0.7:
             raw = memory.read(BASE + (host_index % size) * entry_size, entry_size)
-            entry = entry_from_bytes(EVENT_ENTRY, raw)
+            entry = event_from_bytes(raw)
             if entry["phase"] != phase_of_pass(host_index, log2):
                 return
             got.append(entry)
@@ -181,12 +229,18 @@ async def event_job(bus, width, seed=1, stall=0.3, passes=3):
         full_seen += used == size
         return len(got) == len(sent)
     await run_until(bus, agents, step, 20000)
+    head_bits = (1 << 8 * EVENT_HEAD_BYTES) - 1
     for k, (want, entry) in enumerate(zip(sent, got)):
-        assert entry["event"]["kind"] == want["event"]["kind"], k
-        assert entry["event"]["peer_ip"] == want["event"]["peer_ip"]
-        assert entry["event"]["bytes_b"] == want["event"]["bytes_b"]
-        assert pack_struct(FLOW_KEY, **entry["table"]["key"]) == want["table"]["key"]
-        assert entry["ring_index"] == want["ring_index"] and entry["length"] == want["length"]
+        want = unpack_struct(EVENT_ENTRY, pack_struct(EVENT_ENTRY, **{**want, "short": 0,
+                                                                      "phase": 0}))
+        short = entry["short"]
+        assert short == (pack_struct(EVENT_ENTRY, **want) & ~head_bits == 0), k
+        assert {**entry, "short": 0, "phase": 0} == want, k
+    # A short entry is one 16-byte write; a full one, the whole entry then its head.
+    kinds = [pack_struct(EVENT_ENTRY, **f) & ~head_bits == 0 for f in sent]
+    assert [len(payload) for _, payload in dma.log] == [
+        n for short in kinds for n in ((EVENT_HEAD_BYTES,) if short
+                                       else (entry_size, EVENT_HEAD_BYTES))]
     assert not dma.faults and bus.get("written") == len(sent) and bus.get("status") == 0
     assert not irq.received                       # interrupts off
     assert full_seen                              # the ring filled up, and the NIC waited
