@@ -7,7 +7,10 @@ key, listeners, the cookie key, an unknown op) each answered by COMMAND_DONE; a 
 sent through the TX ring reaching the wire intact; an ARP from the wire landing in an
 RX buffer with its RX event; a SYN answered on the wire by a cookie SYN-ACK and the final
 ACK (with a request) giving an ESTABLISHED event and the request in an RX buffer;
-registers read back (counters). Amaranth simulator, Verilator and Icarus.
+registers read back (counters); faults: a TX descriptor outside the registered memory
+(DMA_ERROR, nothing on the wire), a host index more than a ring ahead (the ring stops,
+flagged, and recovers); the interrupt with count moderation. Amaranth simulator,
+Verilator and Icarus.
 """
 
 import random
@@ -20,7 +23,9 @@ from scapy.layers.l2 import ARP, Ether
 from hw.conn_table import Op as TableOp
 from hw.conn_table import Status as TableStatus
 from hw.handshake import Reason
-from hw.host_formats import CommandOp, CommandStatus, HostEventKind, HostCounter, RxStatus, TxStatus
+from hw.host_formats import (TX_DESCRIPTOR, CommandOp, CommandStatus, HostCounter, HostEventKind,
+                             Ring, RxStatus, TxFlag, TxStatus, entry_bytes)
+from hw.registers import RingStatus
 from hw.metadata import EventKind
 from hw.nic import Nic
 from hw.stream import frame_to_beats
@@ -130,6 +135,53 @@ async def host_session(bus, width, seed=3, stall=0.1, verbose=False):
     assert await nic.read("HOST_COUNTERS", HostCounter.RX_DELIVERED) == 2
     assert await nic.read("HANDSHAKE_COUNTERS", Reason.SYN_COOKIE) == 1
     assert await nic.read("FLOWS") == 1
+    assert not nic.host.faults
+
+    # 7. Faults. A TX descriptor pointing outside the host memory the driver registered:
+    # the host answers UR, TX_DONE says DMA_ERROR, nothing reaches the wire.
+    bad_index = nic._put(Ring.TX, entry_bytes(TX_DESCRIPTOR, addr=0x1000, length=200,
+                                                flags=TxFlag.COMPLETION))
+    nic.doorbell(Ring.TX)
+    bad = await until_event(lambda e: e["event"]["kind"] == HostEventKind.TX_DONE
+                            and e["ring_index"] == bad_index)
+    assert bad["event"]["status"] == TxStatus.DMA_ERROR
+    assert len(nic.host.faults) == 1 and nic.host.faults[0].startswith("read")
+    nic.host.faults.clear()
+    await nic.run(100)
+    assert not mac_tx.frames
+    assert await nic.read("HOST_COUNTERS", HostCounter.TX_BAD) == 1
+    # The host posts more TX entries than the ring holds: the ring stops, flagged, and
+    # fetches nothing until the host index is right again; then it goes on.
+    ring = nic.rings[Ring.TX]
+    nic._write_ring(Ring.TX, "HOST_INDEX", ring.host_index + ring.size + 1)
+    await nic.run(30)
+    assert await nic.read("TX_STATUS") == RingStatus.OVERFLOW
+    assert await nic.read("TX_NIC_INDEX") == ring.host_index
+    nic.doorbell(Ring.TX)
+    await nic.run(30)
+    assert await nic.read("TX_STATUS") == 0
+    index = nic.post_tx(frame)
+    await until_event(lambda e: e["event"]["kind"] == HostEventKind.TX_DONE
+                      and e["ring_index"] == index)
+    nic.tx_done(index)
+    await nic.run_until(lambda: mac_tx.frames, 20000)
+    assert mac_tx.frames.pop(0) == frame
+
+    # 8. The interrupt: with moderation by count (2 events), one interrupt per two events;
+    # the events written while it was off are announced as soon as it is on.
+    assert not nic.host.interrupts
+    nic.write("IRQ_COUNT", 2)
+    nic.write("IRQ_TIME", 100_000)
+    nic.write("IRQ_ENABLE", 1)
+    await nic.run(50)
+    assert [vector for vector, _ in nic.host.interrupts] == [0]
+    before = len(nic.host.interrupts)
+    for tag in (40, 41, 42, 43):
+        nic.post_command(CommandOp.NOP, tag=tag)
+    await until_event(command_done(43))
+    await nic.run(50)
+    assert [vector for vector, _ in nic.host.interrupts[before:]] == [0, 0]
+    nic.write("IRQ_ENABLE", 0)
     assert not nic.host.faults
     return {"cycles": bus.cycle, "events": len(events), **nic.counts}
 
