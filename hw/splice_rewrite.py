@@ -197,14 +197,21 @@ class SpliceRewriter(wiring.Component):
         with m.If(accept):
             m.d.sync += slot.eq(Mux(beat.last, 1, Mux(slot[cap_beats], slot, slot << 1)))
 
+        # The capture: beat b of a frame into part b of `cap`, loaded whenever beat b is
+        # offered (the last load before the slot moves on is the beat taken), so that
+        # neither `accept` nor `slot[0]` drives the 752 capture bits; `captured` marks the
+        # parts taken from this frame (the rest read as zero).
         kept = Cat(*[Mux(beat.keep[k], _byte(beat.data, k), 0) for k in range(nb)])
         cap = Signal(8 * nb * cap_beats)
+        captured = Signal(cap_beats)
         header_now = Signal(8 * nb * cap_beats)   # the capture with this beat in it
         for b in range(cap_beats):
             part = slice(8 * nb * b, 8 * nb * (b + 1))
-            m.d.comb += header_now[part].eq(Mux(slot[b], kept, Mux(slot[0], 0, cap[part])))
-        with m.If(accept & capturing):
-            m.d.sync += cap.eq(header_now)
+            m.d.comb += header_now[part].eq(Mux(slot[b], kept, Mux(captured[b], cap[part], 0)))
+            with m.If(self.i.valid & slot[b]):
+                m.d.sync += cap[part].eq(kept)
+        with m.If(accept):
+            m.d.sync += captured.eq(Mux(beat.last, 0, captured | slot[:cap_beats]))
 
         # ------------------------------------------------------------ header pipeline
         p = Pipeline(m, "rewrite", valid=start)
