@@ -324,10 +324,27 @@ class SpliceEngine(wiring.Component):
         r3 = Signal(r2.shape())
         r3_desc = Signal(REWRITE)
         relay = Signal()                # registered: the record in stage 3 is relayed
-        st = Signal(SLOT_STATE)         # its slot's state before it
-        new_state = Signal(SLOT_STATE)  # and after it (written when relayed)
-        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay.eq(relay_2),
-                     st.eq(Mux(relay & (r3.slot == r2.slot), new_state, state_rd.data))]
+        # Its slot's state before it, held by direction as the record sees it: `mine` (the
+        # direction it travels) and `other`, so that the update loop below has no
+        # direction select at its start. A record of the same slot right behind takes
+        # the update being written (forwarding), turned round if it travels the other way.
+        mine = Signal(DIRECTION_STATE)
+        other = Signal(DIRECTION_STATE)
+        st_deadline, st_end = Signal(32), Signal(2)     # the slot's deadline and end
+        new_state = Signal(SLOT_STATE)  # the state after it (written when relayed)
+        mine_new, other_new = Signal(DIRECTION_STATE), Signal(DIRECTION_STATE)
+        forward = relay & (r3.slot == r2.slot)
+        same_way = r3.side == r2.side
+        read = SLOT_STATE(state_rd.data)
+        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay.eq(relay_2)]
+        with m.If(forward):
+            m.d.sync += [mine.eq(Mux(same_way, mine_new, other_new)),
+                         other.eq(Mux(same_way, other_new, mine_new)),
+                         st_deadline.eq(new_state.deadline), st_end.eq(new_state.end)]
+        with m.Else():
+            m.d.sync += [mine.eq(Mux(r2.side, read.dir[1], read.dir[0])),
+                         other.eq(Mux(r2.side, read.dir[0], read.dir[1])),
+                         st_deadline.eq(read.deadline), st_end.eq(read.end)]
         # Counted in stage 3, from the registered decision (a cycle before the verdict
         # leaves, as before).
         with m.If(s3_valid & r3.claimed):
@@ -340,21 +357,19 @@ class SpliceEngine(wiring.Component):
         fin, rst, ack = r3.flags[0], r3.flags[2], r3.flags[4]   # TcpFlags FIN, RST, ACK bits
         assert (TcpFlags.FIN, TcpFlags.RST, TcpFlags.ACK) == (1, 4, 16)
         side = r3.side
-        mine = DIRECTION_STATE(Mux(side, st.dir[1].as_value(), st.dir[0].as_value()))
-        other = DIRECTION_STATE(Mux(side, st.dir[0].as_value(), st.dir[1].as_value()))
         newer_ack = ack & (~mine.acked_ok | _after_or_at(r3.ack, mine.acked))
-        mine_new = struct_value(DIRECTION_STATE, {
+        m.d.comb += mine_new.eq(struct_value(DIRECTION_STATE, {
             "packets": mine.packets + 1, "bytes": mine.bytes + r3.length,
             "fin_seen": mine.fin_seen | fin,
             "fin_end": Mux(fin & ~mine.fin_seen, r3.fin_end, mine.fin_end),
             "fin_acked": mine.fin_acked,
             "acked_ok": mine.acked_ok | ack,
-            "acked": Mux(newer_ack, r3.ack, mine.acked)})
+            "acked": Mux(newer_ack, r3.ack, mine.acked)}))
         other_fin_acked = other.fin_acked | (ack & other.fin_seen
                                              & _after_or_at(r3.ack, other.fin_end))
-        other_new = struct_value(DIRECTION_STATE, {
+        m.d.comb += other_new.eq(struct_value(DIRECTION_STATE, {
             **{name: other[name] for name, _ in DIRECTION_STATE if name != "fin_acked"},
-            "fin_acked": other_fin_acked})
+            "fin_acked": other_fin_acked}))
         exact_rst = rst & other.acked_ok & (r3.seq_out == other.acked)
         both_done = mine.fin_acked & other_fin_acked
         # The deadlines a segment may set, a cycle old (a tick lasts many cycles).
@@ -362,9 +377,9 @@ class SpliceEngine(wiring.Component):
         m.d.sync += [at_idle.eq(self.now + self.idle_timeout), at_linger.eq(self.now + self.linger)]
         m.d.comb += new_state.eq(struct_value(SLOT_STATE, {
             "dir": Mux(side, Cat(other_new, mine_new), Cat(mine_new, other_new)),
-            "deadline": Mux(st.end != 0, st.deadline,
+            "deadline": Mux(st_end != 0, st_deadline,
                             Mux(exact_rst, self.now, Mux(both_done, at_linger, at_idle))),
-            "end": Mux(st.end != 0, st.end,
+            "end": Mux(st_end != 0, st_end,
                        Mux(exact_rst, SpliceEnd.RESET,
                            Mux(both_done, SpliceEnd.NORMAL, 0)))}))
 
