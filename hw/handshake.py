@@ -59,8 +59,9 @@ Ports
   verdict    Out(stream of VERDICT)       one per record, in order: to the host or dropped
   tx         Out(stream of TX_HEADER)     SYN-ACKs and RSTs, for ``hw.builder.TxBuilder``
   event      Out(stream of EVENT)         *established* and *failed* events
-  control    In(stream of CONTROL)        WRITE_LISTENER, SET_KEY, CONNECT; ready unless a
-                                          CONNECT's SYN or event is still waiting
+  control    In(stream of CONTROL)        WRITE_LISTENER, SET_KEY (always ready), CONNECT
+                                          (ready unless a SYN or event of the connect
+                                          slots is still waiting)
   syn_rto    In(32), syn_retries In(4)    active open: first timeout (cycles), retransmissions
   cookie_period, ts_period   In(32)       cycles per counter tick (0: stopped)
   rst_bad_cookie             In(1)        answer a bad cookie ACK with RST instead of dropping it
@@ -286,11 +287,13 @@ class HandshakeEngine(wiring.Component):
 
         ctl = self.control.payload
         control_accept = self.control.valid & self.control.ready
-        m.d.comb += [listen.write.valid.eq(control_accept
+        # Only a CONNECT waits for the side registers (below): the listen table's and
+        # the keys' writes do not depend on them.
+        m.d.comb += [listen.write.valid.eq(self.control.valid
                                            & (ctl.op == ControlOp.WRITE_LISTENER)),
                      listen.write.payload.index.eq(ctl.index),
                      listen.write.payload.entry.eq(ctl.entry)]
-        with m.If(control_accept & (ctl.op == ControlOp.SET_KEY)):
+        with m.If(self.control.valid & (ctl.op == ControlOp.SET_KEY)):
             # The all-zero reset key is never "previous": it is public.
             m.d.sync += [gen.eq(~gen), key_set.eq(1), previous_ticks.eq(Mux(key_set, 2, 0))]
             with m.If(gen):
@@ -335,7 +338,7 @@ class HandshakeEngine(wiring.Component):
         with m.If(side_ev_taken):
             m.d.sync += side_ev_valid.eq(0)
         side_free = ~side_tx_valid & ~side_ev_valid
-        m.d.comb += self.control.ready.eq(side_free)
+        m.d.comb += self.control.ready.eq(side_free | (ctl.op != ControlOp.CONNECT))
 
         def syn_segment(req):
             return struct_value(TX_HEADER, {
