@@ -18,6 +18,9 @@ so the host interface and the link are the only possible bottlenecks.
 * ``pcie_efficiency_1500``: the lower of the two at 1500 bytes over the model's ideal
   for 1500-byte transfers in that direction (``sim.pcie.effective_bandwidth``: payload
   and TLP headers only, no descriptors, events or doorbells).
+* ``bottleneck_efficiency_1500``: the same over the narrower of the link's ideal and the
+  datapath's raw rate (``datapath_gbps``, W x clock: 10 Gb/s at W=64, where the datapath
+  and not the link is the limit).
 * ``latency_ns``: an isolated frame, doorbell to first beat on ``host_tx`` (TX), and
   first beat into ``host_rx`` to its RX event in host memory (RX).
 
@@ -120,10 +123,15 @@ async def bench_host_interface(bus, width, sizes=SIZES, count=64):
     rx_latency = (bus.cycle - start) * ns_per_cycle
 
     ideal = {"tx": effective_bandwidth(1500, "read"), "rx": effective_bandwidth(1500, "write")}
+    datapath_gbps = width * mhz / 1000
     if 1500 in sizes:
         figures["pcie_efficiency_1500"] = round(min(
             figures["tx_gbps"][1500] / ideal["tx"], figures["rx_gbps"][1500] / ideal["rx"]), 3)
+        # Over the narrower of the link and the datapath (at W=64 the 10G datapath).
+        figures["bottleneck_efficiency_1500"] = round(min(
+            figures[f"{d}_gbps"][1500] / min(ideal[d], datapath_gbps) for d in ("tx", "rx")), 3)
     figures["ideal_gbps_1500"] = {k: round(v, 3) for k, v in ideal.items()}
+    figures["datapath_gbps"] = round(datapath_gbps, 3)
     figures["latency_ns"] = {"tx_doorbell_to_wire": round(tx_latency, 1),
                              "rx_wire_to_event": round(rx_latency, 1)}
     figures["clock_mhz"] = mhz
