@@ -61,7 +61,7 @@ A sweeper reads one slot per cycle and finds ended splices (``now`` past the dea
 the engine then deletes both flows from the table, stops relaying, and reports
 SPLICE_DONE (``SpliceEnd``; segments and bytes per direction; side a's 4-tuple; tag).
 
-Latency: record in -> verdict and descriptor out: 5 cycles. Throughput: one record per
+Latency: record in -> verdict and descriptor out: 6 cycles. Throughput: one record per
 cycle. Commands: a few cycles plus two table commands each (four to finish a splice).
 
 Ports
@@ -238,14 +238,16 @@ class SpliceEngine(wiring.Component):
         # Stage 1: the parameters are here: key check, TTL check, seq_out, the descriptor;
         #          the slot's state and active bit are addressed.
         # Stage 2: the state and the active bit are here: the relay decision, registered,
-        #          and the state, registered too (or the update being written, below, when
-        #          the record ahead is of the same slot).
-        # Stage 3: update the state (written at the end of the cycle; the record two
+        #          and the state as the record sees it, registered too (or the update
+        #          being written in stage 4, when that record is of the same slot).
+        # Stage 3: the update's sequence comparisons, registered (against stage 4's
+        #          update when the record ahead is of the same slot).
+        # Stage 4: update the state (written at the end of the cycle; the record three
         #          behind, in stage 1, reads it through: transparent port).
-        # Stage 4: the verdict and the descriptor are registered into their FIFOs.
-        # (A read-modify-write over two cycles: the block RAM's output and the update's
-        # logic are in different cycles, and one record per cycle still sees every update
-        # before it.)
+        # Stage 5: the verdict and the descriptor are registered into their FIFOs.
+        # (A read-modify-write over three cycles: the block RAM's output, the comparisons
+        # and the update's logic are in different cycles, and one record per cycle still
+        # sees every update before it.)
         # In the NIC the verdicts wait for the handshake engine's (about 30 cycles more),
         # and the descriptors for their frames: the FIFOs hold that many at one per cycle.
         OUT_DEPTH = 64
@@ -256,8 +258,9 @@ class SpliceEngine(wiring.Component):
             m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data),
                          fifo.r_en.eq(port.ready)]
 
-        s1_valid, s2_valid, s3_valid, s4_valid = Signal(), Signal(), Signal(), Signal()
-        in_flight = s1_valid + s2_valid + s3_valid + s4_valid
+        s1_valid, s2_valid, s3_valid, s4_valid, s5_valid = (Signal(name=f"s{k}_valid")
+                                                            for k in range(1, 6))
+        in_flight = s1_valid + s2_valid + s3_valid + s4_valid + s5_valid
         room = Signal()
         m.d.comb += room.eq((verdicts.level + in_flight < OUT_DEPTH - 1)
                             & (descs.level + in_flight < OUT_DEPTH - 1))
@@ -318,65 +321,110 @@ class SpliceEngine(wiring.Component):
                 "sack_blocks": m1.opt.sack_blocks})),
         ]
 
-        # Stage 2: decide; the state, forwarded from stage 3's update for the same slot.
+        # Stage 2: decide; the state from the block RAM, or the update being written in
+        # stage 4 when that record (two ahead) is of the same slot (its write is too late
+        # for this record's read).
         key_ok = r2.key_eq.all()
         relay_2 = s2_valid & r2.claimed & r2.format_ok & r2.ttl_ok & key_ok & active_rd.data
         r3 = Signal(r2.shape())
+        r4 = Signal(r2.shape())
         r3_desc = Signal(REWRITE)
-        relay = Signal()                # registered: the record in stage 3 is relayed
-        # Its slot's state before it, held by direction as the record sees it: `mine` (the
-        # direction it travels) and `other`, so that the update loop below has no
-        # direction select at its start. A record of the same slot right behind takes
-        # the update being written (forwarding), turned round if it travels the other way.
-        mine = Signal(DIRECTION_STATE)
-        other = Signal(DIRECTION_STATE)
-        st_deadline, st_end = Signal(32), Signal(2)     # the slot's deadline and end
-        new_state = Signal(SLOT_STATE)  # the state after it (written when relayed)
+        r4_desc = Signal(REWRITE)
+        relay3 = Signal()               # registered: the record in stage 3 is relayed
+        relay = Signal()                # the record in stage 4 is relayed
+        # A slot's state as a record sees it: `mine` (the direction the record travels)
+        # and `other`, so that no direction select sits in the update's loop.
+        seen_mine, seen_other = Signal(DIRECTION_STATE), Signal(DIRECTION_STATE)   # stage 3
+        seen_deadline, seen_end = Signal(32), Signal(2)
+        mine, other = Signal(DIRECTION_STATE), Signal(DIRECTION_STATE)             # stage 4
+        st_deadline, st_end = Signal(32), Signal(2)
+        new_state = Signal(SLOT_STATE)  # the state after stage 4's record (written if relayed)
         mine_new, other_new = Signal(DIRECTION_STATE), Signal(DIRECTION_STATE)
-        forward = relay & (r3.slot == r2.slot)
-        same_way = r3.side == r2.side
         read = SLOT_STATE(state_rd.data)
-        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay.eq(relay_2)]
-        with m.If(forward):
-            m.d.sync += [mine.eq(Mux(same_way, mine_new, other_new)),
-                         other.eq(Mux(same_way, other_new, mine_new)),
-                         st_deadline.eq(new_state.deadline), st_end.eq(new_state.end)]
+
+        # Which records ahead are of the same slot, and travel the same way, compared a
+        # cycle early and registered: stage 2's with stage 4's, stage 3's with stage 4's.
+        r1_slot = r1.value.slot[1:1 + (slots - 1).bit_length()]
+        r1_side = r1.value.slot[0]
+        slot_2_4, side_2_4, slot_3_4, side_3_4 = Signal(), Signal(), Signal(), Signal()
+        m.d.sync += [slot_2_4.eq(r3.slot == r1_slot), side_2_4.eq(r3.side == r1_side),
+                     slot_3_4.eq(r3.slot == r2.slot), side_3_4.eq(r3.side == r2.side)]
+
+        def turned(same):
+            """Stage 4's update as a record travelling the `same` way or not sees it."""
+            return Mux(same, mine_new, other_new), Mux(same, other_new, mine_new)
+
+        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay3.eq(relay_2)]
+        with m.If(relay & slot_2_4):
+            fwd_mine, fwd_other = turned(side_2_4)
+            m.d.sync += [seen_mine.eq(fwd_mine), seen_other.eq(fwd_other),
+                         seen_deadline.eq(new_state.deadline), seen_end.eq(new_state.end)]
         with m.Else():
-            m.d.sync += [mine.eq(Mux(r2.side, read.dir[1], read.dir[0])),
-                         other.eq(Mux(r2.side, read.dir[0], read.dir[1])),
-                         st_deadline.eq(read.deadline), st_end.eq(read.end)]
-        # Counted in stage 3, from the registered decision (a cycle before the verdict
-        # leaves, as before).
+            m.d.sync += [seen_mine.eq(Mux(r2.side, read.dir[1], read.dir[0])),
+                         seen_other.eq(Mux(r2.side, read.dir[0], read.dir[1])),
+                         seen_deadline.eq(read.deadline), seen_end.eq(read.end)]
+        # Counted in stage 3, from the registered decision (two cycles before the verdict
+        # leaves).
         with m.If(s3_valid & r3.claimed):
-            m.d.comb += [bump[SpCounter.RELAYED].eq(relay),
+            m.d.comb += [bump[SpCounter.RELAYED].eq(relay3),
                          bump[SpCounter.TO_HOST_FORMAT].eq(~r3.format_ok),
                          bump[SpCounter.TO_HOST_TTL].eq(r3.format_ok & ~r3.ttl_ok),
-                         bump[SpCounter.TO_HOST_STALE].eq(r3.format_ok & r3.ttl_ok & ~relay)]
+                         bump[SpCounter.TO_HOST_STALE].eq(r3.format_ok & r3.ttl_ok & ~relay3)]
 
-        # Stage 3: the update.
-        fin, rst, ack = r3.flags[0], r3.flags[2], r3.flags[4]   # TcpFlags FIN, RST, ACK bits
+        # Stage 3: the update's three sequence comparisons, registered for stage 4 (no
+        # carry chain in the update's loop): `c_newer` (the ACK is at or after
+        # mine.acked), `c_fin` (at or after other.fin_end), `c_rst` (seq_out is
+        # other.acked); against the state seen, or stage 4's update when that record (one
+        # ahead) is of the same slot: its fields are then registers of stage 4.
+        c_newer, c_fin, c_rst = Signal(), Signal(), Signal()
+        fin, rst, ack = r4.flags[0], r4.flags[2], r4.flags[4]   # TcpFlags FIN, RST, ACK bits
         assert (TcpFlags.FIN, TcpFlags.RST, TcpFlags.ACK) == (1, 4, 16)
-        side = r3.side
-        newer_ack = ack & (~mine.acked_ok | _after_or_at(r3.ack, mine.acked))
+        fin_first = fin & ~mine.fin_seen            # mine_new.fin_end is r4.fin_end
+        newer_ack = ack & (~mine.acked_ok | c_newer)
+        ge = _after_or_at
+        forward = relay & slot_3_4
+        m.d.sync += [s4_valid.eq(s3_valid), r4.eq(r3), r4_desc.eq(r3_desc), relay.eq(relay3)]
+        with m.If(forward):
+            fwd_mine, fwd_other = turned(side_3_4)
+            m.d.sync += [mine.eq(fwd_mine), other.eq(fwd_other),
+                         st_deadline.eq(new_state.deadline), st_end.eq(new_state.end)]
+        with m.Else():
+            m.d.sync += [mine.eq(seen_mine), other.eq(seen_other),
+                         st_deadline.eq(seen_deadline), st_end.eq(seen_end)]
+        with m.If(forward & side_3_4):              # it sees mine_new, other_new
+            m.d.sync += [c_newer.eq(Mux(newer_ack, ge(r3.ack, r4.ack), ge(r3.ack, mine.acked))),
+                         c_fin.eq(ge(r3.ack, other.fin_end)),
+                         c_rst.eq(r3.seq_out == other.acked)]
+        with m.Elif(forward):                       # it sees other_new, mine_new
+            m.d.sync += [c_newer.eq(ge(r3.ack, other.acked)),
+                         c_fin.eq(Mux(fin_first, ge(r3.ack, r4.fin_end),
+                                      ge(r3.ack, mine.fin_end))),
+                         c_rst.eq(Mux(newer_ack, r3.seq_out == r4.ack,
+                                      r3.seq_out == mine.acked))]
+        with m.Else():
+            m.d.sync += [c_newer.eq(ge(r3.ack, seen_mine.acked)),
+                         c_fin.eq(ge(r3.ack, seen_other.fin_end)),
+                         c_rst.eq(r3.seq_out == seen_other.acked)]
+
+        # Stage 4: the update.
         m.d.comb += mine_new.eq(struct_value(DIRECTION_STATE, {
-            "packets": mine.packets + 1, "bytes": mine.bytes + r3.length,
+            "packets": mine.packets + 1, "bytes": mine.bytes + r4.length,
             "fin_seen": mine.fin_seen | fin,
-            "fin_end": Mux(fin & ~mine.fin_seen, r3.fin_end, mine.fin_end),
+            "fin_end": Mux(fin_first, r4.fin_end, mine.fin_end),
             "fin_acked": mine.fin_acked,
             "acked_ok": mine.acked_ok | ack,
-            "acked": Mux(newer_ack, r3.ack, mine.acked)}))
-        other_fin_acked = other.fin_acked | (ack & other.fin_seen
-                                             & _after_or_at(r3.ack, other.fin_end))
+            "acked": Mux(newer_ack, r4.ack, mine.acked)}))
+        other_fin_acked = other.fin_acked | (ack & other.fin_seen & c_fin)
         m.d.comb += other_new.eq(struct_value(DIRECTION_STATE, {
             **{name: other[name] for name, _ in DIRECTION_STATE if name != "fin_acked"},
             "fin_acked": other_fin_acked}))
-        exact_rst = rst & other.acked_ok & (r3.seq_out == other.acked)
+        exact_rst = rst & other.acked_ok & c_rst
         both_done = mine.fin_acked & other_fin_acked
         # The deadlines a segment may set, a cycle old (a tick lasts many cycles).
         at_idle, at_linger = Signal(32), Signal(32)
         m.d.sync += [at_idle.eq(self.now + self.idle_timeout), at_linger.eq(self.now + self.linger)]
         m.d.comb += new_state.eq(struct_value(SLOT_STATE, {
-            "dir": Mux(side, Cat(other_new, mine_new), Cat(mine_new, other_new)),
+            "dir": Mux(r4.side, Cat(other_new, mine_new), Cat(mine_new, other_new)),
             "deadline": Mux(st_end != 0, st_deadline,
                             Mux(exact_rst, self.now, Mux(both_done, at_linger, at_idle))),
             "end": Mux(st_end != 0, st_end,
@@ -384,26 +432,26 @@ class SpliceEngine(wiring.Component):
                            Mux(both_done, SpliceEnd.NORMAL, 0)))}))
 
         # The control machine's state writes (new splices) use the same port, in cycles
-        # with no record in stages 2 and 3 (it holds the input first).
+        # with no record in stages 2 to 4 (it holds the input first).
         ctl_state_addr = Signal(range(slots))
         ctl_state_data = Signal(SLOT_STATE)
         with m.If(relay):
-            m.d.comb += [state_w.addr.eq(r3.slot), state_w.data.eq(new_state),
+            m.d.comb += [state_w.addr.eq(r4.slot), state_w.data.eq(new_state),
                          state_w.en.eq(1)]
-        with m.Elif(ctl_state_write & ~s2_valid & ~s3_valid):
+        with m.Elif(ctl_state_write & ~s2_valid & ~s3_valid & ~s4_valid):
             m.d.comb += [state_w.addr.eq(ctl_state_addr), state_w.data.eq(ctl_state_data),
                          state_w.en.eq(1)]
 
-        # Stage 4.
-        s4_verdict = Signal(SPLICE_VERDICT)
-        s4_relay = Signal()
-        s4_desc = Signal(REWRITE)
-        m.d.sync += [s4_valid.eq(s3_valid), s4_relay.eq(relay), s4_desc.eq(r3_desc),
-                     s4_verdict.eq(struct_value(SPLICE_VERDICT, {
-                         "claimed": r3.claimed, "to_host": r3.claimed & ~relay,
+        # Stage 5.
+        s5_verdict = Signal(SPLICE_VERDICT)
+        s5_relay = Signal()
+        s5_desc = Signal(REWRITE)
+        m.d.sync += [s5_valid.eq(s4_valid), s5_relay.eq(relay), s5_desc.eq(r4_desc),
+                     s5_verdict.eq(struct_value(SPLICE_VERDICT, {
+                         "claimed": r4.claimed, "to_host": r4.claimed & ~relay,
                          "to_splice": relay}))]
-        m.d.comb += [verdicts.w_en.eq(s4_valid), verdicts.w_data.eq(s4_verdict),
-                     descs.w_en.eq(s4_valid & s4_relay), descs.w_data.eq(s4_desc)]
+        m.d.comb += [verdicts.w_en.eq(s5_valid), verdicts.w_data.eq(s5_verdict),
+                     descs.w_en.eq(s5_valid & s5_relay), descs.w_data.eq(s5_desc)]
 
         # ============================================================ sweeper
         # Three steps, each from registers: address slot `sweep`; register its active bit,
@@ -495,6 +543,10 @@ class SpliceEngine(wiring.Component):
                 with m.Case(case):
                     m.d.comb += table_cmd.eq(command)
 
+        # Registered: only this machine allocates and releases slots, and it passes
+        # through ANSWER and IDLE between a release and the next CHECK.
+        no_free = Signal()
+        m.d.sync += no_free.eq(pool.free == 0)
         with m.FSM(name="control"):
             with m.State("IDLE"):
                 m.d.comb += ctl_idle.eq(1)
@@ -517,13 +569,16 @@ class SpliceEngine(wiring.Component):
                 with m.Elif(ts_mismatch):
                     m.d.sync += status.eq(SpliceStatus.TS_MISMATCH)
                     m.next = "ANSWER"
-                with m.Elif(pool.free == 0):
+                with m.Elif(no_free):
                     m.d.sync += status.eq(SpliceStatus.NO_SLOT)
                     m.next = "ANSWER"
-                with m.Elif(pool.alloc.valid):       # (after a reset the pool fills first)
+                with m.Else():
+                    # Ready whether or not a slot is there (after a reset the pool fills
+                    # first): the free list's read does not wait for its own valid.
                     m.d.comb += pool.alloc.ready.eq(1)
-                    m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK)]
-                    m.next = "WRITE_A"
+                    with m.If(pool.alloc.valid):
+                        m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK)]
+                        m.next = "WRITE_A"
             for state, side_bit, src, dst, after in (("WRITE_A", 0, cmd.a, cmd.b, "WRITE_B"),
                                                      ("WRITE_B", 1, cmd.b, cmd.a, "INIT")):
                 with m.State(state):
@@ -540,7 +595,7 @@ class SpliceEngine(wiring.Component):
                 m.d.comb += [ctl_state_write.eq(1), ctl_state_addr.eq(slot),
                              ctl_state_data.eq(struct_value(SLOT_STATE, {
                                  "deadline": self.now + self.idle_timeout}))]
-                with m.If(~s2_valid & ~s3_valid):
+                with m.If(~s2_valid & ~s3_valid & ~s4_valid):
                     m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
                     m.d.sync += step.eq(_Step.PUT_A)
                     m.next = "TABLE"
@@ -629,11 +684,14 @@ class SpliceEngine(wiring.Component):
                 m.next = "TABLE"
             with m.State("STOP"):
                 # From here on the slot's frames go to the host; its counts are final once
-                # the frames past the active bit's read (stage 2 and 3) have updated them.
+                # the frames past the active bit's read (stages 2 to 4) have updated them.
                 m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),
                              scan_addr.eq(slot)]
                 m.next = "DRAIN"
             with m.State("DRAIN"):
+                m.d.comb += scan_addr.eq(slot)
+                m.next = "DRAIN_2"
+            with m.State("DRAIN_2"):
                 m.d.comb += scan_addr.eq(slot)
                 m.next = "COUNTS"
             with m.State("COUNTS"):
