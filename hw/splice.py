@@ -433,13 +433,15 @@ class SpliceEngine(wiring.Component):
 
         # The control machine's state writes (new splices) use the same port, in cycles
         # with no record in stages 2 to 4 (it holds the input first).
-        ctl_state_addr = Signal(range(slots))
-        ctl_state_data = Signal(SLOT_STATE)
+        ctl_write = Signal()            # registered: the control machine writes a state
+        slot = Signal(range(slots))     # the control machine's slot
         with m.If(relay):
             m.d.comb += [state_w.addr.eq(r4.slot), state_w.data.eq(new_state),
                          state_w.en.eq(1)]
-        with m.Elif(ctl_state_write & ~s2_valid & ~s3_valid & ~s4_valid):
-            m.d.comb += [state_w.addr.eq(ctl_state_addr), state_w.data.eq(ctl_state_data),
+        with m.Elif(ctl_write):
+            # A new splice's state: nothing relayed yet, the idle deadline from now.
+            m.d.comb += [state_w.addr.eq(slot),
+                         state_w.data.eq(struct_value(SLOT_STATE, {"deadline": at_idle})),
                          state_w.en.eq(1)]
 
         # Stage 5.
@@ -486,7 +488,6 @@ class SpliceEngine(wiring.Component):
 
         # ============================================================ control machine
         cmd = Signal(SPLICE_COMMAND)
-        slot = Signal(range(slots))
         status = Signal(4)
         ending = Signal(2)                       # SpliceEnd of the splice being finished
         a_was_host = Signal()
@@ -543,6 +544,36 @@ class SpliceEngine(wiring.Component):
                 with m.Case(case):
                     m.d.comb += table_cmd.eq(command)
 
+        # The event and the memory writes are selected by registers (`ending_splice`,
+        # `write_b`), not by the machine's state: its state bits then drive few loads.
+        ending_splice = Signal()        # the machine is finishing a splice (SPLICE_DONE)
+        write_b = Signal()              # WRITE: side b's entries (else side a's)
+        m.d.comb += event.eq(Mux(ending_splice,
+            struct_value(EVENT, {
+                "kind": EventKind.SPLICE_DONE, "status": ending, "tag": tag,
+                "ingress": key_a.port, "peer_ip": key_a.src,
+                "local_ip": key_a.dst, "peer_port": key_a.sport,
+                "local_port": key_a.dport,
+                "packets_a": done_state.dir[0].packets,
+                "bytes_a": done_state.dir[0].bytes,
+                "packets_b": done_state.dir[1].packets,
+                "bytes_b": done_state.dir[1].bytes}),
+            struct_value(EVENT, {
+                "kind": EventKind.SPLICE_STATUS, "status": status,
+                "tag": cmd.tag, "ingress": cmd.a.ingress,
+                "eth": {"peer": cmd.a.peer_mac, "local": cmd.a.local_mac},
+                "peer_ip": cmd.a.peer_ip, "local_ip": cmd.a.local_ip,
+                "peer_port": cmd.a.peer_port, "local_port": cmd.a.local_port})))
+        side_shape = SPLICE_COMMAND["a"].shape
+        src = side_shape(Mux(write_b, cmd.b.as_value(), cmd.a.as_value()))
+        dst = side_shape(Mux(write_b, cmd.a.as_value(), cmd.b.as_value()))
+        values = splice_params(src, dst, cmd.tag)
+        m.d.comb += [
+            rewrite_w.addr.eq(Cat(write_b, slot)),
+            rewrite_w.data.eq(struct_value(REWRITE, values["rewrite"])),
+            keys_w.addr.eq(Cat(write_b, slot)),
+            keys_w.data.eq(struct_value(_KEYS, {"key": values["key"], "tag": values["tag"]}))]
+
         # Registered: only this machine allocates and releases slots, and it passes
         # through ANSWER and IDLE between a release and the next CHECK.
         no_free = Signal()
@@ -551,12 +582,13 @@ class SpliceEngine(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += ctl_idle.eq(1)
                 with m.If(due):
-                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end), end_side.eq(0)]
+                    m.d.sync += [slot.eq(due_slot), ending.eq(due_end), end_side.eq(0),
+                                 ending_splice.eq(1)]
                     m.next = "END_KEYS"
                 with m.Elif(self.command.valid):
                     m.d.comb += self.command.ready.eq(1)
                     new = self.command.payload
-                    m.d.sync += [cmd.eq(new), a_was_host.eq(0),
+                    m.d.sync += [cmd.eq(new), a_was_host.eq(0), ending_splice.eq(0),
                                  same_flow.eq(side_key(new.a) == side_key(new.b)),
                                  ts_mismatch.eq(new.a.ts_ok != new.b.ts_ok)]
                     m.next = "CHECK"
@@ -577,28 +609,27 @@ class SpliceEngine(wiring.Component):
                     # first): the free list's read does not wait for its own valid.
                     m.d.comb += pool.alloc.ready.eq(1)
                     with m.If(pool.alloc.valid):
-                        m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK)]
-                        m.next = "WRITE_A"
-            for state, side_bit, src, dst, after in (("WRITE_A", 0, cmd.a, cmd.b, "WRITE_B"),
-                                                     ("WRITE_B", 1, cmd.b, cmd.a, "INIT")):
-                with m.State(state):
-                    values = splice_params(src, dst, cmd.tag)
-                    m.d.comb += [
-                        rewrite_w.addr.eq(Cat(side_bit, slot)), rewrite_w.en.eq(1),
-                        rewrite_w.data.eq(struct_value(REWRITE, values["rewrite"])),
-                        keys_w.addr.eq(Cat(side_bit, slot)), keys_w.en.eq(1),
-                        keys_w.data.eq(struct_value(_KEYS, {"key": values["key"],
-                                                            "tag": values["tag"]}))]
-                    m.next = after
+                        m.d.sync += [slot.eq(pool.alloc.payload), status.eq(SpliceStatus.OK),
+                                     write_b.eq(0)]
+                        m.next = "WRITE"
+            with m.State("WRITE"):                 # side a's entries, then side b's
+                m.d.comb += [rewrite_w.en.eq(1), keys_w.en.eq(1)]
+                m.d.sync += write_b.eq(1)
+                with m.If(write_b):
+                    m.next = "INIT"
             with m.State("INIT"):
-                # Hold the record input, then write while stage 2 is empty.
-                m.d.comb += [ctl_state_write.eq(1), ctl_state_addr.eq(slot),
-                             ctl_state_data.eq(struct_value(SLOT_STATE, {
-                                 "deadline": self.now + self.idle_timeout}))]
+                # Hold the record input until stages 2 to 4 are empty; the state and the
+                # active bit are written in the next cycle (stage 4 is still empty then),
+                # from registers: `ctl_write` next to the memory, the deadline `at_idle`.
+                m.d.comb += ctl_state_write.eq(1)
                 with m.If(~s2_valid & ~s3_valid & ~s4_valid):
-                    m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
-                    m.d.sync += step.eq(_Step.PUT_A)
-                    m.next = "TABLE"
+                    m.d.sync += ctl_write.eq(1)
+                    m.next = "INIT_WRITE"
+            with m.State("INIT_WRITE"):
+                m.d.comb += [ctl_state_write.eq(1),
+                             active_w.addr.eq(slot), active_w.data.eq(1), active_w.en.eq(1)]
+                m.d.sync += [ctl_write.eq(0), step.eq(_Step.PUT_A)]
+                m.next = "TABLE"
             with m.State("TABLE"):
                 m.d.comb += [self.table_cmd.valid.eq(1), self.table_cmd.payload.eq(table_cmd)]
                 with m.If(self.table_cmd.ready):
@@ -658,13 +689,7 @@ class SpliceEngine(wiring.Component):
                              pool.release.valid.eq(1), pool.release.payload.eq(slot)]
                 m.next = "ANSWER"
             with m.State("ANSWER"):
-                m.d.comb += [self.event.valid.eq(1),
-                             event.eq(struct_value(EVENT, {
-                                 "kind": EventKind.SPLICE_STATUS, "status": status,
-                                 "tag": cmd.tag, "ingress": cmd.a.ingress,
-                                 "eth": {"peer": cmd.a.peer_mac, "local": cmd.a.local_mac},
-                                 "peer_ip": cmd.a.peer_ip, "local_ip": cmd.a.local_ip,
-                                 "peer_port": cmd.a.peer_port, "local_port": cmd.a.local_port}))]
+                m.d.comb += self.event.valid.eq(1)
                 with m.If(self.event.ready):
                     m.d.comb += [bump[SpCounter.SPLICE_OK].eq(status == SpliceStatus.OK),
                                  bump[SpCounter.SPLICE_REFUSED].eq(status != SpliceStatus.OK)]
@@ -701,16 +726,7 @@ class SpliceEngine(wiring.Component):
                 m.d.sync += done_state.eq(state_scan.data)
                 m.next = "REPORT"
             with m.State("REPORT"):
-                m.d.comb += [self.event.valid.eq(1),
-                             event.eq(struct_value(EVENT, {
-                                 "kind": EventKind.SPLICE_DONE, "status": ending, "tag": tag,
-                                 "ingress": key_a.port, "peer_ip": key_a.src,
-                                 "local_ip": key_a.dst, "peer_port": key_a.sport,
-                                 "local_port": key_a.dport,
-                                 "packets_a": done_state.dir[0].packets,
-                                 "bytes_a": done_state.dir[0].bytes,
-                                 "packets_b": done_state.dir[1].packets,
-                                 "bytes_b": done_state.dir[1].bytes}))]
+                m.d.comb += self.event.valid.eq(1)
                 with m.If(self.event.ready):
                     m.d.comb += [pool.release.valid.eq(1), pool.release.payload.eq(slot),
                                  bump[SpCounter.ENDED_NORMAL].eq(ending == SpliceEnd.NORMAL),
