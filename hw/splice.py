@@ -235,7 +235,7 @@ class SpliceEngine(wiring.Component):
 
         # ============================================================ the frame pipeline
         # Stage 0: the record is taken; its slot entry's parameters are addressed.
-        # Stage 1: the parameters are here: key check, TTL check, seq_out, the descriptor;
+        # Stage 1: the parameters are here: key check, TTL check, the descriptor;
         #          the slot's state and active bit are addressed.
         # Stage 2: the state and the active bit are here: the relay decision, registered,
         #          and the state as the record sees it, registered too (or the update
@@ -296,12 +296,14 @@ class SpliceEngine(wiring.Component):
         m1 = r1.meta
         key = struct_value(FLOW_KEY, {"port": r1.ingress, "src": m1.ip.src, "dst": m1.ip.dst,
                                       "sport": m1.tcp.sport, "dport": m1.tcp.dport})
-        seq_out = (m1.tcp.seq + p.rewrite.seq_delta)[:32]
         m.d.comb += [state_rd.addr.eq(r1.value.slot[1:]), active_rd.addr.eq(r1.value.slot[1:])]
         r2 = Signal(data.StructLayout({
             "claimed": 1, "format_ok": 1, "ttl_ok": 1, "key_eq": FLOW_KEY.size // 2,
             "slot": range(slots),
-            "side": 1, "flags": 8, "ack": 32, "length": 16, "seq_out": 32, "fin_end": 32}))
+            "side": 1, "flags": 8, "ack": 32, "length": 16,
+            # seq and its delta from the block RAM, added a stage later (seq_out, in
+            # stage 3); the FIN's end a stage after that (fin_end, in stage 4).
+            "seq": 32, "seq_delta": 32, "seq_out": 32, "fin_end": 32}))
         r2_desc = Signal(REWRITE)
         m.d.sync += [
             s2_valid.eq(s1_valid),
@@ -313,7 +315,7 @@ class SpliceEngine(wiring.Component):
                                 for i in range(0, FLOW_KEY.size, 2)]),
                 "slot": r1.value.slot[1:], "side": r1.value.slot[0],
                 "flags": m1.tcp.flags, "ack": m1.tcp.ack, "length": m1.payload_length,
-                "seq_out": seq_out, "fin_end": seq_out + m1.payload_length + 1})),
+                "seq": m1.tcp.seq, "seq_delta": p.rewrite.seq_delta})),
             r2_desc.eq(struct_value(REWRITE, {
                 **{name: p.rewrite[name] for name, _ in REWRITE
                    if name not in ("ts_offset", "sack_offset", "sack_blocks")},
@@ -354,7 +356,8 @@ class SpliceEngine(wiring.Component):
             """Stage 4's update as a record travelling the `same` way or not sees it."""
             return Mux(same, mine_new, other_new), Mux(same, other_new, mine_new)
 
-        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay3.eq(relay_2)]
+        m.d.sync += [s3_valid.eq(s2_valid), r3.eq(r2), r3_desc.eq(r2_desc), relay3.eq(relay_2),
+                     r3.seq_out.eq(r2.seq + r2.seq_delta)]
         with m.If(relay & slot_2_4):
             fwd_mine, fwd_other = turned(side_2_4)
             m.d.sync += [seen_mine.eq(fwd_mine), seen_other.eq(fwd_other),
@@ -383,7 +386,8 @@ class SpliceEngine(wiring.Component):
         newer_ack = ack & (~mine.acked_ok | c_newer)
         ge = _after_or_at
         forward = relay & slot_3_4
-        m.d.sync += [s4_valid.eq(s3_valid), r4.eq(r3), r4_desc.eq(r3_desc), relay.eq(relay3)]
+        m.d.sync += [s4_valid.eq(s3_valid), r4.eq(r3), r4_desc.eq(r3_desc), relay.eq(relay3),
+                     r4.fin_end.eq(r3.seq_out + r3.length + 1)]
         with m.If(forward):
             fwd_mine, fwd_other = turned(side_3_4)
             m.d.sync += [mine.eq(fwd_mine), other.eq(fwd_other),
@@ -473,7 +477,6 @@ class SpliceEngine(wiring.Component):
         seen_valid, seen_slot = Signal(), Signal(range(slots))      # registered
         seen_active, seen_deadline, seen_end = Signal(), Signal(32), Signal(2)
         with m.If(moving):
-            m.d.comb += scan_addr.eq(sweep)
             m.d.sync += sweep.eq(sweep + 1)
         m.d.sync += [
             read_valid.eq(moving), read_slot.eq(sweep),
@@ -573,6 +576,10 @@ class SpliceEngine(wiring.Component):
             rewrite_w.data.eq(struct_value(REWRITE, values["rewrite"])),
             keys_w.addr.eq(Cat(write_b, slot)),
             keys_w.data.eq(struct_value(_KEYS, {"key": values["key"], "tag": values["tag"]}))]
+
+        # The scan port reads the sweep's slot, or the slot being ended (from STOP to
+        # COUNTS; the sweep stands still meanwhile): chosen by a register.
+        m.d.comb += scan_addr.eq(Mux(ending_splice, slot, sweep))
 
         # Registered: only this machine allocates and releases slots, and it passes
         # through ANSWER and IDLE between a release and the next CHECK.
@@ -710,17 +717,13 @@ class SpliceEngine(wiring.Component):
             with m.State("STOP"):
                 # From here on the slot's frames go to the host; its counts are final once
                 # the frames past the active bit's read (stages 2 to 4) have updated them.
-                m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1),
-                             scan_addr.eq(slot)]
+                m.d.comb += [active_w.addr.eq(slot), active_w.data.eq(0), active_w.en.eq(1)]
                 m.next = "DRAIN"
             with m.State("DRAIN"):
-                m.d.comb += scan_addr.eq(slot)
                 m.next = "DRAIN_2"
             with m.State("DRAIN_2"):
-                m.d.comb += scan_addr.eq(slot)
                 m.next = "COUNTS"
-            with m.State("COUNTS"):
-                m.d.comb += scan_addr.eq(slot)
+            with m.State("COUNTS"):              # (the scan port reads `slot`)
                 m.next = "COUNTS_READ"
             with m.State("COUNTS_READ"):
                 m.d.sync += done_state.eq(state_scan.data)
@@ -732,7 +735,7 @@ class SpliceEngine(wiring.Component):
                                  bump[SpCounter.ENDED_NORMAL].eq(ending == SpliceEnd.NORMAL),
                                  bump[SpCounter.ENDED_RESET].eq(ending == SpliceEnd.RESET),
                                  bump[SpCounter.ENDED_IDLE].eq(ending == SpliceEnd.IDLE)]
-                    m.d.sync += spliced.eq(spliced - 1)
+                    m.d.sync += [spliced.eq(spliced - 1), ending_splice.eq(0)]
                     m.next = "IDLE"
         return m
 

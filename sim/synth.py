@@ -160,16 +160,26 @@ def synth(block, params=None, *, device="LFE5UM5G-85F", package="CABGA381", spee
     of its analytical placer, default 0.9) and ``router`` (``"router1"``, the default, or
     ``"router2"``) are passed to nextpnr when given; None keeps nextpnr's defaults. A
     lower density spreads a congested design over more of the die (the connection table
-    routes with 0.5, see docs/conn_table.md).
+    routes with 0.5, see docs/conn_table.md). Two runs with the same workdir (the same
+    block, parameters and device: two seeds, say) run one after the other.
     """
-    from amaranth.back import rtlil
-
     params = dict(params or {})
     if device not in DEVICES:
         raise SynthError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     name = getattr(block, "__name__", str(block))
     workdir = Path(workdir) if workdir else _default_workdir(block, params, device)
     workdir.mkdir(parents=True, exist_ok=True)
+    # One run at a time in a folder (two seeds of one block share it).
+    from tb.harness import exclusive
+    with exclusive(workdir, lambda: progress(f"  waiting for another synthesis in {workdir} ...")):
+        return _synth_in(workdir, block, name, params, device, package, speed, freq_mhz,
+                         place_and_route, seed, progress, placer_density, router)
+
+
+def _synth_in(workdir, block, name, params, device, package, speed, freq_mhz, place_and_route,
+              seed, progress, placer_density, router):
+    from amaranth.back import rtlil
+
     start = time.monotonic()
 
     progress(f"synth {name}({', '.join(f'{k}={v!r}' for k, v in params.items())}) "

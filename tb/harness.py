@@ -113,17 +113,23 @@ def run_cocotb(block, params, test_module, sim, toplevel="top", testcase=None, e
     _sim_tool_check(sim)
     waves = os.environ.get("WAVES", "0") not in ("", "0")
     build_dir = build_dir_root() / "sim" / f"{block.__name__.lower()}_{_key(block, params)}_{sim}{'_waves' if waves else ''}"
-    with _exclusive(build_dir):
+    with exclusive(build_dir):
         return _build_and_run(block, params, test_module, sim, toplevel, testcase, extra_env,
                               quiet, waves, build_dir)
 
 
 @contextlib.contextmanager
-def _exclusive(build_dir):
-    """Hold the lock of one model's build folder (blocks while another process holds it)."""
+def exclusive(build_dir, waiting=None):
+    """Hold the lock of one build folder (blocks while another process holds it; calls
+    ``waiting()`` first if it has to wait)."""
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                waiting()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
