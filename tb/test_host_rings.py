@@ -268,7 +268,8 @@ async def event_job(bus, width, seed=1, stall=0.3, passes=3):
 
 # ------------------------------------------------------------------------------ runners
 
-FETCH_CONFIGS = [(64, 16), (512, 16), (64, 128)]
+# W=256: two descriptors per beat, two beats per 64-byte block.
+FETCH_CONFIGS = [(64, 16), (512, 16), (64, 128), (256, 16)]
 
 
 @cocotb.test()
@@ -293,7 +294,7 @@ def test_fetcher_rtl(sim, width, entry_bytes):
                sim, testcase="fetcher")
 
 
-@pytest.mark.parametrize("width", [64, 512])
+@pytest.mark.parametrize("width", [64, 256, 512])
 def test_event_ring_rtl(sim, width):
     from tb.harness import run_cocotb
     run_cocotb(EventRing, {"width": width}, "tb.test_host_rings", sim, testcase="event_ring")
