@@ -296,14 +296,13 @@ def main(args):
                        job_args={"width": width})
     splice = splicing.value
     from host_driver.apps import format_host_work
-    from tb.test_driver import host_work_figures
+    from tb.test_driver import host_work_job
     host_work = serving = None
     if not getattr(args, "no_host", False):
         print("NIC + host driver: echo and key-value servers on the driver's socket API, "
               "scapy clients, through the PCIe link model, with and without the offloads "
               "(the whole NIC: the slowest phase) ...", flush=True)
-        host_work = host_work_figures(sim=sim, transactions=1, show=False)
-        serving = host_work_figures.last_job
+        host_work, serving = host_work_job(sim=sim, transactions=1)
 
     # ---- report
     line = "-" * 64

@@ -514,20 +514,24 @@ def test_driver_user_errors():
     assert driver.device.counts["commands"] == 0 and driver.device.counts["mmio_writes"] == 0
 
 
-def host_work_figures(sim="verilator", transactions=2, seed=5, show=True):
+def host_work_job(sim="verilator", transactions=2, seed=5):
     """Per-transaction host work (events, DMA bytes, MMIO accesses, host packets,
     commands) of the echo and key-value servers and of an active open, with and without
-    the offloads: one session, ``transactions`` of each kind, averaged. Prints the table
-    (``show``) and returns ``{label: {figure: value}}``."""
+    the offloads: one session, ``transactions`` of each kind, averaged. Returns
+    ``({label: {figure: value}}, the session's JobResult)`` (its cycles and seconds)."""
     names = [name for _, name in FIGURE_ROWS for _ in range(transactions)]
     result = _run(sim, names, seed)
     rows = {}
     for label, name in FIGURE_ROWS:
         works = [work for n, work in result.value["work"] if n == name]
         rows[label] = {key: sum(w[key] for w in works) / len(works) for key in works[0]}
-    if show:
-        print(format_host_work(rows))
-    host_work_figures.last_job = result           # cycles and seconds, for the demo
+    return rows, result
+
+
+def host_work_figures(sim="verilator", transactions=2, seed=5):
+    """``host_work_job``'s table: printed, and returned as ``{label: {figure: value}}``."""
+    rows, _ = host_work_job(sim, transactions, seed)
+    print(format_host_work(rows))
     return rows
 
 

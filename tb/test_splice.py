@@ -11,6 +11,8 @@ both checksums are recomputed by scapy. Random stalls on every stream.
 """
 
 
+import random
+
 import cocotb
 import pytest
 from scapy.layers.inet import IP, TCP, IPOption_EOL, IPOption_NOP
@@ -571,72 +573,90 @@ def test_splice(sim, width):
                testcase=TESTS[sim, width])
 
 
+class _EngineBench:
+    """The splice engine alone on the built-in simulator, with a connection table that
+    answers every command OK: ``cycle()`` runs one clock and records the table commands
+    ``(op, value)`` and the events (into ``events``, a list the caller may keep);
+    ``splice(a, b, tag)`` gives a SPLICE command and returns the event that answers it."""
+
+    def __init__(self, ctx, engine, events):
+        from hw.conn_table import Status
+        self.ctx, self.engine, self.events = ctx, engine, events
+        self.now = self.pending = 0
+        self.commands = []
+        ctx.set(engine.event.ready, 1)
+        ctx.set(engine.table_resp.payload.status, Status.OK)
+
+    async def cycle(self):
+        """One clock; returns whether ``rx`` was ready in it."""
+        from hw.metadata import EVENT
+        from hw.stream import unpack_struct
+        ctx, engine = self.ctx, self.engine
+        ctx.set(engine.now, self.now // 4)
+        ctx.set(engine.table_cmd.ready, 1)
+        ctx.set(engine.table_resp.valid, self.pending > 0)
+        _, _, cmd_v, cmd, resp_r, ev_v, ev, rx_ready = await ctx.tick().sample(
+            engine.table_cmd.valid, engine.table_cmd.payload, engine.table_resp.ready,
+            engine.event.valid, engine.event.payload, engine.rx.ready)
+        if cmd_v:
+            self.commands.append((int(cmd.op), int(cmd.value)))
+            self.pending += 1
+        if self.pending and resp_r:
+            self.pending -= 1
+        if ev_v:
+            self.events.append(unpack_struct(EVENT, ev.as_value().value))
+        self.now += 1
+        return rx_ready
+
+    async def splice(self, a, b, tag):
+        ctx, engine = self.ctx, self.engine
+        ctx.set(engine.command.payload.as_value(),
+                pack_struct(SPLICE_COMMAND, tag=tag, a=a.side(), b=b.side()))
+        ctx.set(engine.command.valid, 1)
+        while True:
+            ready = ctx.get(engine.command.ready)
+            await self.cycle()
+            if ready:
+                break
+        ctx.set(engine.command.valid, 0)
+        want = len(self.events) + 1
+        while len(self.events) < want:
+            await self.cycle()
+        return self.events[-1]
+
+
 def test_engine_slots():
     """The engine alone (built-in simulator, a table that answers OK): with 2 slots a third
     SPLICE gets NO_SLOT; once the splices idle out (both flows deleted, SPLICE_DONE IDLE)
     their slots are free again."""
     from amaranth.sim import Simulator
-    from hw.conn_table import Op, Status
+    from hw.conn_table import Op
     from hw.splice import SpliceEngine
-    from hw.stream import unpack_struct
-    from hw.metadata import EVENT
     engine = SpliceEngine(slots=2)
-    rng = __import__("random").Random(3)
+    rng = random.Random(3)
     pairs = [make_peers(rng) for _ in range(4)]
-    events, ops = [], []
+    events = []
 
     async def testbench(ctx):
         ctx.set(engine.idle_timeout, 50)
-        ctx.set(engine.event.ready, 1)
-        ctx.set(engine.table_resp.payload.status, Status.OK)
-        now = 0
-        pending = 0
+        bench = _EngineBench(ctx, engine, events)
 
-        async def cycle():
-            nonlocal now, pending
-            ctx.set(engine.now, now // 4)
-            ctx.set(engine.table_cmd.ready, 1)
-            ctx.set(engine.table_resp.valid, pending > 0)
-            _, _, cmd_v, cmd_op, resp_r, ev_v, ev = await ctx.tick().sample(
-                engine.table_cmd.valid, engine.table_cmd.payload.op, engine.table_resp.ready,
-                engine.event.valid, engine.event.payload)
-            if cmd_v:
-                ops.append(int(cmd_op))
-                pending += 1
-            if pending and resp_r:
-                pending -= 1
-            if ev_v:
-                events.append(unpack_struct(EVENT, ev.as_value().value))
-            now += 1
-
-        async def command(x, y, tag):
-            ctx.set(engine.command.payload.as_value(), pack_struct(SPLICE_COMMAND, tag=tag, a=x.side(),
-                                                        b=y.side()))
-            ctx.set(engine.command.valid, 1)
-            while True:
-                ready = ctx.get(engine.command.ready)
-                await cycle()
-                if ready:
-                    break
-            ctx.set(engine.command.valid, 0)
-            want = len(events) + 1
-            while len(events) < want:
-                await cycle()
-            return events[-1]
+        def ops():
+            return [op for op, _ in bench.commands]
 
         for k in range(3):
-            ev = await command(*pairs[k], tag=k)
+            ev = await bench.splice(*pairs[k], tag=k)
             assert ev["kind"] == EventKind.SPLICE_STATUS
             assert ev["status"] == (SpliceStatus.OK if k < 2 else SpliceStatus.NO_SLOT), ev
-        assert ops == [Op.INSERT] * 4
+        assert ops() == [Op.INSERT] * 4
         while len([e for e in events if e["kind"] == EventKind.SPLICE_DONE]) < 2:
-            await cycle()
+            await bench.cycle()
         done = [e for e in events if e["kind"] == EventKind.SPLICE_DONE]
         assert sorted(e["tag"] for e in done) == [0, 1]
         assert all(e["status"] == SpliceEnd.IDLE for e in done)
-        assert ops[4:] == [Op.DELETE] * 4
+        assert ops()[4:] == [Op.DELETE] * 4
         assert ctx.get(engine.spliced) == 0
-        ev = await command(*pairs[3], tag=3)
+        ev = await bench.splice(*pairs[3], tag=3)
         assert ev["status"] == SpliceStatus.OK
 
     sim = Simulator(engine)
@@ -647,20 +667,20 @@ def test_engine_slots():
 
 
 def test_engine_back_to_back():
-    """The engine alone (built-in simulator): frames of one splice in consecutive cycles,
-    both directions mixed, must each see the state as the frame before left it (the
-    state's read-modify-write spans two cycles): data both ways, both FINs and their
-    ACKs back to back -> SPLICE_DONE NORMAL with every segment and byte counted."""
+    """The engine alone (built-in simulator): frames of one splice in consecutive cycles
+    or one cycle apart, both directions mixed, must each see the state as the frame before
+    left it (the state's read-modify-write spans three cycles: forwarding from the update
+    to the two records behind it): data both ways, both FINs and their ACKs ->
+    SPLICE_DONE NORMAL with every segment and byte counted."""
     from amaranth.sim import Simulator
-    from hw.conn_table import Status
-    from hw.metadata import EVENT, FLOW_RECORD, FlowKind, FrameClass
+    from hw.metadata import FLOW_RECORD, FLOW_VALUE, FlowKind, FrameClass
     from hw.splice import SpliceEngine
     from hw.stream import unpack_struct
     engine = SpliceEngine(slots=4)
-    rng = __import__("random").Random(7)
+    rng = random.Random(7)
     a, b = make_peers(rng)
     sides = {0: (a, b), 1: (b, a)}          # side: (sender, receiver)
-    events, inserts = [], []
+    events = []
 
     def record(side, slot, flags, length, seq, ack):
         src, _ = sides[side]
@@ -695,49 +715,29 @@ def test_engine_back_to_back():
     async def testbench(ctx):
         ctx.set(engine.idle_timeout, 10000)
         ctx.set(engine.linger, 3)
-        ctx.set(engine.event.ready, 1)
         ctx.set(engine.verdict.ready, 1)
         ctx.set(engine.desc.ready, 1)
-        ctx.set(engine.table_resp.payload.status, Status.OK)
-        now, pending = 0, 0
-
-        async def cycle():
-            nonlocal now, pending
-            ctx.set(engine.now, now // 4)
-            ctx.set(engine.table_cmd.ready, 1)
-            ctx.set(engine.table_resp.valid, pending > 0)
-            _, _, cmd_v, cmd, resp_r, ev_v, ev, rx_ready = await ctx.tick().sample(
-                engine.table_cmd.valid, engine.table_cmd.payload, engine.table_resp.ready,
-                engine.event.valid, engine.event.payload, engine.rx.ready)
-            if cmd_v:
-                inserts.append(int(cmd.value) >> 4)       # FLOW_VALUE.slot
-                pending += 1
-            if pending and resp_r:
-                pending -= 1
-            if ev_v:
-                events.append(unpack_struct(EVENT, ev.as_value().value))
-            now += 1
-            return rx_ready
-
-        ctx.set(engine.command.payload.as_value(),
-                pack_struct(SPLICE_COMMAND, tag=9, a=a.side(), b=b.side()))
-        ctx.set(engine.command.valid, 1)
-        while not ctx.get(engine.command.ready):
-            await cycle()
-        await cycle()
-        ctx.set(engine.command.valid, 0)
-        while not events:
-            await cycle()
-        assert events[0]["status"] == SpliceStatus.OK, events[0]
-        slot = inserts[0] >> 1
-        for frame in frames:                # one per cycle while rx is ready
-            ctx.set(engine.rx.payload.as_value(), record(frame[0], slot, *frame[1:]))
+        bench = _EngineBench(ctx, engine, events)
+        status = await bench.splice(a, b, tag=9)
+        assert status["status"] == SpliceStatus.OK, status
+        slot = unpack_struct(FLOW_VALUE, bench.commands[0][1])["slot"] >> 1
+        # One per cycle while rx is ready; after every other frame, a frame of no splice
+        # (not relayed), so that frames of the splice follow each other both directly
+        # (forwarding from the record ahead) and one apart (from the record two ahead).
+        other = pack_struct(FLOW_RECORD, meta={"frame_class": FrameClass.TCP}, hit=0)
+        sent = []
+        for k, frame in enumerate(frames):
+            sent.append(record(frame[0], slot, *frame[1:]))
+            if k % 2 == 0:
+                sent.append(other)
+        for value in sent:
+            ctx.set(engine.rx.payload.as_value(), value)
             ctx.set(engine.rx.valid, 1)
-            while not await cycle():
+            while not await bench.cycle():
                 pass
         ctx.set(engine.rx.valid, 0)
         for _ in range(400):
-            await cycle()
+            await bench.cycle()
 
     sim = Simulator(engine)
     sim.add_clock(1e-8)
