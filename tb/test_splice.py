@@ -666,76 +666,52 @@ def test_engine_slots():
     assert len(events) == 6
 
 
-def test_engine_back_to_back():
-    """The engine alone (built-in simulator): frames of one splice in consecutive cycles
-    or one cycle apart, both directions mixed, must each see the state as the frame before
-    left it (the state's read-modify-write spans three cycles: forwarding from the update
-    to the two records behind it): data both ways, both FINs and their ACKs ->
-    SPLICE_DONE NORMAL with every segment and byte counted."""
+def _engine_splice_done(groups_of, seed):
+    """Run one splice on the engine alone (``_EngineBench``) and send it frame groups:
+    ``groups_of(a, b)`` gives lists of frames ``(side, flags, seq, ack[, length])``, or
+    None for a frame of no splice; the frames of a group go in consecutive cycles, the
+    groups 20 cycles apart. Returns the SPLICE_DONE events seen within 400 cycles after
+    the last group."""
     from amaranth.sim import Simulator
     from hw.metadata import FLOW_RECORD, FLOW_VALUE, FlowKind, FrameClass
     from hw.splice import SpliceEngine
     from hw.stream import unpack_struct
     engine = SpliceEngine(slots=4)
-    rng = random.Random(7)
-    a, b = make_peers(rng)
-    sides = {0: (a, b), 1: (b, a)}          # side: (sender, receiver)
+    a, b = make_peers(random.Random(seed))
+    senders = {0: a, 1: b}
     events = []
 
-    def record(side, slot, flags, length, seq, ack):
-        src, _ = sides[side]
+    def record(slot, frame):
+        if frame is None:
+            return pack_struct(FLOW_RECORD, meta={"frame_class": FrameClass.TCP}, hit=0)
+        side, flags, seq, ack, *length = frame
+        src = senders[side]
         meta = {"frame_class": FrameClass.TCP,
                 "ip": {"ihl": 5, "ttl": 64, "src": ip_int(src.ip), "dst": ip_int(PROXY_IP)},
                 "tcp": {"sport": src.port, "dport": src.proxy_port, "seq": seq & M32,
                         "ack": ack & M32, "flags": flags},
-                "payload_length": length}
+                "payload_length": length[0] if length else 0}
         return pack_struct(FLOW_RECORD, meta=meta, ingress=0, hit=1,
                            value={"kind": FlowKind.SPLICED, "slot": 2 * slot + side})
 
-    # Sequence spaces: what A sends at seq s reaches B as s + delta_ab; B acknowledges in
-    # its own space (the proxy's on connection b).
-    delta_ab = (b.rcv_nxt0 - a.snd_nxt0) & M32
-    delta_ba = (a.rcv_nxt0 - b.snd_nxt0) & M32
-    sa, sb = a.snd_nxt0, b.snd_nxt0
-    A_, F_ = 0x10, 0x11                     # ACK, FIN+ACK
-    frames = []                             # (side, flags, length, seq, ack)
-    lengths = {0: 0, 1: 0}
-    for length in (100, 200, 300):
-        frames.append((0, A_, length, sa, sb + delta_ba))
-        sa += length
-    for length in (50, 70):
-        frames.append((1, A_, length, sb, sa + delta_ab))
-        sb += length
-    frames.append((0, F_, 0, sa, sb + delta_ba))                 # A's FIN
-    frames.append((1, F_, 0, sb, sa + 1 + delta_ab))             # B's FIN, acks A's
-    frames.append((0, A_, 0, sa + 1, sb + 1 + delta_ba))         # A acks B's FIN
-    for side, _, length, _, _ in frames:
-        lengths[side] += length
-
     async def testbench(ctx):
-        ctx.set(engine.idle_timeout, 10000)
+        ctx.set(engine.idle_timeout, 2000)
         ctx.set(engine.linger, 3)
         ctx.set(engine.verdict.ready, 1)
         ctx.set(engine.desc.ready, 1)
         bench = _EngineBench(ctx, engine, events)
-        status = await bench.splice(a, b, tag=9)
+        status = await bench.splice(a, b, tag=1)
         assert status["status"] == SpliceStatus.OK, status
         slot = unpack_struct(FLOW_VALUE, bench.commands[0][1])["slot"] >> 1
-        # One per cycle while rx is ready; after every other frame, a frame of no splice
-        # (not relayed), so that frames of the splice follow each other both directly
-        # (forwarding from the record ahead) and one apart (from the record two ahead).
-        other = pack_struct(FLOW_RECORD, meta={"frame_class": FrameClass.TCP}, hit=0)
-        sent = []
-        for k, frame in enumerate(frames):
-            sent.append(record(frame[0], slot, *frame[1:]))
-            if k % 2 == 0:
-                sent.append(other)
-        for value in sent:
-            ctx.set(engine.rx.payload.as_value(), value)
-            ctx.set(engine.rx.valid, 1)
-            while not await bench.cycle():
-                pass
-        ctx.set(engine.rx.valid, 0)
+        for group in groups_of(a, b):
+            for frame in group:             # one per cycle while rx is ready
+                ctx.set(engine.rx.payload.as_value(), record(slot, frame))
+                ctx.set(engine.rx.valid, 1)
+                while not await bench.cycle():
+                    pass
+            ctx.set(engine.rx.valid, 0)
+            for _ in range(20):
+                await bench.cycle()
         for _ in range(400):
             await bench.cycle()
 
@@ -743,8 +719,85 @@ def test_engine_back_to_back():
     sim.add_clock(1e-8)
     sim.add_testbench(testbench)
     sim.run()
-    done = [e for e in events if e["kind"] == EventKind.SPLICE_DONE]
-    assert len(done) == 1, events
+    return [e for e in events if e["kind"] == EventKind.SPLICE_DONE]
+
+
+def test_engine_back_to_back():
+    """The engine alone (built-in simulator): frames of one splice in consecutive cycles
+    or one cycle apart, both directions mixed, must each see the state as the frame before
+    left it (the state's read-modify-write spans three cycles: forwarding from the update
+    to the two records behind it): data both ways, both FINs and their ACKs ->
+    SPLICE_DONE NORMAL with every segment and byte counted."""
+    lengths = {0: 0, 1: 0}
+
+    def groups(a, b):
+        # Sequence spaces: what A sends at seq s reaches B as s + delta_ab; B
+        # acknowledges in its own space (the proxy's on connection b).
+        delta_ab = (b.rcv_nxt0 - a.snd_nxt0) & M32
+        delta_ba = (a.rcv_nxt0 - b.snd_nxt0) & M32
+        sa, sb = a.snd_nxt0, b.snd_nxt0
+        ACK, FIN_ACK = 0x10, 0x11
+        frames = []                         # (side, flags, seq, ack, length)
+        for length in (100, 200, 300):
+            frames.append((0, ACK, sa, sb + delta_ba, length))
+            sa += length
+        for length in (50, 70):
+            frames.append((1, ACK, sb, sa + delta_ab, length))
+            sb += length
+        frames.append((0, FIN_ACK, sa, sb + delta_ba, 0))             # A's FIN
+        frames.append((1, FIN_ACK, sb, sa + 1 + delta_ab, 0))         # B's, acks A's
+        frames.append((0, ACK, sa + 1, sb + 1 + delta_ba, 0))         # A acks B's FIN
+        for side, *_, length in frames:
+            lengths[side] += length
+        # After every other frame, a frame of no splice (not relayed), so that frames of
+        # the splice follow each other both directly (forwarding from the record ahead)
+        # and one apart (from the record two ahead).
+        sent = []
+        for k, frame in enumerate(frames):
+            sent += [frame, None] if k % 2 == 0 else [frame]
+        return [sent]
+
+    done = _engine_splice_done(groups, seed=7)
+    assert len(done) == 1, done
     assert done[0]["status"] == SpliceEnd.NORMAL, done[0]
     assert (done[0]["packets_a"], done[0]["packets_b"]) == (5, 3), done[0]
     assert (done[0]["bytes_a"], done[0]["bytes_b"]) == (lengths[0], lengths[1]), done[0]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_engine_forwarded_comparisons(seed):
+    """The engine's stage-3 comparisons against the update of the record right ahead
+    (forwarded): an older ACK right behind a newer one leaves the newer as `acked` (an
+    exact RST at it then ends the splice); an exact RST right behind the ACK it matches
+    ends it; the ACK of a FIN right behind the FIN acknowledges it (NORMAL), one byte
+    short does not (no end). Each fails if its comparison takes the stored state instead."""
+    ACK, RST, FIN_ACK = 0x10, 0x04, 0x11
+
+    def older_ack_behind(a, b):
+        k = a.rcv_nxt0                  # A acknowledges the proxy's sequence on conn a
+        return [[(0, ACK, a.snd_nxt0, k + 10)],
+                [(0, ACK, a.snd_nxt0, k + 100), (0, ACK, a.snd_nxt0, k + 50)],
+                [(1, RST, b.snd_nxt0 + 100, 0)]]        # B's seq + delta = k + 100
+
+    def rst_behind_ack(a, b):
+        k = a.rcv_nxt0
+        return [[(0, ACK, a.snd_nxt0, k + 10)],
+                [(0, ACK, a.snd_nxt0, k + 100), (1, RST, b.snd_nxt0 + 100, 0)]]
+
+    def fin_acked_behind(short):
+        def groups(a, b):
+            # B's FIN, acknowledged by A; then A's FIN and right behind it B's ACK of it
+            # (A's FIN reaches B at b.rcv_nxt0 and ends one further).
+            return [[(1, FIN_ACK, b.snd_nxt0, b.rcv_nxt0)],
+                    [(0, ACK, a.snd_nxt0, a.rcv_nxt0 + 1)],
+                    [(0, FIN_ACK, a.snd_nxt0, a.rcv_nxt0 + 1),
+                     (1, ACK, b.snd_nxt0 + 1, b.rcv_nxt0 + 1 - short)]]
+        return groups
+
+    def ends(groups):
+        return [e["status"] for e in _engine_splice_done(groups, seed)]
+
+    assert ends(older_ack_behind) == [SpliceEnd.RESET]
+    assert ends(rst_behind_ack) == [SpliceEnd.RESET]
+    assert ends(fin_acked_behind(0)) == [SpliceEnd.NORMAL]
+    assert ends(fin_acked_behind(1)) == []
